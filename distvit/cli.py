@@ -1,0 +1,139 @@
+"""The `distvit` command.
+
+    distvit prepare synthetic --out DIR [--train-size N --test-size N ...]
+    distvit config --config FILE [key=value ...]     validate and print the resolved config
+    distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
+
+Multi-process training goes through Accelerate: `accelerate launch distvit/train.py --config FILE`.
+Input errors (`DistvitError`) print one actionable message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from distvit.errors import EXIT_USER_ERROR, DistvitError
+
+
+def _is_local_leader() -> bool:
+    """One message per node: ranks started by a launcher share stderr."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def run_guarded(action: Callable[[], int | None]) -> int:
+    try:
+        return action() or 0
+    except DistvitError as err:
+        if _is_local_leader():
+            print(f"distvit: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4 train.epochs=2"
+    )
+
+
+def _load_checked_config(args: argparse.Namespace):
+    """Everything that can be checked without starting ranks: config, dataset manifest, model, run dir."""
+    from distvit.config import load_config
+    from distvit.data.manifest import read_manifest
+    from distvit.rundir import check_run_dir
+    from distvit.surgery import check_model_config
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = read_manifest(cfg.data.path)
+    manifest.split(cfg.data.train_split, cfg.data.path, key="data.train_split")
+    manifest.split(cfg.data.eval_split, cfg.data.path, key="data.eval_split")
+    check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
+    check_run_dir(cfg)
+    return cfg, manifest
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg, manifest = _load_checked_config(args)
+    from distvit.engine import run_training  # Accelerate starts here, after every input check passed
+
+    run_training(cfg, manifest)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    cfg, _ = _load_checked_config(args)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def _prepare_synthetic(args: argparse.Namespace) -> int:
+    from distvit.data.synthetic import MAX_CLASSES, prepare_synthetic
+
+    if not 2 <= args.num_classes <= MAX_CLASSES:
+        raise DistvitError(f"--num-classes must be between 2 and {MAX_CLASSES}, got {args.num_classes}.")
+    for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
+        if value < args.num_classes:
+            raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
+    if args.image_size < 8:
+        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    if args.samples_per_shard < 1:
+        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
+    manifest = prepare_synthetic(
+        args.out,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    )
+    counts = ", ".join(f"{name} {split.num_samples} ({len(split.shards)} shards)" for name, split in manifest.splits.items())
+    print(f"wrote synthetic dataset to {args.out}: {counts}; {manifest.num_classes} classes, "
+          f"{manifest.image_size[0]}x{manifest.image_size[1]} px")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distvit", description="Fine-tune Vision Transformers on 1..N GPUs or nodes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="write a dataset as webdataset shards + manifest")
+    sources = prepare.add_subparsers(dest="source", required=True)
+    synthetic = sources.add_parser("synthetic", help="learnable synthetic images in CIFAR-10's shape (offline)")
+    synthetic.add_argument("--out", required=True, help="output dataset folder")
+    synthetic.add_argument("--train-size", type=int, default=50_000)
+    synthetic.add_argument("--test-size", type=int, default=10_000)
+    synthetic.add_argument("--num-classes", type=int, default=10)
+    synthetic.add_argument("--image-size", type=int, default=32)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--samples-per-shard", type=int, default=5000)
+    synthetic.set_defaults(action=_prepare_synthetic)
+
+    config = commands.add_parser("config", help="validate a config and print it resolved")
+    _add_config_arguments(config)
+    config.set_defaults(action=_config)
+
+    train = commands.add_parser("train", help="train in this process (use accelerate launch for several)")
+    _add_config_arguments(train)
+    train.set_defaults(action=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: args.action(args))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry of `distvit/train.py`: the arguments of `distvit train`."""
+    parser = argparse.ArgumentParser(prog="distvit/train.py", description="Train (run under accelerate launch).")
+    _add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: _train(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

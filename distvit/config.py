@@ -1,0 +1,373 @@
+"""Typed run configuration: dataclasses, loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.epochs=2"])
+
+Types, bounds and choices are declared on the dataclass fields and checked by pydantic; unknown keys
+are rejected with the nearest valid key as a suggestion; cross-field rules (`img_size` divisible by
+`patch_size`, a dataset folder with a manifest) are checked in `_check_semantics`. Every failure is a
+`ConfigError` naming the key, what was given and what is allowed, raised before any process group
+exists, so all ranks stop with the same message and none waits in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import pydantic
+import yaml
+from pydantic import Field
+
+from distvit.data.manifest import MANIFEST_NAME
+from distvit.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""
+    """Run directory (config.yaml, metrics.jsonl, checkpoints/). Empty: runs/<config file stem>."""
+    overwrite: bool = False
+    """Allow starting a new run in a directory that already holds one (its files are replaced)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deit_tiny_patch16_224"
+    """A timm model name (VisionTransformer family)."""
+    pretrained: Union[bool, str] = False
+    """true: timm's hub weights; false: random init; a path: local weights file (.pth/.bin/.safetensors)."""
+
+
+@dataclass
+class SurgeryConfig:
+    img_size: Optional[PositiveInt] = None
+    """Model input size in pixels. Empty: the model's native size."""
+    patch_size: Optional[PositiveInt] = None
+    """Patch size in pixels. Empty: the model's native patch size."""
+    head: Literal["reinit", "keep"] = "reinit"
+    """reinit: new classifier for the dataset's classes; keep: the model's head (class counts must match)."""
+    drop_path: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Stochastic depth rate."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset folder holding manifest.json and the shards (made by `distvit prepare`)."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    augment: Literal["none", "crop_flip"] = "crop_flip"
+    """Training augmentation, applied on the training device: random crop with padding + horizontal flip."""
+    crop_padding: NonNegativeInt = 4
+    """Padding (pixels at stored size) of the random crop."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 5e-4
+    """Peak learning rate."""
+    min_lr: NonNegativeFloat = 0.0
+    """Learning rate at the end of the cosine schedule."""
+    weight_decay: NonNegativeFloat = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum (sgd only)."""
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    """AdamW betas (adamw only)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: NonNegativeFloat = 0.0
+    """Linear warmup length, in epochs (fractions allowed)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 128
+    """Global batch size: split evenly over the ranks, so results do not depend on the world size."""
+    eval_batch_size: PositiveInt = 512
+    """Global evaluation batch size."""
+    seed: int = 0
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """no / bf16 / fp16. Empty: what `accelerate launch --mixed_precision` (or accelerate config) says."""
+    log_every: PositiveInt = 10
+    """Write a training line to metrics.jsonl every N optimizer steps."""
+    eval_every: NonNegativeInt = 1
+    """Evaluate every N epochs (0: only after the last epoch; the last epoch is always evaluated)."""
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["wandb", "none"] = "wandb"
+    project: str = "distvit"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    """W&B run name. Empty: the run directory's name."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: online when an API key is configured, else offline (sync later with `wandb sync`)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: NonNegativeInt = 0
+    """Also checkpoint every N epochs (0: only the final checkpoint)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        plain = dataclasses.asdict(self)
+        plain["optim"]["betas"] = list(plain["optim"]["betas"])  # YAML-friendly
+        return plain
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_VALIDATOR = pydantic.TypeAdapter(Config)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 also reads `no`, `off`, `yes`, `on` as
+    booleans, which would turn `mixed_precision: no` into False) and `3e-4` is a float."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _section_types() -> dict[str, type]:
+    """{'run': RunConfig, 'model': ModelConfig, ...}."""
+    return {f.name: type(f.default_factory()) for f in dataclasses.fields(Config)}
+
+
+def all_keys(section_type: type | None = None) -> list[str]:
+    """Every dotted key of the configuration (`optim.lr`, ...), or the leaf names of one section type."""
+    if section_type is not None:
+        return [f.name for f in dataclasses.fields(section_type)]
+    return [f"{name}.{key}" for name, cls in _section_types().items() for key in all_keys(cls)]
+
+
+def _suggest(key: str) -> str:
+    """' (did you mean optim.lr?)' for a key close to a valid one, else ''."""
+    valid = all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    candidates = same_leaf or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not candidates:
+        section = key.split(".", 1)[0]
+        in_section = [k for k in valid if k.startswith(section + ".")]
+        candidates = difflib.get_close_matches(key, in_section, n=1, cutoff=0.5)
+    return f" (did you mean {candidates[0]}?)" if candidates else ""
+
+
+def _check_known_keys(raw: dict[str, Any], source: str) -> None:
+    sections = _section_types()
+    for section, body in raw.items():
+        if section not in sections:
+            close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown config section '{section}'{hint}. "
+                f"Valid sections: {', '.join(sections)}."
+            )
+        if body is None:
+            raw[section] = {}
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"{source}: '{section}' must be a mapping of keys (e.g. {section}.{all_keys(sections[section])[0]}), "
+                f"got {body!r}."
+            )
+        valid = [f.name for f in dataclasses.fields(sections[section])]
+        for key in body:
+            if key not in valid:
+                raise ConfigError(
+                    f"{source}: unknown config key '{section}.{key}'{_suggest(f'{section}.{key}')}. "
+                    f"Valid keys in '{section}': {', '.join(valid)}."
+                )
+
+
+def _format_validation_error(err: pydantic.ValidationError, source: str) -> str:
+    lines = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        # Union/Optional members add type names to the location (e.g. 'literal['no','bf16']'); the user
+        # thinks in config keys, so keep only the leading identifiers.
+        key_parts = []
+        for part in loc:
+            if not part.isidentifier() and not part.isdigit():
+                break
+            key_parts.append(part)
+        key = ".".join(p for p in key_parts if not p.isdigit()) or "(top level)"
+        given = problem.get("input")
+        lines.append(f"{key}: {problem['msg']} (got {given!r})")
+    unique = list(dict.fromkeys(lines))
+    return f"{source}: invalid config value{'s' if len(unique) > 1 else ''}:\n  " + "\n  ".join(unique)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "train.epochs=2"]` -> nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"command-line override '{item}' is not of the form key=value (e.g. optim.lr=3e-4). "
+                f"Valid keys: {', '.join(all_keys())}."
+            )
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"command-line override '{item}': '{key}' is not a section.key name{_suggest(key)}. "
+                f"Valid keys: {', '.join(all_keys())}."
+            )
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # a string the YAML parser dislikes, e.g. 'a: b'; pydantic decides if it fits
+        nested.setdefault(parts[0], {})
+        if not isinstance(nested[parts[0]], dict):
+            nested[parts[0]] = {}
+        nested[parts[0]][parts[1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for section, body in update.items():
+        if isinstance(body, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(body)
+        else:
+            merged[section] = body
+    return merged
+
+
+def read_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            available = sorted(p.name for p in path.parent.glob("*.yaml"))
+            if available:
+                hint = f" Files in {path.parent}/: {', '.join(available)}."
+        raise ConfigError(f"config file {path} does not exist.{hint}")
+    try:
+        raw = parse_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (run, model, surgery, data, optim, "
+            f"train, tracking, checkpoint), got {type(raw).__name__}."
+        )
+    return raw
+
+
+def build_config(raw: dict[str, Any], source: str = "config", default_run_name: str = "run") -> Config:
+    """Validate a nested dict (from YAML plus overrides) into a `Config`; raises `ConfigError`."""
+    _check_known_keys(raw, source)
+    try:
+        cfg = _VALIDATOR.validate_python(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / default_run_name)
+    if not cfg.tracking.run_name:
+        cfg.tracking.run_name = Path(cfg.run.dir).name
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or only defaults when `path` is None), apply dotted overrides, validate."""
+    raw = read_yaml_config(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    if path is not None:
+        _check_known_keys(raw, source)  # errors in the file name the file, not the overrides
+    if overrides:
+        override_dict = parse_overrides(overrides)
+        _check_known_keys(override_dict, "command line")
+        raw = _merge(raw, override_dict)
+        source = f"{source} + command-line overrides"
+    stem = Path(path).stem if path is not None else "run"
+    return build_config(raw, source, default_run_name=stem)
+
+
+def _check_semantics(cfg: Config, source: str) -> None:
+    """Rules that involve several keys or the file system."""
+    s = cfg.surgery
+    if s.img_size is not None and s.patch_size is not None and s.img_size % s.patch_size:
+        raise ConfigError(
+            f"{source}: surgery.img_size={s.img_size} is not divisible by surgery.patch_size={s.patch_size}. "
+            f"Choose an img_size that is a multiple of the patch size (e.g. "
+            f"{max(s.patch_size, s.img_size // s.patch_size * s.patch_size)}) or another patch_size."
+        )
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(
+            f"{source}: optim.min_lr={cfg.optim.min_lr} is larger than optim.lr={cfg.optim.lr}; "
+            f"min_lr must be between 0 and lr."
+        )
+    if isinstance(cfg.model.pretrained, str):
+        weights = Path(cfg.model.pretrained)
+        if not weights.is_file():
+            raise ConfigError(
+                f"{source}: model.pretrained={cfg.model.pretrained!r} is neither true/false nor an existing "
+                f"weights file. Pass true (download from the hub), false (random init) or the path of a "
+                f".pth/.safetensors file."
+            )
+    _check_data_path(cfg, source)
+
+
+def _check_data_path(cfg: Config, source: str) -> None:
+    prepare_hint = "Create a dataset with `distvit prepare synthetic --out DIR` and set data.path=DIR."
+    if not cfg.data.path:
+        raise ConfigError(f"{source}: data.path is required (the dataset folder with {MANIFEST_NAME}). {prepare_hint}")
+    folder = Path(cfg.data.path)
+    if not folder.exists():
+        raise ConfigError(f"{source}: data.path={cfg.data.path!r} does not exist. {prepare_hint}")
+    if not folder.is_dir():
+        raise ConfigError(f"{source}: data.path={cfg.data.path!r} is a file; it must be the dataset folder. {prepare_hint}")
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ConfigError(
+            f"{source}: data.path={cfg.data.path!r} has no {MANIFEST_NAME}: it is not a distvit dataset, or "
+            f"`distvit prepare` did not finish there (the manifest is written last). Run prepare again with "
+            f"--out {cfg.data.path}."
+        )

@@ -1,0 +1,130 @@
+"""The dataset manifest: what `distvit prepare` wrote, and the only way readers learn about shards.
+
+A dataset folder holds webdataset tar shards plus `manifest.json`, written last and atomically: a folder
+without a manifest is incomplete and is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distvit.errors import DataError
+from distvit.fileio import atomic_write_bytes
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "distvit-webdataset"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    """File name relative to the dataset folder."""
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    label_counts: list[int]
+    """Samples per class index in this shard."""
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    num_samples: int
+    shards: list[ShardInfo]
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    """Human name of the source, e.g. 'synthetic' or 'cifar10'."""
+    classes: list[str]
+    image_size: tuple[int, int]
+    """(height, width) of the stored images."""
+    channels: int
+    splits: dict[str, SplitInfo]
+    source: dict[str, Any] = field(default_factory=dict)
+    """Where the data came from and with which parameters (checksums, seeds)."""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str, dataset_dir: str | os.PathLike = "", key: str = "") -> SplitInfo:
+        """The split called `name`; a `DataError` naming the available splits otherwise."""
+        if name not in self.splits:
+            where = f"{key}={name!r}: " if key else ""
+            raise DataError(
+                f"{where}dataset {dataset_dir or self.dataset} has no split '{name}'. "
+                f"Available splits: {', '.join(self.splits)}."
+            )
+        return self.splits[name]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False) + "\n"
+
+    def fingerprint(self) -> str:
+        """Hash of the manifest's content: changes whenever any shard's bytes change."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def write_manifest(dataset_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    path = Path(dataset_dir) / MANIFEST_NAME
+    atomic_write_bytes(path, manifest.to_json().encode())
+    return path
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
+    """Parse and check `DIR/manifest.json`; every problem is a `DataError` naming the file."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist: {dataset_dir} is not a distvit dataset, or `distvit prepare` did not "
+            f"finish there (the manifest is written last). Run `distvit prepare ... --out {dataset_dir}`."
+        )
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT_NAME:
+            raise DataError(f"{path} is not a distvit manifest (format={raw.get('format')!r}, expected {FORMAT_NAME!r}).")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{path} has format_version {raw.get('format_version')}, this distvit reads {FORMAT_VERSION}. "
+                f"Prepare the dataset again with this version of distvit."
+            )
+        splits = {
+            name: SplitInfo(
+                name=body["name"],
+                num_samples=int(body["num_samples"]),
+                shards=[ShardInfo(**shard) for shard in body["shards"]],
+            )
+            for name, body in raw["splits"].items()
+        }
+        manifest = Manifest(
+            dataset=raw["dataset"],
+            classes=list(raw["classes"]),
+            image_size=tuple(raw["image_size"]),
+            channels=int(raw["channels"]),
+            splits=splits,
+            source=raw.get("source", {}),
+        )
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{path} is damaged or from an incompatible tool ({type(err).__name__}: {err}). "
+                        f"Prepare the dataset again.") from None
+    for split in manifest.splits.values():
+        counted = sum(shard.num_samples for shard in split.shards)
+        if counted != split.num_samples:
+            raise DataError(
+                f"{path}: split '{split.name}' says {split.num_samples} samples but its shards hold {counted}. "
+                f"Prepare the dataset again."
+            )
+    return manifest

@@ -1,0 +1,95 @@
+"""Reads a whole split from its shards into memory as uint8 tensors (small datasets such as CIFAR-10).
+
+CIFAR-10's training split is 150 MB as uint8: holding it in memory (or on the GPU) removes decoding
+from the training loop entirely. Every rank reads the full split, so any rank can serve any sample and
+the epoch order can be planned globally (see `plan.py`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from distvit.data.manifest import Manifest, SplitInfo
+from distvit.errors import DataError
+
+
+@dataclass
+class SplitTensors:
+    images: torch.Tensor
+    """uint8, N x H x W x C, in the split's stored order."""
+    labels: torch.Tensor
+    """int64, N."""
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device | str) -> "SplitTensors":
+        return SplitTensors(self.images.to(device), self.labels.to(device))
+
+
+def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo) -> list[Path]:
+    """Every shard of the split exists with the size the manifest says; returns their paths."""
+    paths = []
+    for shard in split.shards:
+        path = Path(dataset_dir) / shard.name
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in the manifest is missing. Prepare the dataset again.")
+        size = path.stat().st_size
+        if size != shard.num_bytes:
+            raise DataError(
+                f"shard {path} has {size} bytes, the manifest says {shard.num_bytes}: it is truncated or "
+                f"was changed after `distvit prepare`. Prepare the dataset again."
+            )
+        paths.append(path)
+    return paths
+
+
+def _decode_png(payload: bytes, channels: int, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{where}: image cannot be decoded ({err}). Prepare the dataset again.") from None
+    return array if array.ndim == 3 else array[..., None]
+
+
+def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str) -> SplitTensors:
+    """Decode every sample of `split_name`, in stored order, checking counts against the manifest."""
+    split = manifest.split(split_name, dataset_dir)
+    paths = check_shard_files(dataset_dir, split)
+    height, width = manifest.image_size
+    images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)
+    labels = np.empty(split.num_samples, dtype=np.int64)
+    index = 0
+    for shard, path in zip(split.shards, paths):
+        # One shard at a time, all of it, on every rank: no node or worker splitting here.
+        stream = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        start = index
+        for sample in stream:
+            where = f"{path} sample {sample['__key__']}"
+            if index >= split.num_samples or index - start >= shard.num_samples:
+                raise DataError(f"{path} holds more samples than its manifest entry ({shard.num_samples}).")
+            if "png" not in sample or "cls" not in sample:
+                raise DataError(f"{where} lacks its .png or .cls member. Prepare the dataset again.")
+            image = _decode_png(sample["png"], manifest.channels, where)
+            if image.shape != (height, width, manifest.channels):
+                raise DataError(f"{where} is {image.shape}, the manifest says {(height, width, manifest.channels)}.")
+            images[index] = image
+            labels[index] = int(sample["cls"])
+            index += 1
+        if index - start != shard.num_samples:
+            raise DataError(
+                f"{path} holds {index - start} samples, its manifest entry says {shard.num_samples}. "
+                f"Prepare the dataset again."
+            )
+    if labels.size and (labels.min() < 0 or labels.max() >= manifest.num_classes):
+        raise DataError(f"split '{split_name}' of {dataset_dir} has labels outside [0, {manifest.num_classes}).")
+    return SplitTensors(torch.from_numpy(images), torch.from_numpy(labels))

@@ -1,0 +1,79 @@
+"""Epoch planning: which sample each rank processes at each step, exactly once per epoch.
+
+The plan is global first, then sliced: an epoch's sample order depends only on (seed, epoch); step `s`
+takes the global slots `order[s*B:(s+1)*B]` (B = global batch) and rank `r` of `W` takes slots
+`[r*B/W, (r+1)*B/W)` of that step. The last step is padded with masked slots, never dropped or filled
+with repeated samples, so
+
+- every rank runs the same number of steps (no DDP hang at the end of an epoch),
+- the union of valid slots over ranks is the dataset, each sample once,
+- a given step processes the same samples whatever the world size (only their split differs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """A permutation of range(num_samples) that depends on (seed, epoch) only."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch]))
+    return torch.from_numpy(rng.permutation(num_samples).astype(np.int64))
+
+
+def sequential_order(num_samples: int) -> torch.Tensor:
+    """Stored order, for evaluation."""
+    return torch.arange(num_samples, dtype=torch.int64)
+
+
+def num_steps(num_samples: int, global_batch: int) -> int:
+    return -(-num_samples // global_batch)
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    step: int
+    indices: torch.Tensor
+    """Sample indices for this rank (padding slots hold index 0 and are masked out)."""
+    valid: torch.Tensor
+    """bool mask of the real samples in `indices`."""
+    global_valid: int
+    """Real samples in this step over all ranks: the denominator of the step's mean loss."""
+
+
+class EpochPlan:
+    """The slots of one rank for one epoch. Iterate from `start_step` to resume mid-epoch."""
+
+    def __init__(self, order: torch.Tensor, global_batch: int, world_size: int, rank: int):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.order = order
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.num_samples = int(order.numel())
+        self.steps = num_steps(self.num_samples, global_batch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch(self, step: int) -> RankBatch:
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} outside [0, {self.steps})")
+        step_start = step * self.global_batch
+        global_valid = min(self.global_batch, self.num_samples - step_start)
+        first = step_start + self.rank * self.local_batch
+        slots = torch.arange(first, first + self.local_batch)
+        valid = slots < self.num_samples
+        indices = torch.where(valid, self.order[slots.clamp(max=self.num_samples - 1)], torch.zeros_like(slots))
+        return RankBatch(step=step, indices=indices, valid=valid, global_valid=global_valid)
+
+    def batches(self, start_step: int = 0) -> Iterator[RankBatch]:
+        for step in range(start_step, self.steps):
+            yield self.batch(step)

@@ -1,0 +1,146 @@
+"""Writes a dataset as webdataset tar shards plus a manifest, atomically and reproducibly.
+
+Every importer (synthetic, CIFAR-10, image folders) hands its samples to `write_dataset`, so all
+datasets share one on-disk format:
+
+    DIR/train-00000.tar ...   samples `<key>.png` (lossless image) and `<key>.cls` (class index)
+    DIR/test-00000.tar ...
+    DIR/manifest.json         written last; its presence marks the dataset complete
+
+Each shard is written to `<name>.tmp` and renamed when complete; tar headers carry a fixed mtime and
+owner, so the same input gives the same bytes (and the same sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
+
+DEFAULT_SAMPLES_PER_SHARD = 5000
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 HxWxC (C = 1 or 3) -> PNG bytes; deterministic for the same pixels."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {image.dtype}")
+    mode_image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    buffer = io.BytesIO()
+    mode_image.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SplitWriter:
+    """Writes one split's samples, in the order given, into shards of at most `samples_per_shard`."""
+
+    def __init__(self, out_dir: Path, split: str, num_classes: int, samples_per_shard: int):
+        if "." in split or "/" in split or not split:
+            raise ValueError(f"split name {split!r} must be non-empty without '.' or '/'")
+        self.out_dir = out_dir
+        self.split = split
+        self.num_classes = num_classes
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[ShardInfo] = []
+        self.num_samples = 0
+        self._tar: wds.TarWriter | None = None
+        self._tmp_path: Path | None = None
+        self._shard_counts: list[int] = []
+
+    def _open_shard(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.tar"
+        self._tmp_path = self.out_dir / (name + ".tmp")
+        self._tar = wds.TarWriter(str(self._tmp_path), mtime=0, user="distvit", group="distvit")
+        self._shard_counts = [0] * self.num_classes
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._tmp_path is not None
+        self._tar.close()
+        with open(self._tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        final = self._tmp_path.with_suffix("")  # strip ".tmp"
+        os.replace(self._tmp_path, final)
+        self.shards.append(
+            ShardInfo(
+                name=final.name,
+                num_samples=sum(self._shard_counts),
+                num_bytes=final.stat().st_size,
+                sha256=_sha256(final),
+                label_counts=self._shard_counts,
+            )
+        )
+        self._tar = None
+
+    def add(self, png: bytes, label: int) -> None:
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} outside [0, {self.num_classes})")
+        if self._tar is None:
+            self._open_shard()
+        # The key is the sample's position in the split, so readers can name samples exactly.
+        self._tar.write({"__key__": f"{self.split}_{self.num_samples:08d}", "png": png, "cls": str(label).encode()})
+        self._shard_counts[label] += 1
+        self.num_samples += 1
+        if sum(self._shard_counts) >= self.samples_per_shard:
+            self._close_shard()
+
+    def close(self) -> SplitInfo:
+        if self._tar is not None:
+            self._close_shard()
+        return SplitInfo(name=self.split, num_samples=self.num_samples, shards=self.shards)
+
+
+def _remove_previous_output(out_dir: Path, splits: Iterable[str]) -> None:
+    """Drop the manifest first (the folder reads as incomplete from now on), then old shards."""
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for split in splits:
+        for stale in list(out_dir.glob(f"{split}-*.tar")) + list(out_dir.glob(f"{split}-*.tar.tmp")):
+            stale.unlink()
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    classes: list[str],
+    image_size: tuple[int, int],
+    channels: int,
+    splits: Mapping[str, Iterable[tuple[np.ndarray, int]]],
+    source: dict[str, Any],
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+) -> Manifest:
+    """Write every split's (uint8 HxWxC image, label) samples as shards, then the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_output(out, splits.keys())
+    written = {}
+    for split, samples in splits.items():
+        writer = SplitWriter(out, split, len(classes), samples_per_shard)
+        for image, label in samples:
+            writer.add(encode_png(image), int(label))
+        written[split] = writer.close()
+    manifest = Manifest(
+        dataset=dataset,
+        classes=list(classes),
+        image_size=tuple(image_size),
+        channels=channels,
+        splits=written,
+        source=source,
+    )
+    write_manifest(out, manifest)
+    return manifest

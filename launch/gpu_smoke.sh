@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU smoke check of the training path on one GPU (nothing downloaded):
+#   bash launch/gpu_smoke.sh OUT_DIR
+# Prepares the synthetic demo data, then runs configs/demo.yaml on 1 GPU in fp32, bf16 and fp16 (loss
+# scaling), and once upscaled to 224 px in bf16; writes each run's summary and a markdown table to OUT_DIR.
+set -euo pipefail
+out=${1:?usage: bash launch/gpu_smoke.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+work=$(mktemp -d)
+python3 -m distvit.cli prepare synthetic --out "$work/data" --train-size 5000 --test-size 1000
+
+run() {  # name, overrides...
+  local name=$1; shift
+  local start=$SECONDS
+  accelerate launch --num_machines 1 --num_processes 1 --dynamo_backend no distvit/train.py \
+    --config configs/demo.yaml data.path="$work/data" run.dir="$work/$name" tracking.backend=none "$@" \
+    2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee "$out/$name.log"
+  cp "$work/$name/summary.json" "$out/$name.summary.json"
+  echo "$name $((SECONDS - start))" >> "$work/wall.txt"
+}
+
+run fp32 train.mixed_precision=no
+run bf16 train.mixed_precision=bf16
+run fp16 train.mixed_precision=fp16
+run bf16-224 train.mixed_precision=bf16 surgery.img_size=224 train.epochs=2
+
+python3 - "$out" "$work/wall.txt" <<'PY'
+import json, sys, pathlib, torch
+out, wall = pathlib.Path(sys.argv[1]), dict(line.split() for line in open(sys.argv[2]))
+rows = ["| run | device | precision (logits dtype) | img px | epochs | test accuracy | eval samples | train img/s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+for name in wall:
+    s = json.loads((out / f"{name}.summary.json").read_text())
+    rows.append(f"| {name} | {torch.cuda.get_device_name()} | {s['mixed_precision']} ({s['compute_dtype']}) | "
+                f"{s['surgery']['img_size']} | {s['epochs']} | {s['final']['accuracy']:.4f} | {s['final']['num_samples']} | "
+                f"{s['train_images_per_sec']:.0f} | {wall[name]} |")
+table = "\n".join(rows)
+(out / "gpu_smoke.md").write_text(table + f"\n\ntorch {torch.__version__}\n")
+print(table)
+PY

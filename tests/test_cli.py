@@ -1,0 +1,53 @@
+"""The `distvit` command: user errors are one clear message and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import yaml
+
+from distvit.config import load_config
+from helpers import REPO, run_cli
+
+
+def test_config_command_prints_resolved_config(small_dataset, tmp_path):
+    result = run_cli(["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/r", "optim.lr=3e-4"])
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["optim"]["lr"] == 3e-4 and printed["data"]["path"] == str(small_dataset)
+    expected = load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}", f"run.dir={tmp_path}/r", "optim.lr=3e-4"])
+    assert printed == expected.to_dict()
+
+
+def test_train_with_bad_key_is_clear_error(small_dataset):
+    result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", "optim.lrr=1e-3"])
+    assert result.returncode == 2
+    assert "distvit: error:" in result.stderr and "did you mean optim.lr?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_with_missing_data_is_clear_error(tmp_path):
+    result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={tmp_path}/absent"])
+    assert result.returncode == 2
+    assert f"data.path='{tmp_path}/absent' does not exist" in result.stderr
+    assert "distvit prepare synthetic --out" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_split_and_existing_run_dir_are_clear_errors(small_dataset, tmp_path):
+    result = run_cli(["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", "data.eval_split=val"])
+    assert result.returncode == 2 and "data.eval_split='val'" in result.stderr and "Available splits: train, test" in result.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    args = ["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/run"]
+    result = run_cli(args + ["run.overwrite=false"])
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "run.overwrite=true" in result.stderr
+    assert run_cli(args + ["run.overwrite=true"]).returncode == 0
+
+
+def test_prepare_synthetic_writes_dataset_and_validates_flags(tmp_path):
+    result = run_cli(["prepare", "synthetic", "--out", str(tmp_path / "ds"), "--train-size", "120", "--test-size", "30",
+                      "--samples-per-shard", "50"])
+    assert result.returncode == 0, result.stderr
+    assert "train 120 (3 shards), test 30 (1 shards)" in result.stdout
+    assert (tmp_path / "ds" / "manifest.json").is_file()
+    result = run_cli(["prepare", "synthetic", "--out", str(tmp_path / "x"), "--num-classes", "11"])
+    assert result.returncode == 2 and "--num-classes must be between 2 and 10" in result.stderr

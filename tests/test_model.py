@@ -1,0 +1,107 @@
+"""Model building from the config, the surgery record, local pretrained weights and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from distvit.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
+from distvit.config import load_config
+from distvit.errors import CheckpointError, ConfigError, DistvitError
+from distvit.surgery import SurgeryRecord, build_model, check_model_config, model_from_record
+
+
+def config(dataset, *overrides):
+    return load_config(None, [f"data.path={dataset}", *overrides])
+
+
+def test_head_and_geometry_follow_config(small_dataset):
+    model, record = build_model(config(small_dataset, "surgery.img_size=32", "surgery.patch_size=8"), num_classes=10)
+    assert model.head.out_features == 10
+    assert record.grid_size == (4, 4) and record.tokens_per_image == 17
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert record.trainable_params == sum(p.numel() for p in model.parameters())
+
+
+def test_distilled_variant_gets_both_heads_replaced(small_dataset):
+    model, record = build_model(config(small_dataset, "model.name=deit_tiny_distilled_patch16_224", "surgery.img_size=32"), 7)
+    assert model.head.out_features == 7 and model.head_dist.out_features == 7
+    assert record.num_prefix_tokens == 2 and record.tokens_per_image == 6
+
+
+def test_local_pretrained_file_is_loaded(small_dataset, tmp_path):
+    torch.manual_seed(123)
+    source = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    weights = tmp_path / "deit_tiny_random.pth"
+    torch.save(source.state_dict(), weights)
+    torch.manual_seed(0)  # a different init: equal tensors below can only come from the file
+    model, record = build_model(config(small_dataset, f"model.pretrained={weights}"), num_classes=10)
+    assert record.pretrained == str(weights.resolve())
+    expected = source.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("head."):
+            assert tensor.shape[0] == 10  # new head for the dataset's classes
+        else:
+            assert torch.equal(tensor, expected[name]), name
+
+
+def test_local_pretrained_file_resampled_to_new_size(small_dataset, tmp_path):
+    source = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    weights = tmp_path / "w.pth"
+    torch.save(source.state_dict(), weights)
+    model, _ = build_model(config(small_dataset, f"model.pretrained={weights}", "surgery.img_size=64"), 10)
+    expected = timm.layers.resample_abs_pos_embed(source.pos_embed, new_size=(4, 4), num_prefix_tokens=1)
+    assert torch.allclose(model.pos_embed, expected)
+
+
+def test_weights_file_of_other_architecture_is_a_clear_error(small_dataset, tmp_path):
+    weights = tmp_path / "small.pth"
+    torch.save(timm.create_model("deit_small_patch16_224").state_dict(), weights)
+    with pytest.raises(DistvitError, match="cannot load it into deit_tiny_patch16_224"):
+        build_model(config(small_dataset, f"model.pretrained={weights}"), 10)
+
+
+def test_model_checks_name_kind_and_geometry(small_dataset):
+    cfg = config(small_dataset, "model.name=deit_tiny_patch16_244")
+    with pytest.raises(ConfigError, match="is not a timm model. Did you mean: deit_tiny_patch16_224"):
+        check_model_config(cfg.model, cfg.surgery, 10)
+    cfg = config(small_dataset, "model.name=resnet18")
+    with pytest.raises(ConfigError, match="is a ResNet; distvit supports timm VisionTransformer"):
+        check_model_config(cfg.model, cfg.surgery, 10)
+    cfg = config(small_dataset, "surgery.img_size=40")
+    with pytest.raises(ConfigError, match=r"\(40\) is not divisible by the patch size 16"):
+        check_model_config(cfg.model, cfg.surgery, 10)
+    cfg = config(small_dataset, "surgery.head=keep")
+    with pytest.raises(ConfigError, match="1000-class head, but the dataset has 10 classes"):
+        check_model_config(cfg.model, cfg.surgery, 10)
+
+
+def test_checkpoint_rebuilds_identical_model(small_dataset, tmp_path):
+    cfg = config(small_dataset, "surgery.img_size=32", "surgery.patch_size=8")
+    model, record = build_model(cfg, 10)
+    path = save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "surgery": record.to_dict()})
+    assert not (tmp_path / "c.pt.tmp").exists()
+    rebuilt, rebuilt_record, _ = load_model(path)
+    assert rebuilt_record == record
+    x = torch.randn(3, 3, 32, 32)
+    model.eval(), rebuilt.eval()
+    assert torch.equal(model(x), rebuilt(x))
+
+
+def test_checkpoint_into_other_surgery_is_clear_error(small_dataset, tmp_path):
+    model, record = build_model(config(small_dataset, "surgery.img_size=32"), 10)
+    other = model_from_record(SurgeryRecord.from_dict({**record.to_dict(), "img_size": 64, "grid_size": (4, 4)}))
+    with pytest.raises(CheckpointError, match=r"different model .*pos_embed: checkpoint \(1, 5, 192\) vs model \(1, 17, 192\)"):
+        load_weights(other, model.state_dict(), record, source="ckpt")
+
+
+def test_foreign_files_are_not_checkpoints(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not a readable distvit checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    torch.save({"a": 1}, tmp_path / "y.pt")
+    with pytest.raises(CheckpointError, match="format version"):
+        load_checkpoint(tmp_path / "y.pt")
+    with pytest.raises(CheckpointError, match="has no checkpoints/final.pt"):
+        load_checkpoint(tmp_path)
