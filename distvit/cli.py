@@ -43,13 +43,14 @@ def _load_checked_config(args: argparse.Namespace):
     """Everything that can be checked without starting ranks: config, dataset manifest, model, run dir."""
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
+    from distvit.data.memory import check_shard_files
     from distvit.rundir import check_run_dir
     from distvit.surgery import check_model_config
 
     cfg = load_config(args.config, args.overrides)
     manifest = read_manifest(cfg.data.path)
-    manifest.split(cfg.data.train_split, cfg.data.path, key="data.train_split")
-    manifest.split(cfg.data.eval_split, cfg.data.path, key="data.eval_split")
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        check_shard_files(cfg.data.path, manifest.split(split, cfg.data.path, key=key))
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     check_run_dir(cfg)
     return cfg, manifest
@@ -81,15 +82,22 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
     if args.samples_per_shard < 1:
         raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
-    manifest = prepare_synthetic(
-        args.out,
-        train_size=args.train_size,
-        test_size=args.test_size,
-        num_classes=args.num_classes,
-        image_size=args.image_size,
-        seed=args.seed,
-        samples_per_shard=args.samples_per_shard,
-    )
+    if not 0 <= args.seed < 2**32:
+        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DistvitError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
+    try:
+        manifest = prepare_synthetic(
+            args.out,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            seed=args.seed,
+            samples_per_shard=args.samples_per_shard,
+        )
+    except OSError as err:
+        raise DistvitError(f"cannot write the dataset to --out {args.out}: {err}.") from None
     counts = ", ".join(f"{name} {split.num_samples} ({len(split.shards)} shards)" for name, split in manifest.splits.items())
     print(f"wrote synthetic dataset to {args.out}: {counts}; {manifest.num_classes} classes, "
           f"{manifest.image_size[0]}x{manifest.image_size[1]} px")

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -28,9 +29,10 @@ from distvit.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 @dataclass
@@ -57,7 +59,7 @@ class SurgeryConfig:
     """Patch size in pixels. Empty: the model's native patch size."""
     head: Literal["reinit", "keep"] = "reinit"
     """reinit: new classifier for the dataset's classes; keep: the model's head (class counts must match)."""
-    drop_path: Annotated[float, Field(ge=0, le=1)] = 0.0
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Stochastic depth rate."""
 
 
@@ -97,7 +99,7 @@ class TrainConfig:
     """Global batch size: split evenly over the ranks, so results do not depend on the world size."""
     eval_batch_size: PositiveInt = 512
     """Global evaluation batch size."""
-    seed: int = 0
+    seed: Seed = 0
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
     """no / bf16 / fp16. Empty: what `accelerate launch --mixed_precision` (or accelerate config) says."""
     log_every: PositiveInt = 10
@@ -147,15 +149,19 @@ _VALIDATOR = pydantic.TypeAdapter(Config)
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 also reads `no`, `off`, `yes`, `on` as
-    booleans, which would turn `mixed_precision: no` into False) and `3e-4` is a float."""
+    """YAML 1.2 scalars. YAML 1.1 (PyYAML's default) reads `no`/`off`/`yes`/`on` as booleans (turning
+    `mixed_precision: no` into False), `010` as octal, `1:30` as 90, `2024-01-01` as a date, and `3e-4`
+    as a string."""
 
 
+_REPLACED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "float", "int", "timestamp")}
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
@@ -195,6 +201,8 @@ def _suggest(key: str) -> str:
 def _check_known_keys(raw: dict[str, Any], source: str) -> None:
     sections = _section_types()
     for section, body in raw.items():
+        if not isinstance(section, str):
+            raise ConfigError(f"{source}: config section names must be text, got {section!r}. Valid sections: {', '.join(sections)}.")
         if section not in sections:
             close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -212,7 +220,7 @@ def _check_known_keys(raw: dict[str, Any], source: str) -> None:
             )
         valid = [f.name for f in dataclasses.fields(sections[section])]
         for key in body:
-            if key not in valid:
+            if not isinstance(key, str) or key not in valid:
                 raise ConfigError(
                     f"{source}: unknown config key '{section}.{key}'{_suggest(f'{section}.{key}')}. "
                     f"Valid keys in '{section}': {', '.join(valid)}."
@@ -237,6 +245,13 @@ def _format_validation_error(err: pydantic.ValidationError, source: str) -> str:
     return f"{source}: invalid config value{'s' if len(unique) > 1 else ''}:\n  " + "\n  ".join(unique)
 
 
+def _text_key_kind(section: str, key: str) -> str:
+    """'text' or 'optional text' when `section.key` is declared as str or Optional[str], else ''."""
+    section_type = _section_types().get(section)
+    hint = typing.get_type_hints(section_type).get(key) if section_type else None
+    return {str: "text", Optional[str]: "optional text"}.get(hint, "")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["optim.lr=3e-4", "train.epochs=2"]` -> nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
@@ -254,10 +269,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 f"command-line override '{item}': '{key}' is not a section.key name{_suggest(key)}. "
                 f"Valid keys: {', '.join(all_keys())}."
             )
-        try:
-            value = parse_yaml(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text  # a string the YAML parser dislikes, e.g. 'a: b'; pydantic decides if it fits
+        text_kind = _text_key_kind(parts[0], parts[1])
+        if text_kind:
+            # Names and paths stay as typed (run.dir=2024-01-01, tracking.project=123); empty clears.
+            value = None if text_kind == "optional text" and not text.strip() else text
+        else:
+            try:
+                value = parse_yaml(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text  # a string the YAML parser dislikes, e.g. 'a: b'; pydantic decides if it fits
         nested.setdefault(parts[0], {})
         if not isinstance(nested[parts[0]], dict):
             nested[parts[0]] = {}
@@ -285,7 +305,11 @@ def read_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
                 hint = f" Files in {path.parent}/: {', '.join(available)}."
         raise ConfigError(f"config file {path} does not exist.{hint}")
     try:
-        raw = parse_yaml(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a UTF-8 text file; pass a YAML config (see configs/).") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -310,6 +334,10 @@ def build_config(raw: dict[str, Any], source: str = "config", default_run_name: 
         raise ConfigError(_format_validation_error(err, source)) from None
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / default_run_name)
+    cfg.run.dir = os.path.expanduser(cfg.run.dir)
+    cfg.data.path = os.path.expanduser(cfg.data.path)
+    if isinstance(cfg.model.pretrained, str):
+        cfg.model.pretrained = os.path.expanduser(cfg.model.pretrained)
     if not cfg.tracking.run_name:
         cfg.tracking.run_name = Path(cfg.run.dir).name
     _check_semantics(cfg, source)

@@ -98,7 +98,10 @@ def train_epoch(
             state.compute_dtype = str(output.dtype).removeprefix("torch.")
             probe.remove()
 
-        probe = accelerator.unwrap_model(model).get_classifier().register_forward_hook(record_dtype)
+        classifier = accelerator.unwrap_model(model).get_classifier()
+        if isinstance(classifier, tuple):  # distilled DeiT: (head, head_dist)
+            classifier = classifier[0]
+        probe = classifier.register_forward_hook(record_dtype)
     plan = EpochPlan(epoch_order(len(data), cfg.train.seed, state.epoch), cfg.train.batch_size, world, rank)
     local = slice(rank * plan.local_batch, (rank + 1) * plan.local_batch)
     augment = cfg.data.augment == "crop_flip"
@@ -125,7 +128,8 @@ def train_epoch(
         accelerator.backward(loss)
         step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used (logged below)
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule step
+            scheduler.step()
         state.step += 1
         loss_sum += losses.detach().sum()
         window_images += batch.global_valid
@@ -169,6 +173,8 @@ def run_training(cfg: Config, manifest: Manifest) -> dict[str, Any]:
     """Train, evaluate and checkpoint as configured; returns the run summary (also in summary.json)."""
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.run.dir)
+    # Every rank has passed check_run_dir before rank 0 replaces anything (NCCL's init has no barrier).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         init_run_dir(run_dir, cfg)
     accelerator.wait_for_everyone()
@@ -182,6 +188,8 @@ def run_training(cfg: Config, manifest: Manifest) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Identical weights everywhere; from here each rank needs its own random stream (drop-path masks).
+    set_seed(cfg.train.seed + accelerator.process_index)
     transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
 
     tracker = RunTracker(accelerator, cfg, run_dir)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from distvit.tracking import METRICS_NAME
 
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "summary.json"
+WANDB_DIR = "wandb"
 
 
 def check_run_dir(cfg: Config) -> Path:
-    """Refuse to start a new run on top of an earlier one unless run.overwrite is set. Every rank calls
-    this before the process group exists, so no rank can observe files another rank already wrote."""
+    """Refuse to start a new run on top of an earlier one unless run.overwrite is set, and make sure the
+    directory can be written. Every rank calls this before training starts; rank 0 writes nothing until
+    all ranks have passed it (see engine.run_training)."""
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={cfg.run.dir!r} is a file; it must be a directory (it is created if missing).")
@@ -35,6 +38,12 @@ def check_run_dir(cfg: Config) -> Path:
             f"run.dir={cfg.run.dir!r} already holds a run ({CONFIG_NAME} exists). Choose another run.dir, "
             f"or pass run.overwrite=true to replace its results."
         )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run.dir={cfg.run.dir!r} cannot be created ({err.strerror}). Choose another run.dir.") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir={cfg.run.dir!r} is not writable by this user. Choose another run.dir.")
     return run_dir
 
 
@@ -43,7 +52,8 @@ def init_run_dir(run_dir: Path, cfg: Config) -> None:
     if cfg.run.overwrite:
         for name in (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME):
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for folder in (CHECKPOINT_DIR, WANDB_DIR):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_yaml().encode())
 

@@ -130,7 +130,9 @@ def build_model(cfg: Config, num_classes: int) -> tuple[torch.nn.Module, Surgery
         model = timm.create_model(
             model_cfg.name, **pretrained_kwargs, **geometry, **head_classes, drop_path_rate=surgery_cfg.drop_path
         )
-    except (OSError, RuntimeError, ValueError) as err:
+    except Exception as err:  # hub and file loaders raise many types; random init errors are bugs
+        if pretrained_source == "none":
+            raise
         if pretrained_source == "hub":
             raise DistvitError(
                 f"could not load pretrained weights for {model_cfg.name} from the hub ({type(err).__name__}: {err}). "
@@ -138,14 +140,39 @@ def build_model(cfg: Config, num_classes: int) -> tuple[torch.nn.Module, Surgery
                 f"pretrained=True) then torch.save(model.state_dict(), 'weights.pth')) and set "
                 f"model.pretrained=/path/to/weights.pth."
             ) from None
-        if pretrained_source != "none":
-            raise DistvitError(
-                f"model.pretrained={pretrained_source}: cannot load it into {model_cfg.name} "
-                f"({type(err).__name__}: {err}). The file must be a state dict of that architecture "
-                f"(.pth/.bin/.safetensors)."
-            ) from None
-        raise
+        raise _unusable_weights(pretrained_source, model_cfg.name, f"{type(err).__name__}: {err}") from None
+    if pretrained_source not in ("none", "hub"):
+        _check_file_covers_model(pretrained_source, model, reinit_head=surgery_cfg.head == "reinit")
     return model, make_record(model, cfg, pretrained_source)
+
+
+def _unusable_weights(path: str, model_name: str, reason: str) -> DistvitError:
+    return DistvitError(
+        f"model.pretrained={path}: cannot load it into {model_name} ({reason}). The file must hold a "
+        f"state dict of that architecture (.pth/.bin/.safetensors, optionally under a 'model' or "
+        f"'state_dict' key)."
+    )
+
+
+def _check_file_covers_model(path: str, model: VisionTransformer, reinit_head: bool) -> None:
+    """timm loads a file whose head is replaced non-strictly, so a file with other key names would leave
+    the model silently random: require every weight except the new head to come from the file."""
+    try:
+        state = timm.models.load_state_dict(path)
+    except Exception as err:
+        raise _unusable_weights(path, model.default_cfg.get("architecture", "the model"), f"{type(err).__name__}: {err}") from None
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    head_prefixes = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    missing = [
+        name for name in model.state_dict()
+        if name not in state and not (reinit_head and name.startswith(head_prefixes))
+    ]
+    if missing:
+        raise _unusable_weights(
+            path, type(model).__name__,
+            f"the file lacks {len(missing)} of the model's {len(model.state_dict())} tensors, e.g. "
+            f"{', '.join(missing[:3])}; its keys start with {', '.join(sorted(state)[:3])}",
+        )
 
 
 def make_record(model: VisionTransformer, cfg: Config, pretrained_source: str) -> SurgeryRecord:

@@ -49,5 +49,12 @@ def test_prepare_synthetic_writes_dataset_and_validates_flags(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "train 120 (3 shards), test 30 (1 shards)" in result.stdout
     assert (tmp_path / "ds" / "manifest.json").is_file()
-    result = run_cli(["prepare", "synthetic", "--out", str(tmp_path / "x"), "--num-classes", "11"])
-    assert result.returncode == 2 and "--num-classes must be between 2 and 10" in result.stderr
+    for flags, message in (
+        (["--out", str(tmp_path / "x"), "--num-classes", "11"], "--num-classes must be between 2 and 10"),
+        (["--out", str(tmp_path / "x"), "--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
+        (["--out", str(tmp_path / "ds" / "manifest.json")], "is a file; pass a folder"),
+        (["--out", str(tmp_path / "ds" / "manifest.json" / "sub")], "cannot write the dataset to --out"),
+    ):
+        result = run_cli(["prepare", "synthetic", *flags, "--train-size", "20", "--test-size", "10"])
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -83,7 +83,9 @@ def test_unknown_section_in_file_names_file(tmp_path, dataset_dir):
         ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
         ("train.mixed_precision=fp32", "train.mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
         ("optim.name=lamb", "optim.name: Input should be 'adamw' or 'sgd'"),
-        ("surgery.drop_path=1.5", "surgery.drop_path: Input should be less than or equal to 1"),
+        ("surgery.drop_path=1.5", "surgery.drop_path: Input should be less than 1"),
+        ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+        ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
         ("tracking.backend=wandbb", "tracking.backend: Input should be 'wandb' or 'none'"),
     ],
 )
@@ -134,3 +136,28 @@ def test_yaml_1_1_booleans_stay_strings(tmp_path, dataset_dir):
     assert cfg.train.mixed_precision == "no" and cfg.optim.lr == pytest.approx(3e-4)
     assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(path, ["model.pretrained=false"]).model.pretrained is False
+
+
+def test_yaml_1_2_numbers_and_text_keys(dataset_dir):
+    cfg = load_config(None, [f"data.path={dataset_dir}", "train.seed=010", "run.dir=2024-01-01", "tracking.project=123",
+                             "tracking.entity="])
+    assert cfg.train.seed == 10  # decimal, not octal
+    assert cfg.run.dir == "2024-01-01" and cfg.tracking.project == "123"  # text keys keep the typed text
+    assert cfg.tracking.entity is None
+
+
+def test_unreadable_or_odd_config_files(tmp_path, dataset_dir):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x81\x82 not text")
+    assert "is not a UTF-8 text file" in error_of(binary, [])
+    numeric = tmp_path / "numeric.yaml"
+    numeric.write_text("1: 2\n")
+    assert "config section names must be text, got 1" in error_of(numeric, [])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    assert "must hold a mapping of sections" in error_of(listing, [])
+
+
+def test_home_directory_is_expanded(dataset_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, [f"data.path={dataset_dir}", "run.dir=~/runs/x"]).run.dir == str(tmp_path / "runs/x")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distvit.data.manifest import read_manifest
+from distvit.data.manifest import read_manifest, sha256_file
 from distvit.data.memory import load_split
 from distvit.data.synthetic import CLASS_NAMES, generate, prepare_synthetic
 from distvit.errors import DataError
@@ -94,9 +94,21 @@ def test_manifest_counts_must_add_up(tmp_path):
 def test_shard_with_wrong_sample_count_is_refused(tmp_path):
     prepare_synthetic(tmp_path / "a", train_size=30, test_size=20, seed=0)
     prepare_synthetic(tmp_path / "b", train_size=40, test_size=20, seed=0)
-    # same file name, different content and size: fix the size in the manifest to reach the count check
-    shutil.copy(tmp_path / "b" / "train-00000.tar", tmp_path / "a" / "train-00000.tar")
+    # same file name, other content: fix size and hash in the manifest to reach the count check
+    shard = tmp_path / "a" / "train-00000.tar"
+    shutil.copy(tmp_path / "b" / "train-00000.tar", shard)
     manifest = read_manifest(tmp_path / "a")
-    manifest.splits["train"].shards[0].num_bytes = (tmp_path / "a" / "train-00000.tar").stat().st_size
+    manifest.splits["train"].shards[0].num_bytes = shard.stat().st_size
+    manifest.splits["train"].shards[0].sha256 = sha256_file(shard)
     with pytest.raises(DataError, match="holds more samples than its manifest entry"):
         load_split(tmp_path / "a", manifest, "train")
+
+
+def test_same_size_corruption_is_caught_by_sha256(tmp_path):
+    prepare_synthetic(tmp_path / "ds", train_size=30, test_size=20)
+    shard = tmp_path / "ds" / "test-00000.tar"
+    payload = bytearray(shard.read_bytes())
+    payload[2000] ^= 0xFF  # same size, one byte different
+    shard.write_bytes(bytes(payload))
+    with pytest.raises(DataError, match="does not match the sha256 in the manifest"):
+        load_split(tmp_path / "ds", read_manifest(tmp_path / "ds"), "test")

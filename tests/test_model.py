@@ -21,7 +21,9 @@ def test_head_and_geometry_follow_config(small_dataset):
     assert model.head.out_features == 10
     assert record.grid_size == (4, 4) and record.tokens_per_image == 17
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert record.trainable_params == sum(p.numel() for p in model.parameters())
+    # deit_tiny with a 10-class head is 5,489,482 parameters at 32 px / patch 16 (see the demo's log);
+    # patch 8 has a 3*8*8*192 instead of 3*16*16*192 kernel and 17 instead of 5 position embeddings.
+    assert record.num_params == record.trainable_params == 5_489_482 - 3 * (256 - 64) * 192 + (17 - 5) * 192
 
 
 def test_distilled_variant_gets_both_heads_replaced(small_dataset):
@@ -105,3 +107,24 @@ def test_foreign_files_are_not_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match="has no checkpoints/final.pt"):
         load_checkpoint(tmp_path)
+
+
+def test_weights_file_with_other_key_names_is_refused(small_dataset, tmp_path):
+    """timm loads non-strictly when the head is replaced: a file with other names must not leave the model random."""
+    state = timm.create_model("deit_tiny_patch16_224").state_dict()
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({f"backbone.{k}": v for k, v in state.items()}, prefixed)
+    with pytest.raises(DistvitError, match=r"the file lacks 150 of the model's 152 tensors, e.g. cls_token"):
+        build_model(config(small_dataset, f"model.pretrained={prefixed}"), 10)
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not weights")
+    with pytest.raises(DistvitError, match="cannot load it into deit_tiny_patch16_224"):
+        build_model(config(small_dataset, f"model.pretrained={junk}"), 10)
+
+
+def test_weights_nested_under_model_key_are_loaded(small_dataset, tmp_path):
+    source = timm.create_model("deit_tiny_patch16_224")
+    nested = tmp_path / "nested.pth"
+    torch.save({"model": source.state_dict(), "epoch": 3}, nested)  # e.g. a distvit or DeiT checkpoint
+    model, _ = build_model(config(small_dataset, f"model.pretrained={nested}"), 10)
+    assert torch.equal(model.blocks[5].mlp.fc1.weight, source.blocks[5].mlp.fc1.weight)

@@ -76,6 +76,14 @@ class Manifest:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_manifest(dataset_dir: str | os.PathLike, manifest: Manifest) -> Path:
     path = Path(dataset_dir) / MANIFEST_NAME
     atomic_write_bytes(path, manifest.to_json().encode())

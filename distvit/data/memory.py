@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from distvit.data.manifest import Manifest, SplitInfo
+from distvit.data.manifest import Manifest, SplitInfo, sha256_file
 from distvit.errors import DataError
 
 
@@ -35,8 +35,8 @@ class SplitTensors:
         return SplitTensors(self.images.to(device), self.labels.to(device))
 
 
-def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo) -> list[Path]:
-    """Every shard of the split exists with the size the manifest says; returns their paths."""
+def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo, verify_hash: bool = False) -> list[Path]:
+    """Every shard of the split exists with the manifest's size (and sha256 when `verify_hash`)."""
     paths = []
     for shard in split.shards:
         path = Path(dataset_dir) / shard.name
@@ -47,6 +47,11 @@ def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo) -> list[
             raise DataError(
                 f"shard {path} has {size} bytes, the manifest says {shard.num_bytes}: it is truncated or "
                 f"was changed after `distvit prepare`. Prepare the dataset again."
+            )
+        if verify_hash and sha256_file(path) != shard.sha256:
+            raise DataError(
+                f"shard {path} does not match the sha256 in the manifest: it is corrupted or was changed "
+                f"after `distvit prepare`. Prepare the dataset again."
             )
         paths.append(path)
     return paths
@@ -64,7 +69,7 @@ def _decode_png(payload: bytes, channels: int, where: str) -> np.ndarray:
 def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str) -> SplitTensors:
     """Decode every sample of `split_name`, in stored order, checking counts against the manifest."""
     split = manifest.split(split_name, dataset_dir)
-    paths = check_shard_files(dataset_dir, split)
+    paths = check_shard_files(dataset_dir, split, verify_hash=True)  # cheap next to decoding
     height, width = manifest.image_size
     images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)
     labels = np.empty(split.num_samples, dtype=np.int64)

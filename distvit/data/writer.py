@@ -13,7 +13,6 @@ owner, so the same input gives the same bytes (and the same sha256).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable, Mapping
@@ -24,7 +23,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
+from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, sha256_file, write_manifest
 
 DEFAULT_SAMPLES_PER_SHARD = 5000
 
@@ -37,14 +36,6 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     mode_image.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SplitWriter:
@@ -81,7 +72,7 @@ class SplitWriter:
                 name=final.name,
                 num_samples=sum(self._shard_counts),
                 num_bytes=final.stat().st_size,
-                sha256=_sha256(final),
+                sha256=sha256_file(final),
                 label_counts=self._shard_counts,
             )
         )
