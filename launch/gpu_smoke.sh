@@ -2,7 +2,8 @@
 # GPU smoke check of the training path on one GPU (nothing downloaded):
 #   bash launch/gpu_smoke.sh OUT_DIR
 # Prepares the synthetic demo data, then runs configs/demo.yaml on 1 GPU in fp32, bf16 and fp16 (loss
-# scaling), and once upscaled to 224 px in bf16; writes each run's summary and a markdown table to OUT_DIR.
+# scaling), and once upscaled to 224 px in bf16; writes the log, each run's summary and a markdown table
+# (gpu_smoke.md) to OUT_DIR.
 set -euo pipefail
 out=${1:?usage: bash launch/gpu_smoke.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ run() {  # name, overrides...
   local start=$SECONDS
   accelerate launch --num_machines 1 --num_processes 1 --dynamo_backend no distvit/train.py \
     --config configs/demo.yaml data.path="$work/data" run.dir="$work/$name" tracking.backend=none "$@" \
-    2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee "$out/$name.log"
+    2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee -a "$out/smoke.log"
   cp "$work/$name/summary.json" "$out/$name.summary.json"
   echo "$name $((SECONDS - start))" >> "$work/wall.txt"
 }
