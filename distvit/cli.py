@@ -80,12 +80,8 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
             raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
     if args.image_size < 8:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
-    if args.samples_per_shard < 1:
-        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
-    if not 0 <= args.seed < 2**32:
-        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DistvitError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
+    _check_common_prepare_flags(args)
+    _check_out_dir(args.out)
     try:
         manifest = prepare_synthetic(
             args.out,
@@ -98,9 +94,41 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
         )
     except OSError as err:
         raise DistvitError(f"cannot write the dataset to --out {args.out}: {err}.") from None
-    counts = ", ".join(f"{name} {split.num_samples} ({len(split.shards)} shards)" for name, split in manifest.splits.items())
-    print(f"wrote synthetic dataset to {args.out}: {counts}; {manifest.num_classes} classes, "
+    _print_summary("synthetic", args.out, manifest)
+    return 0
+
+
+def _check_common_prepare_flags(args: argparse.Namespace) -> None:
+    if args.samples_per_shard < 1:
+        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
+    if not 0 <= args.seed < 2**32:
+        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
+
+
+def _check_out_dir(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DistvitError(f"--out {out} is a file; pass a folder (it is created if missing).")
+
+
+def _print_summary(name: str, out: str, manifest) -> None:
+    counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
+    print(f"wrote {name} dataset to {out}: {counts}; {manifest.num_classes} classes, "
           f"{manifest.image_size[0]}x{manifest.image_size[1]} px")
+
+
+def _prepare_cifar10(args: argparse.Namespace) -> int:
+    from distvit.data.cifar10 import prepare_cifar10
+
+    _check_common_prepare_flags(args)
+    _check_out_dir(args.out)
+    try:
+        manifest = prepare_cifar10(
+            args.out, source=args.source, skip_checksum=args.skip_checksum, seed=args.seed,
+            samples_per_shard=args.samples_per_shard,
+        )
+    except OSError as err:
+        raise DistvitError(f"cannot write the dataset to --out {args.out}: {err}.") from None
+    _print_summary("CIFAR-10", args.out, manifest)
     return 0
 
 
@@ -119,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--samples-per-shard", type=int, default=5000)
     synthetic.set_defaults(action=_prepare_synthetic)
+    cifar10 = sources.add_parser("cifar10", help="CIFAR-10 (python version): download, local archive or folder")
+    cifar10.add_argument("--out", required=True, help="output dataset folder")
+    cifar10.add_argument(
+        "--source", default=None,
+        help="cifar-10-python.tar.gz path or URL, or an extracted cifar-10-batches-py/ folder (default: download)",
+    )
+    cifar10.add_argument("--skip-checksum", action="store_true", help="use a source whose md5 is not the official one")
+    cifar10.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+    cifar10.add_argument("--samples-per-shard", type=int, default=5000)
+    cifar10.set_defaults(action=_prepare_cifar10)
 
     config = commands.add_parser("config", help="validate a config and print it resolved")
     _add_config_arguments(config)
