@@ -112,8 +112,8 @@ def _check_out_dir(out: str) -> None:
 
 def _print_summary(name: str, out: str, manifest) -> None:
     counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
-    print(f"wrote {name} dataset to {out}: {counts}; {manifest.num_classes} classes, "
-          f"{manifest.image_size[0]}x{manifest.image_size[1]} px")
+    size = f"{manifest.image_size[0]}x{manifest.image_size[1]} px" if manifest.image_size else "sizes kept as found"
+    print(f"wrote {name} dataset to {out}: {counts}; {manifest.num_classes} classes, {size}")
 
 
 def _prepare_cifar10(args: argparse.Namespace) -> int:
@@ -129,6 +129,29 @@ def _prepare_cifar10(args: argparse.Namespace) -> int:
     except OSError as err:
         raise DistvitError(f"cannot write the dataset to --out {args.out}: {err}.") from None
     _print_summary("CIFAR-10", args.out, manifest)
+    return 0
+
+
+def _prepare_imagefolder(args: argparse.Namespace) -> int:
+    from distvit.data.imagefolder import prepare_imagefolder
+
+    _check_common_prepare_flags(args)
+    _check_out_dir(args.out)
+    if args.image_size is not None and args.image_size < 8:
+        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    if args.workers is not None and args.workers < 1:
+        raise DistvitError(f"--workers must be at least 1, got {args.workers}.")
+    try:
+        report = prepare_imagefolder(
+            args.source, args.out, val_fraction=args.val_fraction, image_size=args.image_size, strict=args.strict,
+            seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
+        )
+    except OSError as err:
+        raise DistvitError(f"cannot read --source {args.source} or write --out {args.out}: {err}.") from None
+    for path, reason in report.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    _print_summary("image-folder", args.out, report.manifest)
+    print(f"{len(report.skipped)} file(s) skipped as not decodable, {len(report.ignored)} hidden file(s) ignored")
     return 0
 
 
@@ -157,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     cifar10.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
     cifar10.add_argument("--samples-per-shard", type=int, default=5000)
     cifar10.set_defaults(action=_prepare_cifar10)
+    folder = sources.add_parser("imagefolder", help="a class_name/image.ext folder (optionally train/ val/ test/)")
+    folder.add_argument("--source", required=True, help="folder of class folders (or of train/ and val/)")
+    folder.add_argument("--out", required=True, help="output dataset folder")
+    folder.add_argument("--val-fraction", type=float, default=0.1, help="held-out share per class without val/ (default 0.1)")
+    folder.add_argument("--image-size", type=int, default=None, help="resize + centre-crop to S x S (default: keep sizes)")
+    folder.add_argument("--strict", action="store_true", help="a file that is not a decodable image is an error")
+    folder.add_argument("--seed", type=int, default=0, help="seed of the split and of the write order")
+    folder.add_argument("--samples-per-shard", type=int, default=5000)
+    folder.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
+    folder.set_defaults(action=_prepare_imagefolder)
 
     config = commands.add_parser("config", help="validate a config and print it resolved")
     _add_config_arguments(config)

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from distvit.errors import DataError
 from distvit.fileio import atomic_write_bytes
@@ -45,8 +45,8 @@ class Manifest:
     dataset: str
     """Human name of the source, e.g. 'synthetic' or 'cifar10'."""
     classes: list[str]
-    image_size: tuple[int, int]
-    """(height, width) of the stored images."""
+    image_size: Optional[tuple[int, int]]
+    """(height, width) of the stored images; None when sizes vary (image folders kept at their size)."""
     channels: int
     splits: dict[str, SplitInfo]
     source: dict[str, Any] = field(default_factory=dict)
@@ -118,7 +118,7 @@ def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
         manifest = Manifest(
             dataset=raw["dataset"],
             classes=list(raw["classes"]),
-            image_size=tuple(raw["image_size"]),
+            image_size=tuple(raw["image_size"]) if raw["image_size"] else None,
             channels=int(raw["channels"]),
             splits=splits,
             source=raw.get("source", {}),

@@ -57,7 +57,10 @@ def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo, verify_h
     return paths
 
 
-def _decode_png(payload: bytes, channels: int, where: str) -> np.ndarray:
+IMAGE_MEMBERS = ("png", "jpg")
+
+
+def _decode_image(payload: bytes, channels: int, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(payload)) as image:
             array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
@@ -69,6 +72,11 @@ def _decode_png(payload: bytes, channels: int, where: str) -> np.ndarray:
 def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str) -> SplitTensors:
     """Decode every sample of `split_name`, in stored order, checking counts against the manifest."""
     split = manifest.split(split_name, dataset_dir)
+    if manifest.image_size is None:
+        raise DataError(
+            f"{dataset_dir}: its images have different sizes, so they cannot be held in memory as one "
+            f"tensor. Prepare it again with --image-size S."
+        )
     paths = check_shard_files(dataset_dir, split, verify_hash=True)  # cheap next to decoding
     height, width = manifest.image_size
     images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)
@@ -82,9 +90,10 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
             where = f"{path} sample {sample['__key__']}"
             if index >= split.num_samples or index - start >= shard.num_samples:
                 raise DataError(f"{path} holds more samples than its manifest entry ({shard.num_samples}).")
-            if "png" not in sample or "cls" not in sample:
-                raise DataError(f"{where} lacks its .png or .cls member. Prepare the dataset again.")
-            image = _decode_png(sample["png"], manifest.channels, where)
+            member = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
+            if member is None or "cls" not in sample:
+                raise DataError(f"{where} lacks its image (.png/.jpg) or .cls member. Prepare the dataset again.")
+            image = _decode_image(sample[member], manifest.channels, where)
             if image.shape != (height, width, manifest.channels):
                 raise DataError(f"{where} is {image.shape}, the manifest says {(height, width, manifest.channels)}.")
             images[index] = image

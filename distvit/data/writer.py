@@ -3,7 +3,7 @@
 Every importer (synthetic, CIFAR-10, image folders) hands its samples to `write_dataset`, so all
 datasets share one on-disk format:
 
-    DIR/train-00000.tar ...   samples `<key>.png` (lossless image) and `<key>.cls` (class index)
+    DIR/train-00000.tar ...   samples `<key>.png` (or `.jpg`) image and `<key>.cls` (class index)
     DIR/test-00000.tar ...
     DIR/manifest.json         written last; its presence marks the dataset complete
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ from PIL import Image
 from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, sha256_file, write_manifest
 
 DEFAULT_SAMPLES_PER_SHARD = 5000
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image already encoded by the importer (e.g. JPEG kept as JPEG)."""
+
+    data: bytes
+    ext: str  # "png" or "jpg"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -78,13 +87,13 @@ class SplitWriter:
         )
         self._tar = None
 
-    def add(self, png: bytes, label: int) -> None:
+    def add(self, payload: bytes, label: int, ext: str = "png") -> None:
         if not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} outside [0, {self.num_classes})")
         if self._tar is None:
             self._open_shard()
         # The key is the sample's position in the split, so readers can name samples exactly.
-        self._tar.write({"__key__": f"{self.split}_{self.num_samples:08d}", "png": png, "cls": str(label).encode()})
+        self._tar.write({"__key__": f"{self.split}_{self.num_samples:08d}", ext: payload, "cls": str(label).encode()})
         self._shard_counts[label] += 1
         self.num_samples += 1
         if sum(self._shard_counts) >= self.samples_per_shard:
@@ -109,13 +118,13 @@ def write_dataset(
     *,
     dataset: str,
     classes: list[str],
-    image_size: tuple[int, int],
+    image_size: tuple[int, int] | None,
     channels: int,
-    splits: Mapping[str, Iterable[tuple[np.ndarray, int]]],
+    splits: Mapping[str, Iterable[tuple[np.ndarray | EncodedImage, int]]],
     source: dict[str, Any],
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
 ) -> Manifest:
-    """Write every split's (uint8 HxWxC image, label) samples as shards, then the manifest."""
+    """Write every split's (uint8 HxWxC array or EncodedImage, label) samples as shards, then the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous_output(out, splits.keys())
@@ -123,12 +132,15 @@ def write_dataset(
     for split, samples in splits.items():
         writer = SplitWriter(out, split, len(classes), samples_per_shard)
         for image, label in samples:
-            writer.add(encode_png(image), int(label))
+            if isinstance(image, EncodedImage):
+                writer.add(image.data, int(label), image.ext)
+            else:
+                writer.add(encode_png(image), int(label))
         written[split] = writer.close()
     manifest = Manifest(
         dataset=dataset,
         classes=list(classes),
-        image_size=tuple(image_size),
+        image_size=tuple(image_size) if image_size else None,
         channels=channels,
         splits=written,
         source=source,

@@ -1,0 +1,240 @@
+"""A folder of images in `class_name/image.ext` layout into distvit shards.
+
+    distvit prepare imagefolder --source DIR --out DIR [--val-fraction F] [--image-size S] [--strict]
+
+Layout: `DIR/<class>/<image>` (any depth below the class folder), split into train / val with a seeded,
+per-class split; or `DIR/train/<class>/...` and `DIR/val/<class>/...` (and `DIR/test/...`) used as
+given. Every image becomes 8-bit RGB: EXIF orientation applied, grayscale / palette / CMYK / 16-bit
+converted, transparency composited on white, first frame of animations. With `--image-size S` it is
+resized (shorter side to S, bicubic) and centre-cropped to S x S; otherwise kept at its size. A file that
+cannot be decoded (empty, truncated, not an image) is reported and skipped, or is an error with
+`--strict`. Decoding runs in a process pool; the output does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from distvit.data.manifest import Manifest
+from distvit.data.writer import EncodedImage, encode_png, write_dataset
+from distvit.errors import DataError
+
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    label: int
+
+
+@dataclass
+class Scan:
+    classes: list[str]
+    splits: dict[str, list[SourceFile]]
+    from_split_folders: bool = False
+    """True when the source had train/ (val/, test/) folders; False for a seeded split."""
+    ignored: list[Path] = field(default_factory=list)
+    """Hidden files (names starting with '.'), not counted as images."""
+
+
+def _files_below(folder: Path) -> tuple[list[Path], list[Path]]:
+    files, hidden = [], []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(folder)
+        (hidden if any(part.startswith(".") for part in relative.parts) else files).append(path)
+    return files, hidden
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan(source: Path, val_fraction: float, seed: int) -> Scan:
+    """Find classes and files; split train/val when the source has no split folders."""
+    if not source.is_dir():
+        raise DataError(f"--source {source} is not a folder (expected class_name/image.ext folders).")
+    split_roots = {name: source / name for name in SPLIT_FOLDERS if (source / name).is_dir()}
+    if "train" in split_roots:
+        classes = [p.name for p in _class_folders(split_roots["train"])]
+        roots = split_roots
+    else:
+        classes = [p.name for p in _class_folders(source)]
+        roots = {"all": source}
+    if not classes:
+        raise DataError(f"{source} has no class folders: expected {source}/<class_name>/<image> (or train/ and val/ with class folders).")
+    if len(classes) == 1:
+        raise DataError(f"{source} has a single class ({classes[0]}): classification needs at least two class folders.")
+    ignored: list[Path] = []
+    by_split: dict[str, list[SourceFile]] = {}
+    for split, root in roots.items():
+        present = [p.name for p in _class_folders(root)]
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise DataError(f"{root} has classes that train/ lacks: {', '.join(unknown)}. Every class must be in train/.")
+        files = []
+        for label, name in enumerate(classes):
+            if not (root / name).is_dir():
+                continue
+            found, hidden = _files_below(root / name)
+            ignored += hidden
+            if not found and split in ("all", "train"):
+                raise DataError(f"class folder {root / name} holds no files: remove it or add images.")
+            files += [SourceFile(path, label) for path in found]
+        by_split[split] = files
+    if not any(by_split.values()):
+        raise DataError(f"{source} holds no image files.")
+    if "all" in by_split:
+        return Scan(classes, _split_per_class(by_split["all"], len(classes), val_fraction, seed), False, ignored)
+    return Scan(classes, by_split, True, ignored)
+
+
+def _split_per_class(files: list[SourceFile], num_classes: int, val_fraction: float, seed: int) -> dict[str, list[SourceFile]]:
+    """Seeded split that keeps each class's proportion (at least one train image per class)."""
+    train, val = [], []
+    for label in range(num_classes):
+        members = [f for f in files if f.label == label]
+        order = np.random.default_rng([seed, label]).permutation(len(members))
+        n_val = min(len(members) - 1, int(round(len(members) * val_fraction)))
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return {"train": train, "val": val} if val else {"train": train}
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> uint8 H x W x 3, orientation applied."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def resize_and_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to `size` (bicubic), then the centre `size` x `size`."""
+    height, width = array.shape[:2]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    resized = np.asarray(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top:top + size, left:left + size]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    path: Path
+    png: bytes | None
+    size: tuple[int, int] | None
+    sha256: str
+    error: str = ""
+
+
+def decode_file(path: Path, image_size: int | None) -> Decoded:
+    """Read, decode, convert and (optionally) resize one file; never raises for bad content."""
+    payload = path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if not payload:
+        return Decoded(path, None, None, digest, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(payload)) as image:
+                image.seek(0)
+                array = to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        return Decoded(path, None, None, digest, f"not a decodable image ({type(err).__name__}: {err})")
+    if image_size:
+        array = resize_and_crop(array, image_size)
+    return Decoded(path, encode_png(np.ascontiguousarray(array)), array.shape[:2], digest)
+
+
+def _decode_all(files: list[SourceFile], image_size: int | None, workers: int) -> list[Decoded]:
+    paths = [f.path for f in files]
+    if workers <= 1 or len(paths) < 64:
+        return [decode_file(p, image_size) for p in paths]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(decode_file, paths, [image_size] * len(paths), chunksize=32))
+
+
+@dataclass
+class ImportReport:
+    manifest: Manifest
+    skipped: list[tuple[Path, str]]
+    ignored: list[Path]
+
+
+def prepare_imagefolder(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    val_fraction: float = 0.1,
+    image_size: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    samples_per_shard: int = 5000,
+    workers: int | None = None,
+) -> ImportReport:
+    source = Path(source)
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    found = scan(source, val_fraction, seed)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    decoded = {split: _decode_all(files, image_size, workers) for split, files in found.splits.items()}
+    skipped = [(d.path, d.error) for results in decoded.values() for d in results if d.error]
+    if skipped and strict:
+        listing = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:20])
+        raise DataError(f"{len(skipped)} file(s) in {source} are not usable images (--strict):\n  {listing}")
+    good = {
+        split: [(f, d) for f, d in zip(found.splits[split], results) if not d.error]
+        for split, results in decoded.items()
+    }
+    for split, samples in good.items():
+        present = {f.label for f, _ in samples}
+        missing = [found.classes[k] for k in range(len(found.classes)) if k not in present]
+        if split == "train" and missing:
+            raise DataError(f"class(es) {', '.join(missing)} have no decodable image in the train split of {source}.")
+    sizes = {d.size for samples in good.values() for _, d in samples}
+    content = hashlib.sha256()
+    for split in sorted(good):
+        for f, d in good[split]:
+            content.update(f"{split}/{f.path.relative_to(source).as_posix()}:{d.sha256}\n".encode())
+
+    def ordered(split_index: int, samples: list) -> Iterator:
+        order = np.random.default_rng([seed, split_index]).permutation(len(samples))
+        for index in order:
+            file, result = samples[index]
+            yield EncodedImage(result.png, "png"), file.label
+
+    manifest = write_dataset(
+        out_dir,
+        dataset="imagefolder",
+        classes=found.classes,
+        image_size=next(iter(sizes)) if len(sizes) == 1 else None,
+        channels=3,
+        splits={split: ordered(i, samples) for i, (split, samples) in enumerate(good.items()) if samples},
+        source={
+            "name": "imagefolder", "folder": str(source.resolve()), "content_sha256": content.hexdigest(),
+            "val_fraction": val_fraction, "image_size": image_size, "seed": seed,
+            "skipped_files": len(skipped), "split_folders": found.from_split_folders,
+        },
+        samples_per_shard=samples_per_shard,
+    )
+    return ImportReport(manifest, skipped, found.ignored)
