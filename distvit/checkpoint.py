@@ -2,8 +2,11 @@
 
 A checkpoint is one `torch.save` file holding plain containers of tensors and primitives:
 
-    format_version, model (state dict), optimizer, scheduler, epoch, step,
-    surgery (SurgeryRecord as dict), classes, config (resolved, as dict), metrics (last evaluation)
+    format_version, model (state dict), optimizer, scheduler, epoch, step, data (epoch position, seed,
+    manifest fingerprint), rng (torch RNG state of every rank), surgery (SurgeryRecord as dict), classes,
+    config (resolved, as dict), metrics (last evaluation)
+
+`checkpoints/latest.json` names the newest one; `train.resume=auto` starts from it.
 
 It is written to `<name>.tmp` and renamed, so a crash while writing leaves the previous file intact; it
 is read with `weights_only=True`, so a tampered file cannot run code.
@@ -11,6 +14,7 @@ is read with `weights_only=True`, so a tampered file cannot run code.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,12 +22,13 @@ from typing import Any
 import torch
 
 from distvit.errors import CheckpointError
-from distvit.fileio import atomic_open
+from distvit.fileio import atomic_open, atomic_write_bytes
 from distvit.surgery import SurgeryRecord, model_from_record
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "final.pt"
+LATEST_NAME = "latest.json"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -31,6 +36,29 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as handle:
         torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
+    return path
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def mark_latest(checkpoint_dir: Path, name: str, step: int, epoch: int) -> None:
+    """Record which checkpoint is the newest complete one (written after the checkpoint itself)."""
+    atomic_write_bytes(checkpoint_dir / LATEST_NAME, json.dumps({"file": name, "step": step, "epoch": epoch}).encode())
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None when it has none."""
+    marker = Path(run_dir) / CHECKPOINT_DIR / LATEST_NAME
+    if not marker.is_file():
+        return None
+    try:
+        path = marker.parent / json.loads(marker.read_text())["file"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{marker} is damaged; point train.resume at a checkpoint file instead.") from None
+    if not path.is_file():
+        raise CheckpointError(f"{marker} names {path.name}, which is missing; point train.resume at a checkpoint file.")
     return path
 
 

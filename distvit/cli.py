@@ -3,6 +3,7 @@
     distvit prepare synthetic --out DIR [--train-size N --test-size N ...]
     distvit config --config FILE [key=value ...]     validate and print the resolved config
     distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
+    distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
 
 Multi-process training goes through Accelerate: `accelerate launch distvit/train.py --config FILE`.
 Input errors (`DistvitError`) print one actionable message and exit with status 2, no traceback.
@@ -15,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from distvit.errors import EXIT_USER_ERROR, DistvitError
+from distvit.errors import EXIT_USER_ERROR, DataError, DistvitError
 
 
 def _is_local_leader() -> bool:
@@ -40,34 +41,60 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_checked_config(args: argparse.Namespace):
-    """Everything that can be checked without starting ranks: config, dataset manifest, model, run dir."""
+    """Everything that can be checked without starting ranks: config, dataset manifest and shards (preflight),
+    model, run dir."""
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
-    from distvit.data.memory import check_shard_files
+    from distvit.data.preflight import describe, find_bad_shards
     from distvit.rundir import check_run_dir
     from distvit.surgery import check_model_config
 
     cfg = load_config(args.config, args.overrides)
     manifest = read_manifest(cfg.data.path)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
-        check_shard_files(cfg.data.path, manifest.split(split, cfg.data.path, key=key))
+        manifest.split(split, cfg.data.path, key=key)
+    bad_shards = find_bad_shards(cfg.data.path, manifest, [cfg.data.train_split, cfg.data.eval_split], cfg.data.verify)
+    if bad_shards and cfg.data.bad_shards == "error":
+        raise DataError(
+            f"{len(bad_shards)} bad shard(s): {describe(cfg.data.path, bad_shards)}. Prepare the dataset again, "
+            f"or set data.bad_shards=skip to train without them."
+        )
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     check_run_dir(cfg)
-    return cfg, manifest
+    return cfg, manifest, bad_shards
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg, manifest = _load_checked_config(args)
+    cfg, manifest, bad_shards = _load_checked_config(args)
     from distvit.engine import run_training  # Accelerate starts here, after every input check passed
 
-    run_training(cfg, manifest)
+    run_training(cfg, manifest, bad_shards)
     return 0
 
 
 def _config(args: argparse.Namespace) -> int:
-    cfg, _ = _load_checked_config(args)
+    cfg, _, _ = _load_checked_config(args)
     print(cfg.to_yaml(), end="")
     return 0
+
+
+def _write_dataset(args: argparse.Namespace, name: str, write: Callable[[], object]) -> object:
+    """Shared by the prepare commands: common flag checks, OS errors as user errors, the summary line."""
+    if args.samples_per_shard < 1:
+        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
+    if not 0 <= args.seed < 2**32:
+        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DistvitError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
+    try:
+        result = write()
+    except OSError as err:
+        raise DistvitError(f"cannot read the source or write the dataset to --out {args.out}: {err}.") from None
+    manifest = getattr(result, "manifest", result)
+    counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
+    size = f"{manifest.image_size[0]}x{manifest.image_size[1]} px" if manifest.image_size else "sizes kept as found"
+    print(f"wrote {name} dataset to {args.out}: {counts}; {manifest.num_classes} classes, {size}")
+    return result
 
 
 def _prepare_synthetic(args: argparse.Namespace) -> int:
@@ -80,78 +107,62 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
             raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
     if args.image_size < 8:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
-    _check_common_prepare_flags(args)
-    _check_out_dir(args.out)
-    try:
-        manifest = prepare_synthetic(
-            args.out,
-            train_size=args.train_size,
-            test_size=args.test_size,
-            num_classes=args.num_classes,
-            image_size=args.image_size,
-            seed=args.seed,
-            samples_per_shard=args.samples_per_shard,
-        )
-    except OSError as err:
-        raise DistvitError(f"cannot write the dataset to --out {args.out}: {err}.") from None
-    _print_summary("synthetic", args.out, manifest)
+    _write_dataset(args, "synthetic", lambda: prepare_synthetic(
+        args.out, train_size=args.train_size, test_size=args.test_size, num_classes=args.num_classes,
+        image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
+    ))
     return 0
-
-
-def _check_common_prepare_flags(args: argparse.Namespace) -> None:
-    if args.samples_per_shard < 1:
-        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
-    if not 0 <= args.seed < 2**32:
-        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
-
-
-def _check_out_dir(out: str) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DistvitError(f"--out {out} is a file; pass a folder (it is created if missing).")
-
-
-def _print_summary(name: str, out: str, manifest) -> None:
-    counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
-    size = f"{manifest.image_size[0]}x{manifest.image_size[1]} px" if manifest.image_size else "sizes kept as found"
-    print(f"wrote {name} dataset to {out}: {counts}; {manifest.num_classes} classes, {size}")
 
 
 def _prepare_cifar10(args: argparse.Namespace) -> int:
     from distvit.data.cifar10 import prepare_cifar10
 
-    _check_common_prepare_flags(args)
-    _check_out_dir(args.out)
-    try:
-        manifest = prepare_cifar10(
-            args.out, source=args.source, skip_checksum=args.skip_checksum, seed=args.seed,
-            samples_per_shard=args.samples_per_shard,
-        )
-    except OSError as err:
-        raise DistvitError(f"cannot write the dataset to --out {args.out}: {err}.") from None
-    _print_summary("CIFAR-10", args.out, manifest)
+    _write_dataset(args, "CIFAR-10", lambda: prepare_cifar10(
+        args.out, source=args.source, skip_checksum=args.skip_checksum, seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    ))
     return 0
 
 
 def _prepare_imagefolder(args: argparse.Namespace) -> int:
     from distvit.data.imagefolder import prepare_imagefolder
 
-    _check_common_prepare_flags(args)
-    _check_out_dir(args.out)
     if args.image_size is not None and args.image_size < 8:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
     if args.workers is not None and args.workers < 1:
         raise DistvitError(f"--workers must be at least 1, got {args.workers}.")
-    try:
-        report = prepare_imagefolder(
-            args.source, args.out, val_fraction=args.val_fraction, image_size=args.image_size, strict=args.strict,
-            seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
-        )
-    except OSError as err:
-        raise DistvitError(f"cannot read --source {args.source} or write --out {args.out}: {err}.") from None
+    report = _write_dataset(args, "image-folder", lambda: prepare_imagefolder(
+        args.source, args.out, val_fraction=args.val_fraction, image_size=args.image_size, strict=args.strict,
+        seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
+    ))
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    _print_summary("image-folder", args.out, report.manifest)
     print(f"{len(report.skipped)} file(s) skipped as not decodable, {len(report.ignored)} hidden file(s) ignored")
+    return 0
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from distvit.bench import bench_data, format_results, write_json
+    from distvit.data.manifest import read_manifest
+
+    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--img-size", args.img_size)):
+        if value < 1:
+            raise DistvitError(f"{flag} must be positive, got {value}.")
+    read_manifest(args.data).split(args.split, args.data, key="--split")
+    results = bench_data(args.data, args.split, args.batch_size, args.steps, args.warmup, args.workers, args.img_size, args.device)
+    context = {
+        "data": args.data, "split": args.split, "batch_size": args.batch_size, "img_size": args.img_size,
+        "steps": args.steps, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "device": torch.cuda.get_device_name() if results and "cuda" in results[1].name else "cpu",
+    }
+    print(format_results(results, f"distvit bench data: {context['device']}, batch {args.batch_size}, "
+                                  f"{args.img_size} px model input, {args.steps} timed batches each"))
+    if args.json:
+        write_json(args.json, results, context)
     return 0
 
 
@@ -194,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="validate a config and print it resolved")
     _add_config_arguments(config)
     config.set_defaults(action=_config)
+
+    bench = commands.add_parser("bench", help="benchmarks against the lesson's baseline, in the same process")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    data = benches.add_parser("data", help="images/s delivered to the device: distvit readers vs the lesson's DataLoader")
+    data.add_argument("--data", required=True, help="dataset folder (distvit prepare ...)")
+    data.add_argument("--split", default="train")
+    data.add_argument("--batch-size", type=int, default=256)
+    data.add_argument("--steps", type=int, default=40, help="timed batches per pipeline (after 5 warm-up batches)")
+    data.add_argument("--warmup", type=int, default=5)
+    data.add_argument("--workers", type=int, default=2, help="decode workers of distvit's stream reader")
+    data.add_argument("--img-size", type=int, default=32, help="model input size (the lesson resizes with PIL)")
+    data.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    data.add_argument("--json", default=None, help="also write the results as JSON here")
+    data.set_defaults(action=_bench_data)
 
     train = commands.add_parser("train", help="train in this process (use accelerate launch for several)")
     _add_config_arguments(train)

@@ -73,6 +73,17 @@ class DataConfig:
     """Training augmentation, applied on the training device: random crop with padding + horizontal flip."""
     crop_padding: NonNegativeInt = 4
     """Padding (pixels at stored size) of the random crop."""
+    mode: Literal["auto", "memory", "stream"] = "auto"
+    """memory: decode the split once and keep it on the training device; stream: read and decode from the
+    shards in loader workers each epoch; auto: memory when the decoded split is at most 4 GiB."""
+    num_workers: NonNegativeInt = 2
+    """Decoding processes per rank in stream mode (0: in the training process)."""
+    verify: Literal["sha256", "size"] = "sha256"
+    """Preflight of the shards before training: sha256 and size (default), or size only (huge datasets)."""
+    bad_shards: Literal["error", "skip"] = "error"
+    """A missing, truncated or corrupted shard: stop with an error, or leave it out (same shards on all ranks)."""
+    trace_samples: bool = False
+    """Record the sample indices every rank trains on, per step, in RUN_DIR/trace/rank<N>.jsonl."""
 
 
 @dataclass
@@ -106,6 +117,10 @@ class TrainConfig:
     """Write a training line to metrics.jsonl every N optimizer steps."""
     eval_every: NonNegativeInt = 1
     """Evaluate every N epochs (0: only after the last epoch; the last epoch is always evaluated)."""
+    resume: str = ""
+    """Empty: a new run; 'auto': continue from RUN_DIR's newest checkpoint if it has one; or a checkpoint file."""
+    stop_at_step: NonNegativeInt = 0
+    """Checkpoint and stop after this optimizer step (0: run to the end); continue with train.resume=auto."""
 
 
 @dataclass
@@ -123,6 +138,8 @@ class TrackingConfig:
 class CheckpointConfig:
     every_epochs: NonNegativeInt = 0
     """Also checkpoint every N epochs (0: only the final checkpoint)."""
+    every_steps: NonNegativeInt = 0
+    """Also checkpoint every N optimizer steps (0: off), mid-epoch included."""
 
 
 @dataclass
@@ -338,6 +355,8 @@ def build_config(raw: dict[str, Any], source: str = "config", default_run_name: 
     cfg.data.path = os.path.expanduser(cfg.data.path)
     if isinstance(cfg.model.pretrained, str):
         cfg.model.pretrained = os.path.expanduser(cfg.model.pretrained)
+    if cfg.train.resume not in ("", "auto"):
+        cfg.train.resume = os.path.expanduser(cfg.train.resume)
     if not cfg.tracking.run_name:
         cfg.tracking.run_name = Path(cfg.run.dir).name
     _check_semantics(cfg, source)
@@ -381,6 +400,11 @@ def _check_semantics(cfg: Config, source: str) -> None:
                 f"weights file. Pass true (download from the hub), false (random init) or the path of a "
                 f".pth/.safetensors file."
             )
+    if cfg.train.resume not in ("", "auto") and not Path(cfg.train.resume).is_file():
+        raise ConfigError(
+            f"{source}: train.resume={cfg.train.resume!r} is not a checkpoint file. Use 'auto' (the run "
+            f"directory's newest checkpoint), a path such as RUN_DIR/checkpoints/step_00000100.pt, or leave it empty."
+        )
     _check_data_path(cfg, source)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from distvit.data.memory import SplitTensors
+from distvit.data.loader import MemoryBatches, StreamBatches
 from distvit.data.plan import EpochPlan, sequential_order
 from distvit.data.transforms import BatchTransform
 
@@ -35,7 +35,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    data: SplitTensors,
+    data: MemoryBatches | StreamBatches,
     transform: BatchTransform,
     global_batch: int,
     accelerator: Accelerator,
@@ -46,13 +46,10 @@ def evaluate(
     device = accelerator.device
     plan = EpochPlan(sequential_order(len(data)), global_batch, accelerator.num_processes, accelerator.process_index)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, samples, loss sum
-    for batch in plan.batches():
-        indices = batch.indices.to(device)
+    for batch, images, labels in data.epoch(plan):
         valid = batch.valid.to(device)
-        inputs = transform(data.images[indices])
         with accelerator.autocast():
-            logits = model(inputs)
-        labels = data.labels[indices]
+            logits = model(transform(images))
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         totals[0] += ((logits.argmax(dim=1) == labels) & valid).sum()
         totals[1] += valid.sum()

@@ -2,9 +2,10 @@
 
     RUN_DIR/config.yaml        resolved configuration (written before the first step)
     RUN_DIR/metrics.jsonl      one JSON object per line (training and evaluation)
-    RUN_DIR/checkpoints/       final.pt (+ epoch_NNN.pt when checkpoint.every_epochs > 0)
+    RUN_DIR/checkpoints/       final.pt, epoch_NNN.pt, step_NNNNNNNN.pt, latest.json
     RUN_DIR/summary.json       final results, written last: its presence marks a finished run
     RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
+    RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from distvit.tracking import METRICS_NAME
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "summary.json"
 WANDB_DIR = "wandb"
+TRACE_DIR = "trace"
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -33,10 +35,10 @@ def check_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={cfg.run.dir!r} is a file; it must be a directory (it is created if missing).")
-    if (run_dir / CONFIG_NAME).exists() and not cfg.run.overwrite:
+    if (run_dir / CONFIG_NAME).exists() and not (cfg.run.overwrite or cfg.train.resume):
         raise ConfigError(
-            f"run.dir={cfg.run.dir!r} already holds a run ({CONFIG_NAME} exists). Choose another run.dir, "
-            f"or pass run.overwrite=true to replace its results."
+            f"run.dir={cfg.run.dir!r} already holds a run ({CONFIG_NAME} exists). Continue it with "
+            f"train.resume=auto, choose another run.dir, or pass run.overwrite=true to replace its results."
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,15 +49,31 @@ def check_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def init_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Main process only: clear an overwritten run's results, then write the resolved config."""
-    if cfg.run.overwrite:
-        for name in (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME):
-            (run_dir / name).unlink(missing_ok=True)
-        for folder in (CHECKPOINT_DIR, WANDB_DIR):
-            shutil.rmtree(run_dir / folder, ignore_errors=True)
+def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
+    """Main process only. A new run clears an earlier run's results (run.overwrite, or train.resume=auto
+    finding no checkpoint); a resumed run drops what was logged after its checkpoint. Then the resolved
+    config is written."""
+    if resumed_step is None:
+        if cfg.run.overwrite or cfg.train.resume:
+            for name in (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME):
+                (run_dir / name).unlink(missing_ok=True)
+            for folder in (CHECKPOINT_DIR, WANDB_DIR, TRACE_DIR):
+                shutil.rmtree(run_dir / folder, ignore_errors=True)
+    else:
+        (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
+        logs = [run_dir / METRICS_NAME, *sorted((run_dir / TRACE_DIR).glob("*.jsonl"))]
+        for log in logs:
+            _drop_lines_after(log, resumed_step)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_yaml().encode())
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Keep the JSON lines of `path` logged at or before `step` (an interrupted run may have logged more)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

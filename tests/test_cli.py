@@ -53,8 +53,25 @@ def test_prepare_synthetic_writes_dataset_and_validates_flags(tmp_path):
         (["--out", str(tmp_path / "x"), "--num-classes", "11"], "--num-classes must be between 2 and 10"),
         (["--out", str(tmp_path / "x"), "--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
         (["--out", str(tmp_path / "ds" / "manifest.json")], "is a file; pass a folder"),
-        (["--out", str(tmp_path / "ds" / "manifest.json" / "sub")], "cannot write the dataset to --out"),
+        (["--out", str(tmp_path / "ds" / "manifest.json" / "sub")], "cannot read the source or write the dataset to --out"),
     ):
         result = run_cli(["prepare", "synthetic", *flags, "--train-size", "20", "--test-size", "10"])
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_preflight_names_a_corrupted_shard_before_training(tmp_path):
+    from distvit.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(tmp_path / "ds", train_size=100, test_size=20, samples_per_shard=50)
+    shard = tmp_path / "ds" / "train-00001.tar"
+    payload = bytearray(shard.read_bytes())
+    payload[3000] ^= 1
+    shard.write_bytes(bytes(payload))
+    args = ["train", "--config", "configs/demo.yaml", f"data.path={tmp_path}/ds", f"run.dir={tmp_path}/run"]
+    result = run_cli(args)
+    assert result.returncode == 2
+    assert f"{shard}: sha256 differs from the manifest" in result.stderr and "data.bad_shards=skip" in result.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
+    result = run_cli(["config", *args[1:], "data.verify=size"])
+    assert result.returncode == 0  # same size: only the sha256 check sees it

@@ -11,6 +11,7 @@ import torch
 
 from distvit.data.manifest import read_manifest, sha256_file
 from distvit.data.memory import load_split
+from distvit.data.preflight import find_bad_shards, without_shards
 from distvit.data.synthetic import CLASS_NAMES, generate, prepare_synthetic
 from distvit.errors import DataError
 
@@ -69,10 +70,10 @@ def test_incomplete_or_damaged_dataset_is_refused(tmp_path):
     shard = tmp_path / "ds" / "train-00001.tar"
     with open(shard, "r+b") as handle:
         handle.truncate(shard.stat().st_size - 512)
-    with pytest.raises(DataError, match="train-00001.tar has .* bytes, the manifest says"):
+    with pytest.raises(DataError, match="train-00001.tar: .* bytes, the manifest says"):
         load_split(tmp_path / "ds", manifest, "train")
     shard.unlink()
-    with pytest.raises(DataError, match="train-00001.tar listed in the manifest is missing"):
+    with pytest.raises(DataError, match="train-00001.tar: missing"):
         load_split(tmp_path / "ds", manifest, "train")
     with pytest.raises(DataError, match="has no split 'validation'. Available splits: train, test"):
         load_split(tmp_path / "ds", manifest, "validation")
@@ -104,11 +105,25 @@ def test_shard_with_wrong_sample_count_is_refused(tmp_path):
         load_split(tmp_path / "a", manifest, "train")
 
 
-def test_same_size_corruption_is_caught_by_sha256(tmp_path):
-    prepare_synthetic(tmp_path / "ds", train_size=30, test_size=20)
-    shard = tmp_path / "ds" / "test-00000.tar"
-    payload = bytearray(shard.read_bytes())
+def test_preflight_finds_missing_truncated_and_corrupted_shards(tmp_path):
+    prepare_synthetic(tmp_path / "ds", train_size=100, test_size=20, samples_per_shard=25)
+    manifest = read_manifest(tmp_path / "ds")
+    ds = tmp_path / "ds"
+    payload = bytearray((ds / "train-00000.tar").read_bytes())
     payload[2000] ^= 0xFF  # same size, one byte different
-    shard.write_bytes(bytes(payload))
-    with pytest.raises(DataError, match="does not match the sha256 in the manifest"):
-        load_split(tmp_path / "ds", read_manifest(tmp_path / "ds"), "test")
+    (ds / "train-00000.tar").write_bytes(bytes(payload))
+    (ds / "train-00001.tar").write_bytes((ds / "train-00001.tar").read_bytes()[:-512])
+    (ds / "train-00002.tar").unlink()
+    bad = find_bad_shards(ds, manifest, ["train", "test"], verify="sha256")
+    assert bad == {
+        "train-00000.tar": "sha256 differs from the manifest (corrupted or changed)",
+        "train-00001.tar": f"{manifest.splits['train'].shards[1].num_bytes - 512} bytes, the manifest says "
+                           f"{manifest.splits['train'].shards[1].num_bytes} (truncated or changed)",
+        "train-00002.tar": "missing",
+    }
+    assert set(find_bad_shards(ds, manifest, ["train"], verify="size")) == {"train-00001.tar", "train-00002.tar"}
+    kept = without_shards(manifest, set(bad), ds)
+    assert kept.splits["train"].num_samples == 25 and kept.splits["test"] == manifest.splits["test"]
+    assert len(load_split(ds, kept, "train")) == 25
+    with pytest.raises(DataError, match="every shard of split 'train'"):
+        without_shards(manifest, {s.name for s in manifest.splits["train"].shards}, ds)

@@ -64,3 +64,22 @@ def test_order_depends_on_seed_and_epoch_only():
 def test_indivisible_global_batch_is_refused():
     with pytest.raises(ValueError, match="not divisible by world size 3"):
         EpochPlan(sequential_order(10), 8, 3, 0)
+
+
+@pytest.mark.parametrize("world_before, world_after, batch_after", [(2, 2, 16), (2, 1, 16), (2, 4, 16), (4, 3, 24)])
+def test_resume_mid_epoch_sees_each_remaining_sample_once(world_before, world_after, batch_after):
+    order = epoch_order(101, seed=3, epoch=1)
+    before = [EpochPlan(order, 16, world_before, r) for r in range(world_before)]
+    seen = []
+    for step in range(3):  # stop after 3 steps = 48 samples
+        for plan in before:
+            batch = plan.batch(step)
+            seen += batch.indices[batch.valid].tolist()
+    consumed = 3 * 16
+    after = [EpochPlan(order, batch_after, world_after, r, start_sample=consumed) for r in range(world_after)]
+    assert len({len(p) for p in after}) == 1  # equal steps after the resume too
+    for plan in after:
+        for batch in plan.batches():
+            seen += batch.indices[batch.valid].tolist()
+    assert sorted(seen) == list(range(101))
+    assert seen[:consumed] == order[:consumed].tolist()

@@ -17,7 +17,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from distvit.data.manifest import Manifest, SplitInfo, sha256_file
+from distvit.data.manifest import Manifest, SplitInfo
+from distvit.data.preflight import shard_problem
 from distvit.errors import DataError
 
 
@@ -35,25 +36,15 @@ class SplitTensors:
         return SplitTensors(self.images.to(device), self.labels.to(device))
 
 
-def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo, verify_hash: bool = False) -> list[Path]:
-    """Every shard of the split exists with the manifest's size (and sha256 when `verify_hash`)."""
+def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo) -> list[Path]:
+    """Every shard of the split exists with the manifest's size; returns their paths (the sha256 check is
+    the preflight's, `data.preflight`)."""
     paths = []
     for shard in split.shards:
-        path = Path(dataset_dir) / shard.name
-        if not path.is_file():
-            raise DataError(f"shard {path} listed in the manifest is missing. Prepare the dataset again.")
-        size = path.stat().st_size
-        if size != shard.num_bytes:
-            raise DataError(
-                f"shard {path} has {size} bytes, the manifest says {shard.num_bytes}: it is truncated or "
-                f"was changed after `distvit prepare`. Prepare the dataset again."
-            )
-        if verify_hash and sha256_file(path) != shard.sha256:
-            raise DataError(
-                f"shard {path} does not match the sha256 in the manifest: it is corrupted or was changed "
-                f"after `distvit prepare`. Prepare the dataset again."
-            )
-        paths.append(path)
+        problem = shard_problem(dataset_dir, shard.name, shard.num_bytes, shard.sha256, verify="size")
+        if problem:
+            raise DataError(f"shard {Path(dataset_dir) / shard.name}: {problem}. Prepare the dataset again.")
+        paths.append(Path(dataset_dir) / shard.name)
     return paths
 
 
@@ -77,7 +68,7 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
             f"{dataset_dir}: its images have different sizes, so they cannot be held in memory as one "
             f"tensor. Prepare it again with --image-size S."
         )
-    paths = check_shard_files(dataset_dir, split, verify_hash=True)  # cheap next to decoding
+    paths = check_shard_files(dataset_dir, split)  # sha256: see data.preflight
     height, width = manifest.image_size
     images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)
     labels = np.empty(split.num_samples, dtype=np.int64)

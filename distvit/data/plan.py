@@ -37,6 +37,9 @@ def num_steps(num_samples: int, global_batch: int) -> int:
 @dataclass(frozen=True)
 class RankBatch:
     step: int
+    """Step index within this plan (0 = the first step after `start_sample`)."""
+    first_slot: int
+    """Global slot where the step starts: identifies the step within the epoch whatever the resume point."""
     indices: torch.Tensor
     """Sample indices for this rank (padding slots hold index 0 and are masked out)."""
     valid: torch.Tensor
@@ -46,9 +49,10 @@ class RankBatch:
 
 
 class EpochPlan:
-    """The slots of one rank for one epoch. Iterate from `start_step` to resume mid-epoch."""
+    """The slots of one rank for one epoch, from global slot `start_sample` on (resuming mid-epoch: the
+    number of samples of the epoch already trained on, by any world size or batch size)."""
 
-    def __init__(self, order: torch.Tensor, global_batch: int, world_size: int, rank: int):
+    def __init__(self, order: torch.Tensor, global_batch: int, world_size: int, rank: int, start_sample: int = 0):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
         if not 0 <= rank < world_size:
@@ -58,7 +62,10 @@ class EpochPlan:
         self.local_batch = global_batch // world_size
         self.rank = rank
         self.num_samples = int(order.numel())
-        self.steps = num_steps(self.num_samples, global_batch)
+        if not 0 <= start_sample <= self.num_samples:
+            raise ValueError(f"start_sample {start_sample} outside [0, {self.num_samples}]")
+        self.start_sample = start_sample
+        self.steps = num_steps(self.num_samples - start_sample, global_batch)
 
     def __len__(self) -> int:
         return self.steps
@@ -66,13 +73,13 @@ class EpochPlan:
     def batch(self, step: int) -> RankBatch:
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside [0, {self.steps})")
-        step_start = step * self.global_batch
+        step_start = self.start_sample + step * self.global_batch
         global_valid = min(self.global_batch, self.num_samples - step_start)
         first = step_start + self.rank * self.local_batch
         slots = torch.arange(first, first + self.local_batch)
         valid = slots < self.num_samples
         indices = torch.where(valid, self.order[slots.clamp(max=self.num_samples - 1)], torch.zeros_like(slots))
-        return RankBatch(step=step, indices=indices, valid=valid, global_valid=global_valid)
+        return RankBatch(step=step, first_slot=step_start, indices=indices, valid=valid, global_valid=global_valid)
 
     def batches(self, start_step: int = 0) -> Iterator[RankBatch]:
         for step in range(start_step, self.steps):
