@@ -46,10 +46,13 @@ def _load_checked_config(args: argparse.Namespace):
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
     from distvit.data.preflight import describe, find_bad_shards
+    from distvit.data.remote import fetch_dataset
     from distvit.rundir import check_run_dir
     from distvit.surgery import check_model_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.remote:
+        fetch_dataset(cfg.data.remote, cfg.data.path, [cfg.data.train_split, cfg.data.eval_split], cfg.data.verify)
     manifest = read_manifest(cfg.data.path)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
         manifest.split(split, cfg.data.path, key=key)

@@ -78,6 +78,9 @@ class DataConfig:
     shards in loader workers each epoch; auto: memory when the decoded split is at most 4 GiB."""
     num_workers: NonNegativeInt = 2
     """Decoding processes per rank in stream mode (0: in the training process)."""
+    remote: str = ""
+    """Where the shards live if not in data.path: a URL or `pipe:` command template with {name} (e.g.
+    'pipe:aws s3 cp s3://bucket/ds/{name} -'); missing or damaged files are fetched into data.path first."""
     verify: Literal["sha256", "size"] = "sha256"
     """Preflight of the shards before training: sha256 and size (default), or size only (huge datasets)."""
     bad_shards: Literal["error", "skip"] = "error"
@@ -412,6 +415,10 @@ def _check_data_path(cfg: Config, source: str) -> None:
     prepare_hint = "Create a dataset with `distvit prepare synthetic --out DIR` and set data.path=DIR."
     if not cfg.data.path:
         raise ConfigError(f"{source}: data.path is required (the dataset folder with {MANIFEST_NAME}). {prepare_hint}")
+    if cfg.data.remote:
+        if Path(cfg.data.path).exists() and not Path(cfg.data.path).is_dir():
+            raise ConfigError(f"{source}: data.path={cfg.data.path!r} is a file; with data.remote it is the local folder the shards are fetched into.")
+        return  # the manifest may still be remote
     folder = Path(cfg.data.path)
     if not folder.exists():
         raise ConfigError(f"{source}: data.path={cfg.data.path!r} does not exist. {prepare_hint}")

@@ -127,3 +127,16 @@ def test_preflight_finds_missing_truncated_and_corrupted_shards(tmp_path):
     assert len(load_split(ds, kept, "train")) == 25
     with pytest.raises(DataError, match="every shard of split 'train'"):
         without_shards(manifest, {s.name for s in manifest.splits["train"].shards}, ds)
+
+
+def test_killed_prepare_is_detected_and_redone(tmp_path):
+    """A run killed mid-write leaves shards and a .tmp but no manifest: never read; the next run cleans up."""
+    prepare_synthetic(tmp_path / "ds", train_size=60, test_size=20, samples_per_shard=25)
+    (tmp_path / "ds" / "manifest.json").unlink()  # the writer removes it first, and writes it last
+    (tmp_path / "ds" / "train-00003.tar.tmp").write_bytes(b"half a shard")
+    with pytest.raises(DataError, match="did not finish"):
+        read_manifest(tmp_path / "ds")
+    manifest = prepare_synthetic(tmp_path / "ds", train_size=60, test_size=20, samples_per_shard=25)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
+        "manifest.json", "test-00000.tar", "train-00000.tar", "train-00001.tar", "train-00002.tar"]
+    assert len(load_split(tmp_path / "ds", manifest, "train")) == 60

@@ -16,6 +16,7 @@ from distvit.data.plan import EpochPlan, epoch_order
 CPU = torch.device("cpu")
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 workers on 2 cores, on purpose
 @pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_stream_equals_memory_and_covers_the_epoch_once(small_dataset, num_workers, world_size):

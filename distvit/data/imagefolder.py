@@ -133,7 +133,7 @@ def resize_and_crop(array: np.ndarray, size: int) -> np.ndarray:
     height, width = array.shape[:2]
     scale = size / min(height, width)
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    resized = np.asarray(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    resized = np.array(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))  # writable copy
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[top:top + size, left:left + size]
 
