@@ -52,6 +52,10 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run directory, or None when it has none."""
     marker = Path(run_dir) / CHECKPOINT_DIR / LATEST_NAME
     if not marker.is_file():
+        if list(marker.parent.glob("*.pt")):  # a crash between writing a checkpoint and marking it
+            raise CheckpointError(
+                f"{marker.parent} holds checkpoints but no {LATEST_NAME}; pass train.resume=<one of them> explicitly."
+            )
         return None
     try:
         path = marker.parent / json.loads(marker.read_text())["file"]

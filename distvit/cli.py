@@ -45,23 +45,24 @@ def _load_checked_config(args: argparse.Namespace):
     model, run dir."""
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
-    from distvit.data.preflight import describe, find_bad_shards
+    from distvit.data.preflight import bad_shards_message, find_bad_shards
     from distvit.data.remote import fetch_dataset
     from distvit.rundir import check_run_dir
     from distvit.surgery import check_model_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.data.remote:
-        fetch_dataset(cfg.data.remote, cfg.data.path, [cfg.data.train_split, cfg.data.eval_split], cfg.data.verify)
+        verify = cfg.data.verify if _is_local_leader() else "size"
+        fetch_dataset(cfg.data.remote, cfg.data.path, [cfg.data.train_split, cfg.data.eval_split], verify)
     manifest = read_manifest(cfg.data.path)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
         manifest.split(split, cfg.data.path, key=key)
-    bad_shards = find_bad_shards(cfg.data.path, manifest, [cfg.data.train_split, cfg.data.eval_split], cfg.data.verify)
-    if bad_shards and cfg.data.bad_shards == "error":
-        raise DataError(
-            f"{len(bad_shards)} bad shard(s): {describe(cfg.data.path, bad_shards)}. Prepare the dataset again, "
-            f"or set data.bad_shards=skip to train without them."
-        )
+    # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
+    # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
+    verify = cfg.data.verify if _is_local_leader() else "size"
+    bad_shards = find_bad_shards(cfg.data.path, manifest, [cfg.data.train_split, cfg.data.eval_split], verify)
+    if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DataError(bad_shards_message(cfg.data.path, bad_shards))
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     check_run_dir(cfg)
     return cfg, manifest, bad_shards
@@ -139,7 +140,8 @@ def _prepare_imagefolder(args: argparse.Namespace) -> int:
         seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
     ))
     for path, reason in report.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        printable = str(path).encode("utf-8", "backslashreplace").decode()  # undecodable file names too
+        print(f"skipped {printable}: {reason}", file=sys.stderr)
     print(f"{len(report.skipped)} file(s) skipped as not decodable, {len(report.ignored)} hidden file(s) ignored")
     return 0
 
@@ -155,7 +157,15 @@ def _bench_data(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--img-size", args.img_size)):
         if value < 1:
             raise DistvitError(f"{flag} must be positive, got {value}.")
-    read_manifest(args.data).split(args.split, args.data, key="--split")
+    if args.workers < 0 or args.warmup < 0:
+        raise DistvitError("--workers and --warmup must be 0 or more.")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise DistvitError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DistvitError(f"--device {args.device}: no CUDA device is available here.")
+    split = read_manifest(args.data).split(args.split, args.data, key="--split")
+    if args.batch_size > split.num_samples:
+        raise DistvitError(f"--batch-size {args.batch_size} is larger than split '{args.split}' ({split.num_samples} images).")
     results = bench_data(args.data, args.split, args.batch_size, args.steps, args.warmup, args.workers, args.img_size, args.device)
     context = {
         "data": args.data, "split": args.split, "batch_size": args.batch_size, "img_size": args.img_size,

@@ -34,9 +34,9 @@ from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.loader import open_batches
 from distvit.data.plan import EpochPlan, epoch_order, num_steps
-from distvit.data.preflight import describe, without_shards
+from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
-from distvit.errors import CheckpointError, ConfigError
+from distvit.errors import CheckpointError, ConfigError, DataError
 from distvit.evaluate import EvalResult, evaluate
 from distvit.optim import build_optimizer, build_scheduler
 from distvit.rundir import TRACE_DIR, init_run_dir, write_summary
@@ -110,25 +110,29 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         resume_path = _resume_source(cfg)
         resume = load_checkpoint(resume_path) if resume_path else None
+
+        set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        model, self.record = build_model(cfg, manifest.num_classes)
+        if resume:  # before anything in the run directory changes
+            self._check_resumable(resume, str(resume_path))
         # Every rank has passed check_run_dir before rank 0 replaces anything (NCCL's init has no barrier).
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             init_run_dir(self.run_dir, cfg, resume["step"] if resume else None)
         accelerator.wait_for_everyone()
 
-        set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         device = accelerator.device
-        model, self.record = build_model(cfg, manifest.num_classes)
         self.train_data, self.eval_data = (
             open_batches(cfg.data.path, manifest, split, cfg.data.mode, cfg.data.num_workers, device, self.record.img_size)
             for split in (cfg.data.train_split, cfg.data.eval_split)
         )
+        if not len(self.train_data):
+            raise DataError(f"split '{cfg.data.train_split}' of {cfg.data.path} has no samples to train on.")
         self.steps_per_epoch = num_steps(len(self.train_data), cfg.train.batch_size)
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.state = TrainState()
         if resume:
-            self._check_resumable(resume, str(resume_path))
             load_weights(model, resume["model"], self.record, source=str(resume_path))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resume:
@@ -153,11 +157,14 @@ class Trainer:
         )
 
     def _without_bad_shards(self, manifest: Manifest, bad: dict[str, str]) -> Manifest:
-        """data.bad_shards=skip: leave out every shard any rank found bad, so all ranks plan alike."""
+        """Unite the preflight findings of all ranks (node-local copies may differ), then stop every rank
+        with the same error, or (data.bad_shards=skip) leave those shards out so all ranks plan alike."""
         found = gather_object([bad])
         union = {name: problem for per_rank in found for name, problem in per_rank.items()}
         if not union:
             return manifest
+        if self.cfg.data.bad_shards == "error":
+            raise DataError(bad_shards_message(self.cfg.data.path, union))
         self.accelerator.print(
             f"distvit: leaving out {len(union)} bad shard(s) (data.bad_shards=skip): {describe(self.cfg.data.path, union)}"
         )

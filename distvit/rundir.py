@@ -72,7 +72,13 @@ def _drop_lines_after(path: Path, step: int) -> None:
     """Keep the JSON lines of `path` logged at or before `step` (an interrupted run may have logged more)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            pass  # blank, or the half-written last line of a killed run
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 

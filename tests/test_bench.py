@@ -23,3 +23,8 @@ def test_bench_data_smoke(small_dataset, tmp_path):
 def test_bench_data_bad_split_is_clear(small_dataset):
     result = run_cli(["bench", "data", "--data", str(small_dataset), "--split", "nope"])
     assert result.returncode == 2 and "Available splits: train, test" in result.stderr
+
+
+def test_bench_batch_larger_than_split_is_refused(small_dataset):
+    result = run_cli(["bench", "data", "--data", str(small_dataset), "--split", "test", "--batch-size", "200"])
+    assert result.returncode == 2 and "larger than split 'test' (101 images)" in result.stderr

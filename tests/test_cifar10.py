@@ -159,3 +159,35 @@ def test_cli_prepare_cifar10(archive, tmp_path):
     result = run_cli(["prepare", "cifar10", "--out", str(tmp_path / "out"), "--source", str(path), "--skip-checksum"])
     assert result.returncode == 0, result.stderr
     assert "train 60 (1 shards), test 12 (1 shards); 10 classes, 32x32 px" in result.stdout
+
+
+def test_numpy_objects_are_never_built_from_the_pickle(tmp_path):
+    """A dtype with a forged state can turn bytes into pointers: only plain numeric arrays are rebuilt,
+    by distvit itself; structured, object and string arrays are refused."""
+    for hostile in (np.zeros(4, dtype=[("a", "V8")]), np.array([object()], dtype=object), np.zeros(2, dtype="U3")):
+        files = make_batches()
+        files["data_batch_2"] = pickle.dumps({b"data": hostile, b"labels": [0]}, protocol=2)
+        path = write_archive(tmp_path / "evil.tar.gz", files)
+        with pytest.raises(DataError, match="data_batch_2: refusing (numpy dtype|to load global __builtin__.object)"):
+            prepare_cifar10(tmp_path / "out", source=str(path), skip_checksum=True)
+
+
+@pytest.mark.parametrize("case", ["directory member", "text labels", "three classes"])
+def test_tampered_content_gives_clear_errors(tmp_path, case):
+    files = make_batches()
+    extra = []
+    if case == "directory member":
+        del files["test_batch"]
+        folder = tarfile.TarInfo(f"{cifar10.FOLDER}/test_batch")
+        folder.type = tarfile.DIRTYPE
+        extra = [(folder, None)]
+        message = "lacks cifar-10-batches-py/test_batch"
+    elif case == "text labels":
+        files["data_batch_1"] = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"x", b"y"]}, protocol=2)
+        message = "b'labels' must be a list of integers"
+    else:
+        files["batches.meta"] = pickle.dumps({b"label_names": [b"a", b"b", b"c"]}, protocol=2)
+        message = "CIFAR-10 has 10 label names, this file lists 3"
+    path = write_archive(tmp_path / "t.tar.gz", files, extra=extra)
+    with pytest.raises(DataError, match=message):
+        prepare_cifar10(tmp_path / "out", source=str(path), skip_checksum=True)

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from distvit.data.imagefolder import prepare_imagefolder, resize_and_crop, to_rgb
-from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.errors import DataError
 from helpers import run_cli

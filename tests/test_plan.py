@@ -66,7 +66,9 @@ def test_indivisible_global_batch_is_refused():
         EpochPlan(sequential_order(10), 8, 3, 0)
 
 
-@pytest.mark.parametrize("world_before, world_after, batch_after", [(2, 2, 16), (2, 1, 16), (2, 4, 16), (4, 3, 24)])
+@pytest.mark.parametrize(
+    "world_before, world_after, batch_after", [(2, 2, 16), (2, 1, 16), (2, 4, 16), (4, 3, 24), (2, 2, 20), (2, 3, 30)]
+)
 def test_resume_mid_epoch_sees_each_remaining_sample_once(world_before, world_after, batch_after):
     order = epoch_order(101, seed=3, epoch=1)
     before = [EpochPlan(order, 16, world_before, r) for r in range(world_before)]

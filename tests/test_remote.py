@@ -48,3 +48,19 @@ def test_config_command_fetches_before_any_rank(remote, tmp_path):
                       f"data.remote=pipe:cat {remote}/{{name}}", f"run.dir={tmp_path}/run"])
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cache" / "test-00000.tar").is_file()
+
+
+def test_hostile_or_wrong_manifest_is_refused_and_not_kept(remote, tmp_path):
+    import json
+
+    raw = json.loads((remote / "manifest.json").read_text())
+    raw["splits"]["train"]["shards"][0]["name"] = "a.tar; touch {0}; #".format(tmp_path / "PWNED")
+    (remote / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="is not a plain NAME.tar file name"):
+        fetch_dataset(f"pipe:cat {remote}/{{name}}", tmp_path / "cache", ["train"], "sha256")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "cache" / "manifest.json").exists()
+    with pytest.raises(DataError, match="is damaged or from an incompatible tool"):
+        fetch_dataset("pipe:echo not-json #{name}", tmp_path / "cache", ["train"], "sha256")
+    assert not (tmp_path / "cache" / "manifest.json").exists()  # a later, fixed data.remote fetches again
+    with pytest.raises(DataError, match="data.remote must be an http"):
+        fetch_dataset("s3://bucket/ds/{name}", tmp_path / "cache", ["train"], "sha256")

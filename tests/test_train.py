@@ -211,6 +211,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(small_dataset, tmp_path):
     base = ["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/r",
             "train.batch_size=50", "tracking.backend=none"]
     assert run_cli([*base, "train.stop_at_step=2"]).returncode == 0
+    before = {name: (tmp_path / "r" / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
     result = run_cli([*base, "train.resume=auto", "train.seed=1"])
     assert result.returncode == 2 and "it used seed 0, and the epoch order depends on it" in result.stderr
     result = run_cli([*base, "train.resume=auto", "surgery.patch_size=8"])
@@ -218,6 +219,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(small_dataset, tmp_path):
     result = run_cli([*base, "run.overwrite=false"])  # demo.yaml itself allows overwriting
     assert result.returncode == 2 and "Continue it with train.resume=auto" in result.stderr
     assert "Traceback" not in result.stderr
+    # refused resumes changed nothing in the run directory
+    assert {name: (tmp_path / "r" / name).read_bytes() for name in before} == before
 
 
 def test_stream_mode_with_loader_workers_on_two_ranks(small_dataset, tmp_path):

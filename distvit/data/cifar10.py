@@ -12,6 +12,7 @@ devices), and the pickles are read with an allow-list unpickler.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -66,7 +67,7 @@ def download(url: str, target: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as handle:
             shutil.copyfileobj(response, handle, length=1 << 20)
-    except OSError as err:  # URLError is an OSError
+    except (OSError, ValueError, http.client.HTTPException) as err:  # URLError is an OSError
         partial.unlink(missing_ok=True)
         raise DataError(
             f"could not download {url} ({err}). Without network access, fetch {ARCHIVE_NAME} on a machine "
@@ -95,7 +96,7 @@ def _read_archive(archive: Path) -> dict[str, bytes]:
             wanted = {f"{FOLDER}/{name}": name for name in FILE_MD5}
             files = {}
             for member in members:
-                if member.name in wanted:
+                if member.name in wanted and member.isfile():
                     files[wanted[member.name]] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DataError(f"{archive} is not a readable tar.gz archive ({err}).") from None
@@ -149,7 +150,11 @@ def _parse_batch(payload: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     batch = safe_loads(payload, name)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{name}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels').")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
+    data = batch[b"data"]
+    try:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{name}: b'labels' must be a list of integers.") from None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{name}: b'data' must be a uint8 array of N x 3072, got {getattr(data, 'shape', type(data))}.")
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
@@ -163,7 +168,9 @@ def load_cifar10(files: dict[str, bytes]) -> tuple[list[str], dict[str, tuple[np
     meta = safe_loads(files[META_FILE], META_FILE)
     if not isinstance(meta, dict) or not isinstance(meta.get(b"label_names"), list):
         raise DataError(f"{META_FILE}: expected a dict with b'label_names'.")
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    classes = [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    if len(classes) != 10:
+        raise DataError(f"{META_FILE}: CIFAR-10 has 10 label names, this file lists {len(classes)}.")
     splits = {}
     for split, names in (("train", TRAIN_FILES), ("test", TEST_FILES)):
         parts = [_parse_batch(files[name], name) for name in names]

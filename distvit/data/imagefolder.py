@@ -117,8 +117,10 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     """Any PIL image -> uint8 H x W x 3, orientation applied."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        top = array.max(initial=0)
+        # 16-bit and wide ints scale from 65535, float images in [0, 1] from 1, anything else from 255
+        peak = 65535.0 if image.mode.startswith("I;16") or top > 255 else (1.0 if image.mode == "F" and top <= 1 else 255.0)
         gray = np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -166,12 +168,19 @@ def decode_file(path: Path, image_size: int | None) -> Decoded:
     return Decoded(path, encode_png(np.ascontiguousarray(array)), array.shape[:2], digest)
 
 
-def _decode_all(files: list[SourceFile], image_size: int | None, workers: int) -> list[Decoded]:
-    paths = [f.path for f in files]
-    if workers <= 1 or len(paths) < 64:
-        return [decode_file(p, image_size) for p in paths]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(decode_file, paths, [image_size] * len(paths), chunksize=32))
+def _decoded_in_order(files: list[SourceFile], image_size: int | None, pool: ProcessPoolExecutor | None) -> Iterator[tuple[SourceFile, Decoded]]:
+    """Decode `files` in order, a block at a time, so memory holds one block of encoded images."""
+    for start in range(0, len(files), DECODE_BLOCK):
+        block = files[start:start + DECODE_BLOCK]
+        paths = [f.path for f in block]
+        if pool is None:
+            results = [decode_file(p, image_size) for p in paths]
+        else:
+            results = pool.map(decode_file, paths, [image_size] * len(paths), chunksize=16)
+        yield from zip(block, results)
+
+
+DECODE_BLOCK = 1024
 
 
 @dataclass
@@ -192,49 +201,55 @@ def prepare_imagefolder(
     samples_per_shard: int = 5000,
     workers: int | None = None,
 ) -> ImportReport:
+    """Decode and write each split in a seeded random order, streaming: shards are written as images are
+    decoded. The checks that need a whole split (--strict, classes without images) run at its end, before
+    the manifest, so a refused import leaves no readable dataset."""
     source = Path(source)
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
     found = scan(source, val_fraction, seed)
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    decoded = {split: _decode_all(files, image_size, workers) for split, files in found.splits.items()}
-    skipped = [(d.path, d.error) for results in decoded.values() for d in results if d.error]
-    if skipped and strict:
-        listing = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:20])
-        raise DataError(f"{len(skipped)} file(s) in {source} are not usable images (--strict):\n  {listing}")
-    good = {
-        split: [(f, d) for f, d in zip(found.splits[split], results) if not d.error]
-        for split, results in decoded.items()
-    }
-    for split, samples in good.items():
-        present = {f.label for f, _ in samples}
-        missing = [found.classes[k] for k in range(len(found.classes)) if k not in present]
+    skipped: list[tuple[Path, str]] = []
+    hashes: list[bytes] = []
+
+    def samples(split_index: int, split: str, files: list[SourceFile], pool) -> Iterator:
+        order = np.random.default_rng([seed, split_index]).permutation(len(files))
+        present = set()
+        for file, decoded in _decoded_in_order([files[i] for i in order], image_size, pool):
+            hashes.append(os.fsencode(file.path.relative_to(source)) + f":{split}:{decoded.sha256}\n".encode())
+            if decoded.error:
+                skipped.append((decoded.path, decoded.error))
+                continue
+            present.add(file.label)
+            yield EncodedImage(decoded.png, "png", decoded.size), file.label
+        if strict and skipped:
+            listing = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:20])
+            raise DataError(f"{len(skipped)} file(s) in {source} are not usable images (--strict):\n  {listing}")
+        missing = [name for label, name in enumerate(found.classes) if label not in present]
         if split == "train" and missing:
             raise DataError(f"class(es) {', '.join(missing)} have no decodable image in the train split of {source}.")
-    sizes = {d.size for samples in good.values() for _, d in samples}
-    content = hashlib.sha256()
-    for split in sorted(good):
-        for f, d in good[split]:
-            content.update(f"{split}/{f.path.relative_to(source).as_posix()}:{d.sha256}\n".encode())
 
-    def ordered(split_index: int, samples: list) -> Iterator:
-        order = np.random.default_rng([seed, split_index]).permutation(len(samples))
-        for index in order:
-            file, result = samples[index]
-            yield EncodedImage(result.png, "png"), file.label
-
-    manifest = write_dataset(
-        out_dir,
-        dataset="imagefolder",
-        classes=found.classes,
-        image_size=next(iter(sizes)) if len(sizes) == 1 else None,
-        channels=3,
-        splits={split: ordered(i, samples) for i, (split, samples) in enumerate(good.items()) if samples},
-        source={
-            "name": "imagefolder", "folder": str(source.resolve()), "content_sha256": content.hexdigest(),
+    def source_record() -> dict:
+        content = hashlib.sha256(b"".join(sorted(hashes))).hexdigest()
+        return {
+            "name": "imagefolder", "folder": str(source.resolve()), "content_sha256": content,
             "val_fraction": val_fraction, "image_size": image_size, "seed": seed,
             "skipped_files": len(skipped), "split_folders": found.from_split_folders,
-        },
-        samples_per_shard=samples_per_shard,
-    )
+        }
+
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        manifest = write_dataset(
+            out_dir,
+            dataset="imagefolder",
+            classes=found.classes,
+            image_size="infer",
+            channels=3,
+            splits={split: samples(i, split, files, pool) for i, (split, files) in enumerate(found.splits.items())},
+            source=source_record,
+            samples_per_shard=samples_per_shard,
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return ImportReport(manifest, skipped, found.ignored)

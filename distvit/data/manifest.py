@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,7 @@ from distvit.fileio import atomic_write_bytes
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "distvit-webdataset"
 FORMAT_VERSION = 1
+SAFE_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")
 
 
 @dataclass
@@ -98,8 +100,13 @@ def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
             f"{path} does not exist: {dataset_dir} is not a distvit dataset, or `distvit prepare` did not "
             f"finish there (the manifest is written last). Run `distvit prepare ... --out {dataset_dir}`."
         )
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(payload: bytes, path: str | os.PathLike) -> Manifest:
+    """Parse and check manifest bytes (`path` names them in errors)."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(payload)
         if raw.get("format") != FORMAT_NAME:
             raise DataError(f"{path} is not a distvit manifest (format={raw.get('format')!r}, expected {FORMAT_NAME!r}).")
         if raw.get("format_version") != FORMAT_VERSION:
@@ -125,10 +132,14 @@ def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
         )
     except DataError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is damaged or from an incompatible tool ({type(err).__name__}: {err}). "
                         f"Prepare the dataset again.") from None
     for split in manifest.splits.values():
+        for shard in split.shards:
+            # Names become paths and, with data.remote, parts of shell commands: plain file names only.
+            if not SAFE_SHARD_NAME.fullmatch(shard.name) or ".." in shard.name:
+                raise DataError(f"{path}: shard name {shard.name!r} is not a plain NAME.tar file name; refusing the manifest.")
         counted = sum(shard.num_samples for shard in split.shards)
         if counted != split.num_samples:
             raise DataError(

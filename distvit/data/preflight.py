@@ -44,6 +44,13 @@ def describe(dataset_dir: str | os.PathLike, bad: dict[str, str]) -> str:
     return "; ".join(f"{Path(dataset_dir) / name}: {problem}" for name, problem in sorted(bad.items()))
 
 
+def bad_shards_message(dataset_dir: str | os.PathLike, bad: dict[str, str]) -> str:
+    return (
+        f"{len(bad)} bad shard(s): {describe(dataset_dir, bad)}. Prepare the dataset again, or set "
+        f"data.bad_shards=skip to train without them."
+    )
+
+
 def without_shards(manifest: Manifest, names: set[str], dataset_dir: str | os.PathLike) -> Manifest:
     """The manifest with the named shards left out of every split (counts adjusted)."""
     splits = {}

@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from distvit.data.manifest import MANIFEST_NAME, read_manifest
+from distvit.data.manifest import MANIFEST_NAME, parse_manifest, read_manifest
 from distvit.data.preflight import shard_problem
 from distvit.errors import DataError
 
@@ -30,7 +30,10 @@ def remote_url(template: str, name: str) -> str:
     return template.replace("{name}", name) if "{name}" in template else template + name
 
 
-def _fetch(url: str, target: Path, expected_size: int | None = None, expected_sha256: str | None = None) -> None:
+def _fetch(
+    url: str, target: Path, expected_size: int | None = None, expected_sha256: str | None = None, check=None,
+) -> None:
+    """Stream `url` into `target` via a temp file; `check(tmp_path)` may refuse the content before the rename."""
     import webdataset as wds
 
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
@@ -47,22 +50,32 @@ def _fetch(url: str, target: Path, expected_size: int | None = None, expected_sh
             raise DataError(f"{url} delivered {size} bytes, the manifest says {expected_size}.")
         if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
             raise DataError(f"{url} does not match the sha256 in the manifest (corrupted or changed at the source).")
+        if check is not None:
+            check(tmp)
         os.replace(tmp, target)
-    except OSError as err:
-        raise DataError(f"could not fetch {url} ({err}). Check data.remote and the credentials of its tool.") from None
+    except (OSError, ValueError) as err:  # gopen raises ValueError for schemes it has no handler for
+        raise DataError(
+            f"could not fetch {url} ({err}). data.remote must be an http(s)://, file:// or pipe: template "
+            f"(e.g. 'pipe:aws s3 cp s3://bucket/ds/{{name}} -'); check it and the credentials of its tool."
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def fetch_dataset(template: str, dataset_dir: str | os.PathLike, splits: list[str], verify: str) -> list[str]:
-    """Bring the manifest and the shards of `splits` into `dataset_dir`; returns the fetched file names."""
+    """Bring the manifest and the shards of `splits` into `dataset_dir`; returns the fetched file names.
+    `verify`: how a local file is judged intact, 'sha256' or 'size' (what a fetched one always passes)."""
     folder = Path(dataset_dir)
     folder.mkdir(parents=True, exist_ok=True)
     fetched = []
     with open(folder / ".fetch.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one fetcher per node; the others wait, then find everything in place
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetcher per node; the others wait, then find everything in place
+        except OSError as err:
+            raise DataError(f"cannot lock {folder}/.fetch.lock ({err.strerror}); use a node-local data.path.") from None
         if not (folder / MANIFEST_NAME).is_file():
-            _fetch(remote_url(template, MANIFEST_NAME), folder / MANIFEST_NAME)
+            url = remote_url(template, MANIFEST_NAME)
+            _fetch(url, folder / MANIFEST_NAME, check=lambda tmp: parse_manifest(tmp.read_bytes(), url))
             fetched.append(MANIFEST_NAME)
         manifest = read_manifest(folder)
         missing = [

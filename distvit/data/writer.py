@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ class EncodedImage:
 
     data: bytes
     ext: str  # "png" or "jpg"
+    size: tuple[int, int] | None = None  # (height, width), for the manifest
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -59,6 +60,7 @@ class SplitWriter:
         self.samples_per_shard = samples_per_shard
         self.shards: list[ShardInfo] = []
         self.num_samples = 0
+        self.image_sizes: set = set()
         self._tar: wds.TarWriter | None = None
         self._tmp_path: Path | None = None
         self._shard_counts: list[int] = []
@@ -87,7 +89,7 @@ class SplitWriter:
         )
         self._tar = None
 
-    def add(self, payload: bytes, label: int, ext: str = "png") -> None:
+    def add(self, payload: bytes, label: int, ext: str = "png", size: tuple[int, int] | None = None) -> None:
         if not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} outside [0, {self.num_classes})")
         if self._tar is None:
@@ -96,6 +98,7 @@ class SplitWriter:
         self._tar.write({"__key__": f"{self.split}_{self.num_samples:08d}", ext: payload, "cls": str(label).encode()})
         self._shard_counts[label] += 1
         self.num_samples += 1
+        self.image_sizes.add(size)
         if sum(self._shard_counts) >= self.samples_per_shard:
             self._close_shard()
 
@@ -118,32 +121,42 @@ def write_dataset(
     *,
     dataset: str,
     classes: list[str],
-    image_size: tuple[int, int] | None,
+    image_size: tuple[int, int] | None | str,
     channels: int,
     splits: Mapping[str, Iterable[tuple[np.ndarray | EncodedImage, int]]],
-    source: dict[str, Any],
+    source: dict[str, Any] | Callable[[], dict[str, Any]],
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
 ) -> Manifest:
-    """Write every split's (uint8 HxWxC array or EncodedImage, label) samples as shards, then the manifest."""
+    """Write every split's (uint8 HxWxC array or EncodedImage, label) samples as shards, then the manifest.
+
+    `image_size="infer"` records the images' common size (None when sizes differ); `source` may be a
+    function, called once every split is written (for checksums gathered while writing). Splits that
+    end up empty are left out of the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous_output(out, splits.keys())
     written = {}
+    sizes: set = set()
     for split, samples in splits.items():
         writer = SplitWriter(out, split, len(classes), samples_per_shard)
         for image, label in samples:
             if isinstance(image, EncodedImage):
-                writer.add(image.data, int(label), image.ext)
+                writer.add(image.data, int(label), image.ext, image.size)
             else:
-                writer.add(encode_png(image), int(label))
-        written[split] = writer.close()
+                writer.add(encode_png(image), int(label), size=image.shape[:2])
+        info = writer.close()
+        sizes |= writer.image_sizes
+        if info.num_samples:
+            written[split] = info
+    if image_size == "infer":
+        image_size = next(iter(sizes)) if len(sizes) == 1 and None not in sizes else None
     manifest = Manifest(
         dataset=dataset,
         classes=list(classes),
         image_size=tuple(image_size) if image_size else None,
         channels=channels,
         splits=written,
-        source=source,
+        source=source() if callable(source) else source,
     )
     write_manifest(out, manifest)
     return manifest
