@@ -146,6 +146,16 @@ def _prepare_imagefolder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _surgery(args: argparse.Namespace) -> int:
+    """Build the configured model on the CPU and print its surgery plan; trains nothing."""
+    cfg, manifest, _ = _load_checked_config(args)
+    from distvit.surgery import build_model, plan_report
+
+    model, record = build_model(cfg, manifest.num_classes)
+    print(plan_report(model, record, cfg.train.batch_size))
+    return 0
+
+
 def _bench_data(args: argparse.Namespace) -> int:
     import platform
 
@@ -232,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     data.add_argument("--json", default=None, help="also write the results as JSON here")
     data.set_defaults(action=_bench_data)
+
+    surgery = commands.add_parser("surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory")
+    _add_config_arguments(surgery)
+    surgery.set_defaults(action=_surgery)
 
     train = commands.add_parser("train", help="train in this process (use accelerate launch for several)")
     _add_config_arguments(train)

@@ -59,6 +59,15 @@ class SurgeryConfig:
     """Patch size in pixels. Empty: the model's native patch size."""
     head: Literal["reinit", "keep"] = "reinit"
     """reinit: new classifier for the dataset's classes; keep: the model's head (class counts must match)."""
+    pos_embed: Literal["interpolate", "truncate", "reinit", "dynamic"] = "interpolate"
+    """How position embeddings follow a new token grid: interpolate (bicubic, from the original weights),
+    truncate (the lesson's pos_embed[:, :prefix + tokens], for comparison), reinit (fresh), dynamic
+    (resampled to the input size at every forward)."""
+    freeze: Annotated[str, Field(pattern=r"^(none|backbone|blocks:[0-9]+)$")] = "none"
+    """none; backbone (only the head trains, as in the lesson); blocks:K (embeddings and all but the last K
+    blocks frozen)."""
+    freeze_embeddings: bool = False
+    """Also freeze patch embedding, position embedding and prefix tokens (implied by backbone and blocks:K)."""
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Stochastic depth rate."""
 

@@ -36,7 +36,7 @@ from distvit.data.loader import open_batches
 from distvit.data.plan import EpochPlan, epoch_order, num_steps
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
-from distvit.errors import CheckpointError, ConfigError, DataError
+from distvit.errors import CheckpointError, ConfigError, DataError, DistvitError
 from distvit.evaluate import EvalResult, evaluate
 from distvit.optim import build_optimizer, build_scheduler
 from distvit.rundir import TRACE_DIR, init_run_dir, write_summary
@@ -88,6 +88,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
+def check_same_model_everywhere(record: SurgeryRecord) -> None:
+    """All ranks compare their post-surgery fingerprints before DDP wraps the model (its broadcast from
+    rank 0 would hide a difference in the weights, though not in the plan or in what is frozen)."""
+    prints = gather_object([record.fingerprint])
+    differing = [rank for rank, value in enumerate(prints) if value != prints[0]]
+    if differing:
+        raise DistvitError(
+            f"the model after surgery differs between ranks: rank(s) {differing} disagree with rank 0 "
+            f"(fingerprints {', '.join(p[:12] for p in prints)}). Every rank must see the same config, "
+            f"weights file and library versions (timm {record.timm_version} here)."
+        )
+
+
 def _resume_source(cfg: Config) -> Path | None:
     if cfg.train.resume == "auto":
         return latest_checkpoint(cfg.run.dir)
@@ -111,8 +124,9 @@ class Trainer:
         resume_path = _resume_source(cfg)
         resume = load_checkpoint(resume_path) if resume_path else None
 
-        set_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        set_seed(cfg.train.seed)  # same initial weights on every rank
         model, self.record = build_model(cfg, manifest.num_classes)
+        check_same_model_everywhere(self.record)
         if resume:  # before anything in the run directory changes
             self._check_resumable(resume, str(resume_path))
         # Every rank has passed check_run_dir before rank 0 replaces anything (NCCL's init has no barrier).

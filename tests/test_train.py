@@ -249,3 +249,17 @@ def test_bad_shard_skipped_identically_on_every_rank(tmp_path):
     ids = trace_ids(run_dir)[1]
     assert sorted(ids) == list(range(80))  # the 80 samples of the two remaining shards, once each
     assert read_summary(run_dir)["final"]["num_samples"] == 30
+
+
+def test_frozen_backbone_under_ddp(small_dataset, tmp_path):
+    """freeze=backbone on 2 ranks: DDP and the optimizer take only the head; the backbone stays as built."""
+    run_dir = tmp_path / "frozen"
+    launch_ok(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
+                  "surgery.freeze=backbone", "train.epochs=1", "train.batch_size=32", "tracking.backend=none"])
+    trained = load_checkpoint(run_dir)
+    set_seed(0)
+    initial = build_model(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}",
+                                                                 "surgery.freeze=backbone"]), 10)[0].state_dict()
+    changed = sorted(k for k in initial if not torch.equal(initial[k], trained["model"][k]))
+    assert changed == ["head.bias", "head.weight"]
+    assert trained["surgery"]["trainable_params"] == 1930
