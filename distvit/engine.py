@@ -143,7 +143,7 @@ class Trainer:
         if not len(self.train_data):
             raise DataError(f"split '{cfg.data.train_split}' of {cfg.data.path} has no samples to train on.")
         self.steps_per_epoch = num_steps(len(self.train_data), cfg.train.batch_size)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, cfg.surgery.lr_decay)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.state = TrainState()
         if resume:
@@ -292,7 +292,7 @@ class Trainer:
             loss = losses.sum() * (world / batch.global_valid)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used (logged below)
+            step_lr = max(g["lr"] for g in optimizer.param_groups)  # the peak lr this step used (logged)
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule step
                 self.scheduler.step()

@@ -9,25 +9,39 @@ import torch
 from distvit.config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weight decay on matrices, none on norms, biases, position embeddings and tokens."""
+_EMBEDDINGS = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.")
+
+
+def layer_depth(name: str, num_blocks: int) -> int:
+    """0 for embeddings, i + 1 for block i, num_blocks + 1 for the final norm and the head(s)."""
+    if name.startswith(_EMBEDDINGS):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_blocks + 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_decay: float = 1.0) -> list[dict]:
+    """Groups by (depth, decay): no weight decay on norms, biases, position embeddings and tokens; with
+    `lr_decay` < 1 each depth gets lr * lr_decay^(top depth - depth). Frozen parameters are left out."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    num_blocks = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name in skip or name.endswith(".bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decays = not (param.ndim <= 1 or name in skip or name.endswith(".bias"))
+        depth = layer_depth(name, num_blocks) if lr_decay != 1.0 else 0
+        group = groups.setdefault((depth, decays), {
+            "params": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * lr_decay ** (num_blocks + 1 - depth) if lr_decay != 1.0 else lr,
+        })
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr_decay: float = 1.0) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, lr_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.name == "sgd":

@@ -27,7 +27,7 @@ from distvit.errors import CheckpointError, ConfigError, DistvitError
 RECORD_VERSION = 2
 PLAN_FIELDS = (
     "model_name", "num_classes", "img_size", "patch_size", "head", "pos_embed", "freeze", "freeze_embeddings",
-    "drop_path", "pretrained",
+    "drop_path", "lr_decay", "pretrained",
 )
 
 
@@ -42,6 +42,7 @@ class SurgeryRecord:
     freeze: str
     freeze_embeddings: bool
     drop_path: float
+    lr_decay: float
     pretrained: str
     """'none', 'hub', or the local weights file the model started from."""
     grid_size: tuple[int, int]
@@ -287,6 +288,7 @@ def make_record(model: VisionTransformer, cfg: Config, pretrained_source: str) -
         "model_name": cfg.model.name, "num_classes": model.num_classes, "img_size": img_size,
         "patch_size": patch, "head": surgery.head, "pos_embed": surgery.pos_embed,
         "freeze": surgery.freeze, "freeze_embeddings": surgery.freeze_embeddings, "drop_path": surgery.drop_path,
+        "lr_decay": surgery.lr_decay,
         "pretrained": pretrained_source,
     }
     return SurgeryRecord(
@@ -352,6 +354,13 @@ def plan_warnings(record: SurgeryRecord) -> list[str]:
             f"a {grid}x{grid} token grid ({record.img_size} px at patch {record.patch_size}) leaves the transformer "
             f"almost nothing to attend over; use surgery.patch_size={better} (grid 8x8) or a larger img_size "
             f"(e.g. 112 or 128 at patch 16)."
+        )
+    native_patch = _native_geometry(record.model_name)[1]
+    if record.pretrained != "none" and record.patch_size < native_patch:
+        warnings.append(
+            f"shrinking pretrained patches {native_patch} -> {record.patch_size} px resamples the kernel by a "
+            f"least-squares fit (large error, unlike growing them); expect to fine-tune all layers "
+            f"(surgery.freeze=none)."
         )
     if record.pos_embed == "truncate":
         warnings.append(

@@ -118,3 +118,25 @@ def test_fingerprint_check_catches_a_perturbed_rank(small_dataset):
     assert result.returncode != 0
     assert "rank(s) [1] disagree with rank 0" in result.stdout
     assert "rank 0: the model after surgery differs between ranks" in result.stdout  # rank 0 stops too
+
+
+def test_layer_wise_lr_decay_groups(small_dataset, weights):
+    model, _ = surgery(small_dataset, weights, classes=10)
+    optim_cfg = load_config(None, [f"data.path={small_dataset}", "optim.lr=1e-3"]).optim
+    optimizer = build_optimizer(model, optim_cfg, lr_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.head.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.blocks[11].mlp.fc1.weight)] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(model.blocks[0].attn.qkv.weight)] == pytest.approx(1e-3 * 0.5**12)
+    assert lr_of[id(model.pos_embed)] == pytest.approx(1e-3 * 0.5**13)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of[id(model.blocks[3].norm1.weight)] == 0 and decay_of[id(model.pos_embed)] == 0
+    assert decay_of[id(model.blocks[3].mlp.fc2.weight)] == optim_cfg.weight_decay
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    same = build_optimizer(model, optim_cfg)  # no decay: two groups, one lr
+    assert len(same.param_groups) == 2 and {g["lr"] for g in same.param_groups} == {1e-3}
+
+
+def test_shrinking_pretrained_patches_warns(small_dataset, weights):
+    model, record = surgery(small_dataset, weights, "surgery.img_size=32", "surgery.patch_size=4", classes=10)
+    assert "shrinking pretrained patches 16 -> 4 px" in plan_report(model, record, 64)
