@@ -95,10 +95,11 @@ def _native_geometry(model_name: str) -> tuple[int, int, int]:
     """(native img_size, native patch_size, default num_classes) of a timm ViT, built on the meta device."""
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False)
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, VisionTransformer) or getattr(model, "pos_embed", None) is None:
         raise ConfigError(
-            f"model.name={model_name!r} is a {type(model).__name__}; distvit supports timm VisionTransformer "
-            f"models with absolute position embeddings (e.g. deit_tiny_patch16_224, deit_small_patch16_224, "
+            f"model.name={model_name!r} is a {type(model).__name__}"
+            f"{' without absolute position embeddings' if isinstance(model, VisionTransformer) else ''}; distvit "
+            f"supports timm VisionTransformer models with absolute position embeddings (e.g. deit_tiny_patch16_224, deit_small_patch16_224, "
             f"deit_base_patch16_224, their _distilled_ variants, vit_*_patch16_224)."
         )
     return model.patch_embed.img_size[0], model.patch_embed.patch_size[0], model.num_classes
