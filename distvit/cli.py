@@ -51,16 +51,17 @@ def _load_checked_config(args: argparse.Namespace):
     from distvit.surgery import check_model_config
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.data.remote:
-        verify = cfg.data.verify if _is_local_leader() else "size"
-        fetch_dataset(cfg.data.remote, cfg.data.path, [cfg.data.train_split, cfg.data.eval_split], verify)
-    manifest = read_manifest(cfg.data.path)
-    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
-        manifest.split(split, cfg.data.path, key=key)
+    splits = [cfg.data.train_split, cfg.data.eval_split]
     # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
     # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
     verify = cfg.data.verify if _is_local_leader() else "size"
-    bad_shards = find_bad_shards(cfg.data.path, manifest, [cfg.data.train_split, cfg.data.eval_split], verify)
+    if cfg.data.remote:
+        # fetching checks every local shard with the same rule and replaces the bad ones (or raises)
+        fetch_dataset(cfg.data.remote, cfg.data.path, splits, verify)
+    manifest = read_manifest(cfg.data.path)
+    for key, split in zip(("data.train_split", "data.eval_split"), splits):
+        manifest.split(split, cfg.data.path, key=key)
+    bad_shards = {} if cfg.data.remote else find_bad_shards(cfg.data.path, manifest, splits, verify)
     if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise DataError(bad_shards_message(cfg.data.path, bad_shards))
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)

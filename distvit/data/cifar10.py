@@ -11,7 +11,6 @@ devices), and the pickles are read with an allow-list unpickler.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -27,6 +26,7 @@ from distvit.data.manifest import Manifest
 from distvit.data.safe_pickle import safe_loads
 from distvit.data.writer import write_dataset
 from distvit.errors import DataError
+from distvit.fileio import file_digest
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
@@ -49,11 +49,7 @@ IMAGE_SHAPE = (3, 32, 32)
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def _is_url(source: str) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distvit.errors import DataError
-from distvit.fileio import atomic_write_bytes
+from distvit.fileio import atomic_write_bytes, file_digest
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "distvit-webdataset"
@@ -79,11 +79,7 @@ class Manifest:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def write_manifest(dataset_dir: str | os.PathLike, manifest: Manifest) -> Path:
