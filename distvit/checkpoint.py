@@ -48,6 +48,33 @@ def mark_latest(checkpoint_dir: Path, name: str, step: int, epoch: int) -> None:
     atomic_write_bytes(checkpoint_dir / LATEST_NAME, json.dumps({"file": name, "step": step, "epoch": epoch}).encode())
 
 
+BEST_NAME = "best.pt"
+
+
+def prune_periodic(checkpoint_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` periodic checkpoints (step_*.pt, epoch_*.pt), never the one
+    latest.json names; final.pt and best.pt are not periodic. Returns the deleted paths."""
+    if keep_last <= 0:
+        return []
+    protected = None
+    marker = checkpoint_dir / LATEST_NAME
+    if marker.is_file():
+        try:
+            protected = json.loads(marker.read_text()).get("file")
+        except (ValueError, AttributeError):
+            pass
+    periodic = sorted(
+        (p for p in checkpoint_dir.glob("*.pt") if p.name.startswith(("step_", "epoch_"))),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
+    deleted = []
+    for path in periodic[:-keep_last]:
+        if path.name != protected:
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    return deleted
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run directory, or None when it has none."""
     marker = Path(run_dir) / CHECKPOINT_DIR / LATEST_NAME

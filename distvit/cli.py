@@ -4,6 +4,9 @@
     distvit config --config FILE [key=value ...]     validate and print the resolved config
     distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
     distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
+    distvit evaluate RUN_DIR|CHECKPOINT [--split test]  exact accuracy, per class, confusion matrix
+    distvit predict --checkpoint RUN_DIR img.png ...   top-k classes (or --model NAME --pretrained)
+    distvit report RUN_DIR                           redraw the run's PNG plots
 
 Multi-process training goes through Accelerate: `accelerate launch distvit/train.py --config FILE`.
 Input errors (`DistvitError`) print one actionable message and exit with status 2, no traceback.
@@ -16,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from distvit.errors import EXIT_USER_ERROR, DataError, DistvitError
+from distvit.errors import EXIT_USER_ERROR, ConfigError, DataError, DistvitError
 
 
 def _is_local_leader() -> bool:
@@ -64,6 +67,12 @@ def _load_checked_config(args: argparse.Namespace):
     bad_shards = {} if cfg.data.remote else find_bad_shards(cfg.data.path, manifest, splits, verify)
     if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise DataError(bad_shards_message(cfg.data.path, bad_shards))
+    train_size = manifest.split(cfg.data.train_split, cfg.data.path).num_samples
+    if cfg.data.train_subset > train_size:
+        raise ConfigError(
+            f"data.train_subset={cfg.data.train_subset} is larger than split '{cfg.data.train_split}' of "
+            f"{cfg.data.path} ({train_size} images); choose at most {train_size}, or 0 for all."
+        )
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     check_run_dir(cfg)
     return cfg, manifest, bad_shards
@@ -71,10 +80,12 @@ def _load_checked_config(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg, manifest, bad_shards = _load_checked_config(args)
-    from distvit.engine import run_training  # Accelerate starts here, after every input check passed
+    from distvit.engine import PLANNED_STOP, run_training  # Accelerate starts here, after every input check passed
+    from distvit.stopping import EXIT_STOPPED
 
-    run_training(cfg, manifest, bad_shards)
-    return 0
+    summary = run_training(cfg, manifest, bad_shards)
+    requested_stop = not summary["finished"] and summary["stop_reason"] != PLANNED_STOP
+    return EXIT_STOPPED if requested_stop else 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -190,6 +201,47 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Exact evaluation of a checkpoint; run under `accelerate launch -m distvit.cli evaluate` for N ranks."""
+    import json
+
+    from distvit.evaluate import evaluate_checkpoint, evaluation_json, format_evaluation
+    from distvit.fileio import atomic_write_bytes
+
+    if args.batch_size < 1:
+        raise DistvitError(f"--batch-size must be positive, got {args.batch_size}.")
+    result, about = evaluate_checkpoint(args.source, args.data, args.split, args.weights, args.batch_size, args.mode)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_evaluation(result, about))
+        if args.json:
+            atomic_write_bytes(args.json, (json.dumps(evaluation_json(result, about), indent=1) + "\n").encode())
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from distvit.predict import format_predictions, predict_checkpoint, predict_pretrained, predictions_to_json
+
+    if bool(args.checkpoint) == bool(args.model):
+        raise DistvitError("pass either --checkpoint RUN_DIR_OR_FILE (a distvit model) or --model NAME --pretrained [PATH] (a timm model).")
+    if args.checkpoint:
+        predictions = predict_checkpoint(args.checkpoint, args.images, top_k=args.top_k, weights=args.weights, device=args.device)
+    else:
+        pretrained = True if args.pretrained in (None, "hub") else args.pretrained
+        predictions = predict_pretrained(args.model, args.images, pretrained=pretrained, top_k=args.top_k, device=args.device)
+    print(json.dumps(predictions_to_json(predictions), indent=1) if args.json else format_predictions(predictions))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from distvit.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distvit", description="Fine-tune Vision Transformers on 1..N GPUs or nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +299,36 @@ def build_parser() -> argparse.ArgumentParser:
     surgery = commands.add_parser("surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory")
     _add_config_arguments(surgery)
     surgery.set_defaults(action=_surgery)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="exact top-1/top-5, per-class accuracy and confusion matrix of a checkpoint (1..N ranks)",
+    )
+    evaluate.add_argument("source", help="a run directory (its final checkpoint) or a checkpoint file")
+    evaluate.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--weights", default="model", help="model (default) or ema")
+    evaluate.add_argument("--batch-size", type=int, default=500, help="global batch size")
+    evaluate.add_argument("--mode", default="auto", choices=["auto", "memory", "stream"], help="how the split is read")
+    evaluate.add_argument("--json", default=None, help="also write the results as JSON here")
+    evaluate.set_defaults(action=_evaluate)
+
+    predict = commands.add_parser("predict", help="top-k classes of image files")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--checkpoint", default=None, help="a distvit run directory or checkpoint")
+    predict.add_argument("--model", default=None, help="a timm model name (ImageNet classes), instead of --checkpoint")
+    predict.add_argument(
+        "--pretrained", nargs="?", const="hub", default=None,
+        help="with --model: hub weights (no value) or a local weights file",
+    )
+    predict.add_argument("--weights", default="model", help="with --checkpoint: model (default) or ema")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(action=_predict)
+
+    report = commands.add_parser("report", help="redraw a run directory's PNG plots (loss, lr, accuracy, confusion)")
+    report.add_argument("run_dir")
+    report.set_defaults(action=_report)
 
     train = commands.add_parser("train", help="train in this process (use accelerate launch for several)")
     _add_config_arguments(train)

@@ -49,6 +49,9 @@ class ModelConfig:
     """A timm model name (VisionTransformer family)."""
     pretrained: Union[bool, str] = False
     """true: timm's hub weights; false: random init; a path: local weights file (.pth/.bin/.safetensors)."""
+    fused_attn: Optional[bool] = None
+    """Fused attention (F.scaled_dot_product_attention). Empty: timm's default (on where available);
+    true where unavailable falls back to the plain implementation with a warning."""
 
 
 @dataclass
@@ -99,6 +102,17 @@ class DataConfig:
     """A missing, truncated or corrupted shard: stop with an error, or leave it out (same shards on all ranks)."""
     trace_samples: bool = False
     """Record the sample indices every rank trains on, per step, in RUN_DIR/trace/rank<N>.jsonl."""
+    train_subset: NonNegativeInt = 0
+    """Train on a fixed random subset of this many images of the train split (seeded by train.seed;
+    the lesson's 10k). 0: the whole split."""
+    mixup_alpha: NonNegativeFloat = 0.0
+    """Mixup Beta(alpha, alpha) on the training device (0: off)."""
+    cutmix_alpha: NonNegativeFloat = 0.0
+    """CutMix Beta(alpha, alpha) on the training device (0: off)."""
+    mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Share of steps that mix (when mixup or cutmix is on)."""
+    mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """With both on: share of mixing steps that use CutMix instead of Mixup."""
 
 
 @dataclass
@@ -113,9 +127,22 @@ class OptimConfig:
     """SGD momentum (sgd only)."""
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     """AdamW betas (adamw only)."""
-    schedule: Literal["cosine", "constant"] = "cosine"
+    fused: Optional[bool] = None
+    """Fused AdamW kernel. Empty: on for CUDA; true where unsupported falls back with a warning."""
+    lr_scale: Literal["none", "linear", "sqrt"] = "none"
+    """Scale optim.lr (and min_lr) by the global batch: lr * (batch / lr_base_batch) for linear, its
+    square root for sqrt (DeiT: linear with base 512). The effective lr is printed at start."""
+    lr_base_batch: PositiveInt = 512
+    """The global batch optim.lr is given for (with lr_scale linear or sqrt)."""
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    """After warmup: cosine to min_lr, step (multiply by step_gamma at each of step_epochs), or constant."""
+    step_epochs: list[PositiveFloat] = field(default_factory=list)
+    """Epochs (fractions allowed) at which the step schedule multiplies the lr by step_gamma."""
+    step_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     warmup_epochs: NonNegativeFloat = 0.0
     """Linear warmup length, in epochs (fractions allowed)."""
+    clip_grad_norm: NonNegativeFloat = 0.0
+    """Clip the global gradient norm to this value before each optimizer step (0: off)."""
 
 
 @dataclass
@@ -136,6 +163,12 @@ class TrainConfig:
     """Empty: a new run; 'auto': continue from RUN_DIR's newest checkpoint if it has one; or a checkpoint file."""
     stop_at_step: NonNegativeInt = 0
     """Checkpoint and stop after this optimizer step (0: run to the end); continue with train.resume=auto."""
+    grad_accum_steps: PositiveInt = 1
+    """Split each rank's share of the global batch into this many micro-batches (same optimizer steps,
+    less memory); batch_size must be divisible by processes x grad_accum_steps."""
+    label_smoothing: Fraction = 0.0
+    compile: bool = False
+    """torch.compile the model (compile time is reported; falls back to eager with a warning where it fails)."""
 
 
 @dataclass
@@ -150,11 +183,44 @@ class TrackingConfig:
 
 
 @dataclass
+class EmaConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the weights, evaluated beside the raw model."""
+    decay: Optional[Annotated[float, Field(gt=0, lt=1)]] = None
+    """Per-optimizer-step decay. Empty: derived from the run length, 1 - 1 / (horizon x total steps)."""
+    horizon: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """With decay empty: the EMA's time constant as a share of the run's optimizer steps."""
+    warmup: bool = True
+    """Use min(decay, (1 + t) / (10 + t)) at step t, so early weights do not dominate."""
+
+
+@dataclass
+class DistillConfig:
+    type: Literal["none", "soft", "hard"] = "none"
+    """Knowledge distillation as in DeiT: soft (KL at temperature tau) or hard (teacher's argmax)."""
+    teacher: str = ""
+    """A distvit checkpoint or run directory, or a timm model name (with teacher_weights)."""
+    teacher_weights: Union[bool, str] = True
+    """For a timm model name: true (hub weights) or a local weights file whose head has the dataset's classes."""
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Loss = (1 - alpha) x label loss + alpha x distillation loss."""
+    tau: PositiveFloat = 1.0
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: NonNegativeInt = 0
     """Also checkpoint every N epochs (0: only the final checkpoint)."""
     every_steps: NonNegativeInt = 0
     """Also checkpoint every N optimizer steps (0: off), mid-epoch included."""
+    keep_last: NonNegativeInt = 3
+    """Keep the newest N periodic (step/epoch) checkpoints, delete older ones (0: keep all)."""
+    keep_best: bool = True
+    """Keep best.pt: the checkpoint of the best evaluation (EMA accuracy when ema.enabled)."""
+    export: bool = True
+    """At the end write RUN_DIR/model.safetensors and model.json (timm.create_model arguments)."""
+    stop_check_every: PositiveInt = 10
+    """How often (optimizer steps) ranks agree on a stop request (SIGUSR1/SIGTERM or a STOP file)."""
 
 
 @dataclass
@@ -167,10 +233,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         plain = dataclasses.asdict(self)
         plain["optim"]["betas"] = list(plain["optim"]["betas"])  # YAML-friendly
+        plain["optim"]["step_epochs"] = list(plain["optim"]["step_epochs"])
         return plain
 
     def to_yaml(self) -> str:
@@ -351,8 +420,8 @@ def read_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"config file {path} must hold a mapping of sections (run, model, surgery, data, optim, "
-            f"train, tracking, checkpoint), got {type(raw).__name__}."
+            f"config file {path} must hold a mapping of sections ({', '.join(_section_types())}), "
+            f"got {type(raw).__name__}."
         )
     return raw
 
@@ -420,7 +489,54 @@ def _check_semantics(cfg: Config, source: str) -> None:
             f"{source}: train.resume={cfg.train.resume!r} is not a checkpoint file. Use 'auto' (the run "
             f"directory's newest checkpoint), a path such as RUN_DIR/checkpoints/step_00000100.pt, or leave it empty."
         )
+    _check_schedule(cfg, source)
+    _check_distill(cfg, source)
     _check_data_path(cfg, source)
+
+
+def _check_schedule(cfg: Config, source: str) -> None:
+    o, t = cfg.optim, cfg.train
+    if o.schedule == "step" and not o.step_epochs:
+        raise ConfigError(
+            f"{source}: optim.schedule=step needs optim.step_epochs, the epochs at which the lr is multiplied by "
+            f"optim.step_gamma (e.g. optim.step_epochs=[30,60]); or choose schedule cosine or constant."
+        )
+    if list(o.step_epochs) != sorted(o.step_epochs):
+        raise ConfigError(f"{source}: optim.step_epochs={list(o.step_epochs)} must be in increasing order.")
+    if o.step_epochs and o.schedule != "step":
+        raise ConfigError(f"{source}: optim.step_epochs is set but optim.schedule={o.schedule}; set optim.schedule=step or remove step_epochs.")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"{source}: train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}; "
+            f"the global batch is split into that many micro-batches."
+        )
+
+
+def _check_distill(cfg: Config, source: str) -> None:
+    d = cfg.distill
+    if d.type == "none":
+        if d.teacher:
+            raise ConfigError(f"{source}: distill.teacher is set but distill.type=none; choose distill.type=soft or hard.")
+        return
+    if not d.teacher:
+        raise ConfigError(
+            f"{source}: distill.type={d.type} needs distill.teacher: a distvit checkpoint or run directory, or a "
+            f"timm model name such as deit_base_patch16_224 (with distill.teacher_weights)."
+        )
+    if not Path(os.path.expanduser(d.teacher)).exists():
+        import timm
+
+        if not timm.is_model(d.teacher):
+            close = difflib.get_close_matches(d.teacher, timm.list_models(), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{source}: distill.teacher={d.teacher!r} is neither an existing checkpoint/run directory nor a timm "
+                f"model name{hint}."
+            )
+        if isinstance(d.teacher_weights, str) and not Path(os.path.expanduser(d.teacher_weights)).is_file():
+            raise ConfigError(f"{source}: distill.teacher_weights={d.teacher_weights!r} is not a weights file (or true for hub weights).")
+        if d.teacher_weights is False:
+            raise ConfigError(f"{source}: distill.teacher_weights=false would distil from a random teacher; pass true or a weights file.")
 
 
 def _check_data_path(cfg: Config, source: str) -> None:

@@ -1,52 +1,59 @@
 """The training engine: from a validated config to an evaluated, checkpointed model, on 1..N ranks.
 
-Reads top to bottom: `Trainer.__init__` sets up Accelerate, data, model and optimizer (and restores a
-checkpoint when resuming); `train_epoch` is the loop; `run` adds evaluation and checkpoints. The global
-plan (`data.plan`) tells each rank which samples to take at each step, and the batch source
-(`data.loader`: the split in device memory, or streamed from the shards by loader workers) delivers
-exactly those, as uint8; so every rank runs the same number of steps and every sample is seen once per
-epoch, also across a resume with another world size. Losses are
-sums over real samples divided by the step's global sample count, so the gradient DDP averages is the
-mean over the global batch, padding excluded.
+Reads top to bottom: `Trainer.__init__` sets up Accelerate, data, model, optimizer, EMA and teacher (and
+restores a checkpoint when resuming); `train_epoch` is the loop and `_train_step` one optimizer step;
+`run` adds evaluation, checkpoints, stop requests and the export. The global plan (`data.plan`) tells
+each rank which samples to take at each step, and the batch source (`data.loader`) delivers exactly
+those, as uint8; so every rank runs the same number of steps and every sample is seen once per epoch,
+also across a resume with another world size. Losses are sums over real samples divided by the step's
+global sample count, so the gradient DDP averages is the mean over the global batch, padding excluded;
+gradient accumulation splits each rank's share into micro-batches without changing that mean.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import sys
 import time
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from distvit.checkpoint import (
-    CHECKPOINT_DIR, FINAL_NAME, latest_checkpoint, load_checkpoint, load_weights, mark_latest, save_checkpoint, step_name,
+    BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, latest_checkpoint, load_checkpoint, load_weights, mark_latest,
+    prune_periodic, save_checkpoint, step_name,
 )
 from distvit.config import Config
-from distvit.data.manifest import Manifest
 from distvit.data.loader import open_batches
-from distvit.data.plan import EpochPlan, epoch_order, num_steps
+from distvit.data.manifest import Manifest
+from distvit.data.plan import EpochPlan, epoch_order, num_steps, subset_indices
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
-from distvit.errors import CheckpointError, ConfigError, DataError, DistvitError
-from distvit.evaluate import EvalResult, evaluate
-from distvit.optim import build_optimizer, build_scheduler
-from distvit.rundir import TRACE_DIR, init_run_dir, write_summary
+from distvit.distill import load_teacher
+from distvit.ema import ModelEma, decay_for_run
+from distvit.errors import CheckpointError, DataError
+from distvit.evaluate import EvalResult, evaluate_models
+from distvit.export import export_model
+from distvit.fileio import atomic_write_bytes
+from distvit.losses import distillation_loss, label_loss
+from distvit.mixing import apply_mix, mixed_targets, sample_mix
+from distvit.optim import build_optimizer, build_scheduler, lr_multiplier
+from distvit.rundir import CONFUSION_NAME, STOPPED_NAME, TRACE_DIR, init_run_dir, write_summary
+from distvit.runtime import (
+    check_same_model_everywhere, compile_supported, make_accelerator, rng_state, set_fused_attention, step_seed,
+)
+from distvit.stopping import StopRequests
 from distvit.surgery import SurgeryRecord, build_model
 from distvit.tracking import RunTracker
 
-
-def step_seed(seed: int, epoch: int, first_slot: int) -> int:
-    """Seed of one step's augmentation: a function of (seed, epoch, position in the epoch) only."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, first_slot]).generate_state(1)[0])
+PLANNED_STOP = "train.stop_at_step"
 
 
 @dataclass
@@ -58,60 +65,19 @@ class TrainState:
     samples_in_epoch: int = 0
     """Samples of the current epoch already trained on (all ranks): where a resume continues."""
     last_eval: dict[str, Any] = field(default_factory=dict)
+    best_score: float = -math.inf
     compute_dtype: str = ""
     """dtype the classifier computed in, in the first training step: shows whether autocast was on
     (Accelerate casts the model's outputs back to float32, so the logits cannot tell)."""
     train_seconds: float = 0.0
     images_seen: int = 0
-
-
-def _cpu_processes() -> bool:
-    """Several ranks and no GPU: Accelerate must be told `cpu=True` to set up gloo (MULTI_CPU); without
-    it every rank of `accelerate launch --multi_gpu` on a CPU machine runs alone as rank 0."""
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return several and not gpu
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    accelerator = Accelerator(
-        cpu=_cpu_processes(),
-        mixed_precision=cfg.train.mixed_precision,
-        log_with="wandb" if cfg.tracking.backend == "wandb" else None,
-    )
-    if cfg.train.batch_size % accelerator.num_processes or cfg.train.eval_batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} and train.eval_batch_size={cfg.train.eval_batch_size} are "
-            f"global batch sizes and must be divisible by the number of processes ({accelerator.num_processes}). "
-            f"Choose multiples of {accelerator.num_processes}."
-        )
-    return accelerator
-
-
-def check_same_model_everywhere(record: SurgeryRecord) -> None:
-    """All ranks compare their post-surgery fingerprints before DDP wraps the model (its broadcast from
-    rank 0 would hide a difference in the weights, though not in the plan or in what is frozen)."""
-    prints = gather_object([record.fingerprint])
-    differing = [rank for rank, value in enumerate(prints) if value != prints[0]]
-    if differing:
-        raise DistvitError(
-            f"the model after surgery differs between ranks: rank(s) {differing} disagree with rank 0 "
-            f"(fingerprints {', '.join(p[:12] for p in prints)}). Every rank must see the same config, "
-            f"weights file and library versions (timm {record.timm_version} here)."
-        )
+    compile_seconds: float = 0.0
 
 
 def _resume_source(cfg: Config) -> Path | None:
     if cfg.train.resume == "auto":
         return latest_checkpoint(cfg.run.dir)
     return Path(cfg.train.resume) if cfg.train.resume else None
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 class Trainer:
@@ -121,14 +87,14 @@ class Trainer:
         self.manifest = manifest = self._without_bad_shards(manifest, bad_shards or {})
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
-        resume_path = _resume_source(cfg)
-        resume = load_checkpoint(resume_path) if resume_path else None
+        self.resume_path = _resume_source(cfg)
+        resume = load_checkpoint(self.resume_path) if self.resume_path else None
 
         set_seed(cfg.train.seed)  # same initial weights on every rank
         model, self.record = build_model(cfg, manifest.num_classes)
         check_same_model_everywhere(self.record)
         if resume:  # before anything in the run directory changes
-            self._check_resumable(resume, str(resume_path))
+            self._check_resumable(resume, str(self.resume_path))
         # Every rank has passed check_run_dir before rank 0 replaces anything (NCCL's init has no barrier).
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -142,33 +108,82 @@ class Trainer:
         )
         if not len(self.train_data):
             raise DataError(f"split '{cfg.data.train_split}' of {cfg.data.path} has no samples to train on.")
-        self.steps_per_epoch = num_steps(len(self.train_data), cfg.train.batch_size)
-        optimizer = build_optimizer(model, cfg.optim, cfg.surgery.lr_decay)
+        if cfg.data.train_subset > len(self.train_data):
+            raise DataError(
+                f"data.train_subset={cfg.data.train_subset} exceeds the {len(self.train_data)} training images left "
+                f"after skipping bad shards; lower it or repair the shards."
+            )
+        self.subset = subset_indices(len(self.train_data), cfg.data.train_subset, cfg.train.seed) if cfg.data.train_subset else None
+        self.num_train = len(self.subset) if self.subset is not None else len(self.train_data)
+        self.steps_per_epoch = num_steps(self.num_train, cfg.train.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+
+        self.fused_attn = set_fused_attention(model, cfg.model.fused_attn)
+        self.teacher = load_teacher(cfg.distill, manifest.num_classes, device) if cfg.distill.type != "none" else None
+        if self.teacher is not None and hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)  # training forward returns (class head, distillation head)
+        model.to(device)
+        self.lr_multiplier = lr_multiplier(cfg.optim, cfg.train.batch_size)
+        optimizer = build_optimizer(model, cfg.optim, cfg.surgery.lr_decay, cfg.train.batch_size)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.state = TrainState()
         if resume:
-            load_weights(model, resume["model"], self.record, source=str(resume_path))
+            load_weights(model, resume["model"], self.record, source=str(self.resume_path))
+        self.ema = None
+        if cfg.ema.enabled:
+            self.ema = ModelEma(model, decay_for_run(cfg.ema, self.total_steps), cfg.ema.warmup)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad_norm = torch.zeros(())
+        self.eager_model = self.model
+        if cfg.train.compile:
+            self._compile()
+        self.checkpoint_tracker = resume.get("tracker") if resume else None
         if resume:
             self._restore(resume)
         else:
             # Identical weights everywhere; from here each rank needs its own random stream (drop-path).
             set_seed(cfg.train.seed + accelerator.process_index)
         self.transform = BatchTransform((self.record.img_size, self.record.img_size), self.record.mean, self.record.std)
-        self.tracker = RunTracker(accelerator, cfg, self.run_dir)
+        self.tracker = RunTracker(accelerator, cfg, self.run_dir, list(manifest.classes))
+        self.stops = StopRequests(self.run_dir, accelerator, cfg.checkpoint.stop_check_every)
+        self.stop_reason: str | None = None
         self.trace = None
         if cfg.data.trace_samples:
             (self.run_dir / TRACE_DIR).mkdir(parents=True, exist_ok=True)
             self.trace = open(self.run_dir / TRACE_DIR / f"rank{accelerator.process_index}.jsonl", "a", buffering=1)
+        self._print_start(resume is not None)
+
+    def _print_start(self, resumed: bool) -> None:
+        cfg, accelerator, record = self.cfg, self.accelerator, self.record
+        lr = cfg.optim.lr * self.lr_multiplier
+        scaled = f" (optim.lr {cfg.optim.lr:g} x {self.lr_multiplier:.4g}, lr_scale={cfg.optim.lr_scale})" if cfg.optim.lr_scale != "none" else ""
+        extras = [name for name, on in (
+            ("EMA decay %.6f" % self.ema.decay if self.ema else "", self.ema is not None),
+            (f"distillation ({cfg.distill.type}) from {cfg.distill.teacher}", self.teacher is not None),
+            (f"{cfg.train.grad_accum_steps} micro-batches per step", cfg.train.grad_accum_steps > 1),
+            ("torch.compile", self.model is not self.eager_model),
+            ("fused attention", self.fused_attn),
+        ) if on]
+        subset = f" (subset of {self.num_train})" if self.subset is not None else ""
         accelerator.print(
             f"distvit: {accelerator.num_processes} process(es) on {accelerator.distributed_type.value} "
-            f"({device.type}), mixed precision {accelerator.mixed_precision}; {self.record.model_name} at "
-            f"{self.record.img_size}px/patch {self.record.patch_size} ({self.record.tokens_per_image} tokens, "
-            f"{self.record.trainable_params:,} trainable params); {len(self.train_data)} train / "
+            f"({accelerator.device.type}), mixed precision {accelerator.mixed_precision}; {record.model_name} at "
+            f"{record.img_size}px/patch {record.patch_size} ({record.tokens_per_image} tokens, "
+            f"{record.trainable_params:,} trainable params); {len(self.train_data)} train{subset} / "
             f"{len(self.eval_data)} {cfg.data.eval_split} images, {self.steps_per_epoch} steps/epoch of "
-            f"{cfg.train.batch_size}; run dir {self.run_dir}"
-            + (f"; resumed from {resume_path} at step {self.state.step}" if resume else "")
+            f"{cfg.train.batch_size}; effective peak lr {lr:.4g}{scaled}"
+            + (f"; {', '.join(extras)}" if extras else "")
+            + f"; run dir {self.run_dir}"
+            + (f"; resumed from {self.resume_path} at step {self.state.step}" if resumed else "")
         )
+
+    def _compile(self) -> None:
+        supported, reason = compile_supported()
+        if not supported:
+            warnings.warn(f"train.compile=true: {reason}; training without it.")
+            return
+        self.model = torch.compile(self.eager_model)
 
     def _without_bad_shards(self, manifest: Manifest, bad: dict[str, str]) -> Manifest:
         """Unite the preflight findings of all ranks (node-local copies may differ), then stop every rank
@@ -199,18 +214,30 @@ class Trainer:
                 f"cannot resume from {source}: it trained on another dataset or split than data.path="
                 f"{self.cfg.data.path} / data.train_split={self.cfg.data.train_split} (manifest fingerprint differs)."
             )
-        if data["seed"] != self.cfg.train.seed:
+        if data["seed"] != self.cfg.train.seed or data.get("subset", 0) != self.cfg.data.train_subset:
             raise CheckpointError(
-                f"cannot resume from {source} with train.seed={self.cfg.train.seed}: it used seed {data['seed']}, "
-                f"and the epoch order depends on it."
+                f"cannot resume from {source} with train.seed={self.cfg.train.seed}, data.train_subset="
+                f"{self.cfg.data.train_subset}: it used seed {data['seed']}, subset {data.get('subset', 0)}, and the "
+                f"epoch order depends on them."
+            )
+        if (payload.get("ema") is not None) != self.cfg.ema.enabled:
+            raise CheckpointError(
+                f"cannot resume from {source} with ema.enabled={self.cfg.ema.enabled}: the checkpoint was written "
+                f"{'with' if payload.get('ema') is not None else 'without'} an EMA. Resume with the run's own config."
             )
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(payload["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(payload["ema"])
+            self.ema.updates = int(payload["ema_state"]["updates"])
         self.state.step, self.state.epoch = payload["step"], payload["epoch"]
         self.state.samples_in_epoch = payload["data"]["samples_in_epoch"]
         self.state.last_eval = dict(payload["metrics"])
+        self.state.best_score = payload.get("best_score", -math.inf)
         rng = payload["rng"]
         if len(rng) == self.accelerator.num_processes:
             torch.set_rng_state(rng[self.accelerator.process_index]["cpu"])
@@ -221,36 +248,46 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def save(self, name: str) -> None:
-        """All ranks call this (it gathers every rank's RNG state); rank 0 writes."""
-        rng_states = gather_object([_rng_state()])
+    def save(self, name: str, periodic: bool = False) -> None:
+        """All ranks call this (it gathers every rank's RNG state); rank 0 writes, then marks it latest."""
+        rng_states = gather_object([rng_state()])
         if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler
             payload = {
-                "model": self.accelerator.unwrap_model(self.model).state_dict(),
+                "model": self.accelerator.unwrap_model(self.eager_model).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": self.ema.module.state_dict() if self.ema else None,
+                "ema_state": {"updates": self.ema.updates, "decay": self.ema.decay} if self.ema else None,
                 "epoch": self.state.epoch,
                 "step": self.state.step,
                 "data": {
                     "epoch": self.state.epoch, "samples_in_epoch": self.state.samples_in_epoch,
                     "seed": self.cfg.train.seed, "manifest": self.manifest.fingerprint(),
                     "split": self.cfg.data.train_split, "global_batch": self.cfg.train.batch_size,
+                    "subset": self.cfg.data.train_subset,
                 },
+                "data_image_size": list(self.manifest.image_size) if self.manifest.image_size else None,
                 "rng": rng_states,
                 "surgery": self.record.to_dict(),
                 "classes": list(self.manifest.classes),
                 "config": self.cfg.to_dict(),
                 "metrics": dict(self.state.last_eval),
+                "best_score": self.state.best_score,
+                "tracker": {"wandb_run_id": self.tracker.run_id},
             }
             save_checkpoint(self.checkpoint_dir / name, payload)
             mark_latest(self.checkpoint_dir, name, self.state.step, self.state.epoch)
+            if periodic:
+                prune_periodic(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
 
     # -- training -------------------------------------------------------------------------------------
 
     def _watch_compute_dtype(self) -> None:
         """Record the classifier's output dtype once (autocast on or off)."""
-        classifier = self.accelerator.unwrap_model(self.model).get_classifier()
+        classifier = self.accelerator.unwrap_model(self.eager_model).get_classifier()
         if isinstance(classifier, tuple):  # distilled DeiT: (head, head_dist)
             classifier = classifier[0]
 
@@ -260,137 +297,278 @@ class Trainer:
 
         handle = classifier.register_forward_hook(record_dtype)
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        order = epoch_order(self.num_train, self.cfg.train.seed, epoch)
+        return self.subset[order] if self.subset is not None else order
+
+    def _loss(self, output: Any, labels: torch.Tensor, soft: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample loss: label loss (smoothing, mixing), plus DeiT's distillation term with a teacher."""
+        head, distill_head = output if isinstance(output, tuple) else (output, output)
+        loss = label_loss(head, labels, self.cfg.train.label_smoothing, soft)
+        if teacher is None:
+            return loss
+        d = self.cfg.distill
+        return (1 - d.alpha) * loss + d.alpha * distillation_loss(distill_head, teacher, d.type, d.tau)
+
+    def _train_step(self, batch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int) -> torch.Tensor:
+        """One optimizer step on this rank's share of a global batch; returns the summed loss (on device)."""
+        cfg, accelerator, world = self.cfg, self.accelerator, self.accelerator.num_processes
+        valid = batch.valid.to(accelerator.device)
+        seed = step_seed(cfg.train.seed, self.state.epoch, batch.first_slot)
+        augmentation = None
+        if cfg.data.augment == "crop_flip":
+            augmentation = Augmentation.sample(global_batch, cfg.data.crop_padding, True, torch.Generator().manual_seed(seed))
+            augmentation = augmentation.slice(local.start, local.stop)
+        x = self.transform(images, augmentation)
+        decision = sample_mix(cfg.data, [seed, 1], x.shape[-2], x.shape[-1])
+        soft = None
+        if decision.kind != "none":
+            soft = mixed_targets(labels, self.record.num_classes, cfg.train.label_smoothing, decision)
+            x = apply_mix(x, decision)
+        teacher = None
+        if self.teacher is not None:
+            with accelerator.autocast():
+                teacher = self.teacher.logits(x, self.record.mean, self.record.std).float()
+        micro = cfg.train.grad_accum_steps
+        size = x.shape[0] // micro
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for index in range(micro):
+            part = slice(index * size, (index + 1) * size)
+            # DDP all-reduces gradients only on the last micro-batch
+            with nullcontext() if index == micro - 1 else accelerator.no_sync(self.model):
+                output = self.model(x[part])
+                losses = self._loss(
+                    output, labels[part], soft[part] if soft is not None else None,
+                    teacher[part] if teacher is not None else None,
+                ) * valid[part]
+                accelerator.backward(losses.sum() * (world / batch.global_valid))
+            loss_sum += losses.detach().sum()
+        if cfg.optim.clip_grad_norm:
+            self.grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.optim.clip_grad_norm)
+        self.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule step
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.accelerator.unwrap_model(self.eager_model))
+        return loss_sum
+
+    def _first_step_or_fallback(self, *args) -> torch.Tensor:
+        """The first step of a compiled model: time the compilation; on failure warn and go eager."""
+        start = time.perf_counter()
+        try:
+            loss = self._train_step(*args)
+        except Exception as err:  # compiler failures have many types; an eager failure re-raises below
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:300]}); training without it.")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model = self.eager_model
+            return self._train_step(*args)
+        self.state.compile_seconds = time.perf_counter() - start
+        self.accelerator.print(f"distvit: torch.compile: first step (compilation) took {self.state.compile_seconds:.1f} s")
+        return loss
+
     def train_epoch(self) -> bool:
-        """Train the rest of the current epoch; False when train.stop_at_step stopped it mid-epoch."""
+        """Train the rest of the current epoch; False when it stopped mid-epoch (planned or requested)."""
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
-        device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-        data, model, optimizer = self.train_data, self.model, self.optimizer
+        world, rank = accelerator.num_processes, accelerator.process_index
         if not state.compute_dtype:
             self._watch_compute_dtype()
-        plan = EpochPlan(
-            epoch_order(len(data), cfg.train.seed, state.epoch), cfg.train.batch_size, world, rank,
-            start_sample=state.samples_in_epoch,
-        )
+        plan = EpochPlan(self.epoch_order(state.epoch), cfg.train.batch_size, world, rank, start_sample=state.samples_in_epoch)
         local = slice(rank * plan.local_batch, (rank + 1) * plan.local_batch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)  # stays on the device between logs: no per-step sync
-        window_images, window_start = 0, time.perf_counter()
+        self.model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device between logs: no per-step sync
+        window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
         progress = tqdm(
             total=len(plan), desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
             disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False,
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
-        for batch, images, labels in data.epoch(plan):
-            valid = batch.valid.to(device)
-            augmentation = None
-            if cfg.data.augment == "crop_flip":
-                generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, state.epoch, batch.first_slot))
-                augmentation = Augmentation.sample(plan.global_batch, cfg.data.crop_padding, True, generator)
-                augmentation = augmentation.slice(local.start, local.stop)
-            logits = model(self.transform(images, augmentation))
-            losses = F.cross_entropy(logits.float(), labels, reduction="none") * valid
-            loss = losses.sum() * (world / batch.global_valid)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            step_lr = max(g["lr"] for g in optimizer.param_groups)  # the peak lr this step used (logged)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule step
-                self.scheduler.step()
+        batches = iter(self.train_data.epoch(plan))
+        while True:
+            wait_start = time.perf_counter()
+            item = next(batches, None)
+            window_wait += time.perf_counter() - wait_start
+            if item is None:
+                break
+            batch, images, labels = item
+            step_lr = max(g["lr"] for g in self.optimizer.param_groups)  # the peak lr this step uses (logged)
+            args = (batch, images, labels, local, plan.global_batch)
+            compiling = self.model is not self.eager_model and not state.compile_seconds
+            loss_sum += self._first_step_or_fallback(*args) if compiling else self._train_step(*args)
+            if compiling:
+                window_start = time.perf_counter()  # compile time is not training throughput
             state.step += 1
             state.samples_in_epoch += batch.global_valid
             if self.trace is not None:
                 ids = batch.indices[batch.valid].tolist()
                 self.trace.write(json.dumps({"epoch": state.epoch + 1, "step": state.step, "ids": ids}) + "\n")
-            loss_sum += losses.detach().sum()
             window_images += batch.global_valid
             progress.update(1)
             last_of_epoch = batch.step == len(plan) - 1
             if state.step % cfg.train.log_every == 0 or last_of_epoch:
                 mean_loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_images
                 elapsed = time.perf_counter() - window_start
-                self.tracker.log({
+                record = {
                     "split": "train", "epoch": state.epoch + 1, "step": state.step, "loss": mean_loss,
                     "lr": step_lr, "images_per_sec": window_images / elapsed,
                     "images_per_sec_per_rank": window_images / elapsed / world,
-                })
+                    "data_wait_fraction": window_wait / elapsed,
+                }
+                if cfg.optim.clip_grad_norm:
+                    record["grad_norm"] = float(self.grad_norm)
+                if self.ema is not None:
+                    record["ema_decay"] = self.ema.current_decay()
+                self.tracker.log(record)
                 progress.set_postfix(loss=f"{mean_loss:.3f}")
                 state.train_seconds += elapsed
                 state.images_seen += window_images
                 loss_sum.zero_()
-                window_images, window_start = 0, time.perf_counter()
+                window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
             if last_of_epoch:  # run() evaluates, then checkpoints / stops as due
                 state.epoch += 1
                 state.samples_in_epoch = 0
-            elif self._stop_due():
+                continue
+            reason = PLANNED_STOP if self._planned_stop_due() else self.stops.agreed(state.step)
+            if reason:
+                self.stop_reason = reason
                 self.save(step_name(state.step))
                 progress.close()
                 return False
-            elif self._step_checkpoint_due():
-                self.save(step_name(state.step))
+            if self._step_checkpoint_due():
+                self.save(step_name(state.step), periodic=True)
         progress.close()
         return True
 
-    def _stop_due(self) -> bool:
+    def _planned_stop_due(self) -> bool:
         return bool(self.cfg.train.stop_at_step) and self.state.step == self.cfg.train.stop_at_step
 
     def _step_checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
         return bool(every) and self.state.step % every == 0
 
-    def evaluate(self) -> EvalResult:
-        return evaluate(self.model, self.eval_data, self.transform, self.cfg.train.eval_batch_size, self.accelerator)
+    # -- evaluation -----------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, EvalResult]:
+        models = {"model": self.accelerator.unwrap_model(self.eager_model)}
+        if self.ema is not None:
+            models["ema"] = self.ema.module
+        return evaluate_models(
+            models, self.eval_data, self.transform, self.cfg.train.eval_batch_size, self.accelerator,
+            self.record.num_classes,
+        )
+
+    def _evaluate_and_log(self) -> None:
+        cfg, state, accelerator = self.cfg, self.state, self.accelerator
+        results = self.evaluate()
+        raw, ema = results["model"], results.get("ema")
+        state.last_eval = {
+            "split": cfg.data.eval_split, "epoch": state.epoch, "step": state.step,
+            "num_samples": raw.num_samples, **raw.record(), **(ema.record("ema_") if ema else {}),
+        }
+        self.tracker.log(state.last_eval)
+        self.tracker.log_images(f"{cfg.data.eval_split}/predictions", raw.samples, state.step)
+        if accelerator.is_main_process:
+            confusion = {
+                "classes": list(self.manifest.classes), "split": cfg.data.eval_split, "epoch": state.epoch,
+                "step": state.step, "model": raw.confusion, **({"ema": ema.confusion} if ema else {}),
+            }
+            (self.run_dir / CONFUSION_NAME).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / CONFUSION_NAME, json.dumps(confusion).encode())
+        accelerator.print(
+            f"epoch {state.epoch}: {cfg.data.eval_split} accuracy {raw.accuracy:.4f} ({raw.correct}/{raw.num_samples}), "
+            f"top-5 {raw.top5:.4f}, loss {raw.loss:.4f}"
+            + (f"; EMA accuracy {ema.accuracy:.4f}, loss {ema.loss:.4f}" if ema else "")
+        )
+        score = (ema or raw).accuracy
+        if cfg.checkpoint.keep_best and score > state.best_score:
+            state.best_score = score
+            self.save(BEST_NAME)
+
+    # -- the run --------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs with evaluation and checkpoints; returns the summary."""
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
-        self.tracker.start(cfg, {"surgery": self.record.to_dict(), "world_size": accelerator.num_processes})
-        finished = True
+        self.tracker.start(
+            cfg,
+            {"surgery": self.record.to_dict(), "world_size": accelerator.num_processes,
+             "effective_lr": cfg.optim.lr * self.lr_multiplier, "ema_decay": self.ema.decay if self.ema else None},
+            self.checkpoint_tracker,
+        )
+        finished = False
         try:
             while state.epoch < cfg.train.epochs:
                 if not self.train_epoch():
-                    finished = False
                     break
                 last = state.epoch == cfg.train.epochs
                 if last or (cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0):
-                    result = self.evaluate()
-                    state.last_eval = _eval_record(cfg, state, result)
-                    self.tracker.log(state.last_eval)
-                    accelerator.print(
-                        f"epoch {state.epoch}: {cfg.data.eval_split} accuracy {result.accuracy:.4f} "
-                        f"({result.correct}/{result.num_samples}), loss {result.loss:.4f}"
-                    )
+                    self._evaluate_and_log()
                 if last:
                     self.save(FINAL_NAME)
+                    finished = True
                     break
-                if self._stop_due():
+                reason = PLANNED_STOP if self._planned_stop_due() else self.stops.agreed(state.step, force=True)
+                if reason:
+                    self.stop_reason = reason
                     self.save(step_name(state.step))
-                    finished = False
                     break
                 if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
-                    self.save(f"epoch_{state.epoch:03d}.pt")
+                    self.save(f"epoch_{state.epoch:03d}.pt", periodic=True)
                 elif self._step_checkpoint_due():
-                    self.save(step_name(state.step))
+                    self.save(step_name(state.step), periodic=True)
+            summary = self._summary(finished)
+            if accelerator.is_main_process:
+                self._write_outputs(finished, summary)
         finally:
+            self.stops.close()
             self.tracker.finish()
             if self.trace is not None:
                 self.trace.close()
-        summary = self._summary(finished)
-        if finished and accelerator.is_main_process:
-            write_summary(self.run_dir, summary)
         if not finished:
             accelerator.print(
-                f"distvit: stopped after step {state.step} (train.stop_at_step); checkpoint "
+                f"distvit: stopped after step {state.step} ({self.stop_reason}); checkpoint "
                 f"{self.checkpoint_dir / step_name(state.step)}. Continue with train.resume=auto."
             )
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
 
+    def _write_outputs(self, finished: bool, summary: dict[str, Any]) -> None:
+        """Main process, at the end or at a stop: export, plots, summary.json or stopped.json."""
+        from distvit.report import write_report
+
+        if finished and self.cfg.checkpoint.export:
+            last = self.state.last_eval
+            use_ema = self.ema is not None and last.get("ema_accuracy", -1) >= last.get("accuracy", 0)
+            weights = (self.ema.module if use_ema else self.accelerator.unwrap_model(self.eager_model)).state_dict()
+            summary["export"] = {"weights": "ema" if use_ema else "model"}
+            paths = export_model(self.run_dir, weights, self.record, {
+                "weights": summary["export"]["weights"], "classes": list(self.manifest.classes),
+                "data_image_size": list(self.manifest.image_size) if self.manifest.image_size else None,
+                "metrics": last,
+            })
+            summary["export"]["files"] = [str(p) for p in paths]
+        plots = write_report(self.run_dir)
+        self.tracker.log_image_files(
+            {f"{self.cfg.data.eval_split}/{p.stem}": p for p in plots if p.stem.startswith("confusion")}, self.state.step,
+        )
+        if finished:
+            write_summary(self.run_dir, summary)
+        else:
+            atomic_write_bytes(self.run_dir / STOPPED_NAME, json.dumps({
+                "step": self.state.step, "epoch": self.state.epoch, "reason": self.stop_reason,
+                "checkpoint": str(self.checkpoint_dir / step_name(self.state.step)),
+            }).encode())
+        if self.stop_reason and self.stop_reason != PLANNED_STOP:
+            self.stops.consume_stop_file()
+
     def _summary(self, finished: bool) -> dict[str, Any]:
         accelerator, state = self.accelerator, self.state
         return {
             "finished": finished,
+            "stop_reason": self.stop_reason,
             "final": state.last_eval,
+            "best_score": state.best_score if math.isfinite(state.best_score) else None,
             "checkpoint": str(self.checkpoint_dir / (FINAL_NAME if finished else step_name(state.step))),
             "world_size": accelerator.num_processes,
             "distributed_type": accelerator.distributed_type.value,
@@ -400,6 +578,9 @@ class Trainer:
             "epochs": state.epoch,
             "train_seconds": state.train_seconds,
             "train_images_per_sec": state.images_seen / state.train_seconds if state.train_seconds else None,
+            "compile_seconds": state.compile_seconds or None,
+            "effective_lr": self.cfg.optim.lr * self.lr_multiplier,
+            "ema_decay": self.ema.decay if self.ema else None,
             "surgery": self.record.to_dict(),
         }
 
@@ -407,10 +588,3 @@ class Trainer:
 def run_training(cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None) -> dict[str, Any]:
     """Train, evaluate and checkpoint as configured; returns the run summary (also in summary.json)."""
     return Trainer(cfg, manifest, bad_shards).run()
-
-
-def _eval_record(cfg: Config, state: TrainState, result: EvalResult) -> dict[str, Any]:
-    return {
-        "split": cfg.data.eval_split, "epoch": state.epoch, "step": state.step, "accuracy": result.accuracy,
-        "num_samples": result.num_samples, "correct": result.correct, "loss": result.loss,
-    }

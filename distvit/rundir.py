@@ -3,7 +3,14 @@
     RUN_DIR/config.yaml        resolved configuration (written before the first step)
     RUN_DIR/metrics.jsonl      one JSON object per line (training and evaluation)
     RUN_DIR/checkpoints/       final.pt, epoch_NNN.pt, step_NNNNNNNN.pt, latest.json
+    RUN_DIR/checkpoints/best.pt  the best evaluation so far (checkpoint.keep_best)
+    RUN_DIR/eval/confusion.json  confusion matrix of the latest evaluation (raw and EMA)
+    RUN_DIR/plots/             loss, lr, accuracy and confusion PNGs (`distvit report RUN_DIR` redraws them)
+    RUN_DIR/model.safetensors  exported weights + model.json (timm.create_model arguments), at the end
     RUN_DIR/summary.json       final results, written last: its presence marks a finished run
+    RUN_DIR/stopped.json       present while the run is stopped on request (signal, STOP file, stop_at_step)
+    RUN_DIR/STOP               create it to make a running job checkpoint and stop
+    RUN_DIR/tracker.json       the W&B run id, continued by resumed and requeued jobs
     RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
     RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)
 """
@@ -20,12 +27,16 @@ from distvit.checkpoint import CHECKPOINT_DIR
 from distvit.config import Config
 from distvit.errors import ConfigError
 from distvit.fileio import atomic_write_bytes
-from distvit.tracking import METRICS_NAME
+from distvit.tracking import METRICS_NAME, TRACKER_NAME
 
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "summary.json"
+STOPPED_NAME = "stopped.json"
+CONFUSION_NAME = "eval/confusion.json"
 WANDB_DIR = "wandb"
 TRACE_DIR = "trace"
+_RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, STOPPED_NAME, METRICS_NAME, TRACKER_NAME, "model.safetensors", "model.json", "STOP")
+_RUN_FOLDERS = (CHECKPOINT_DIR, WANDB_DIR, TRACE_DIR, "eval", "plots")
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -55,12 +66,13 @@ def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
     config is written."""
     if resumed_step is None:
         if cfg.run.overwrite or cfg.train.resume:
-            for name in (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME):
+            for name in _RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
-            for folder in (CHECKPOINT_DIR, WANDB_DIR, TRACE_DIR):
+            for folder in _RUN_FOLDERS:
                 shutil.rmtree(run_dir / folder, ignore_errors=True)
     else:
         (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
+        (run_dir / STOPPED_NAME).unlink(missing_ok=True)
         logs = [run_dir / METRICS_NAME, *sorted((run_dir / TRACE_DIR).glob("*.jsonl"))]
         for log in logs:
             _drop_lines_after(log, resumed_step)

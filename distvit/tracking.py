@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,26 @@ from typing import Any
 from accelerate import Accelerator
 
 from distvit.config import Config
+from distvit.fileio import atomic_write_bytes
 
 METRICS_NAME = "metrics.jsonl"
+TRACKER_NAME = "tracker.json"
+
+
+def resolve_run_id(run_dir: Path, checkpoint_tracker: dict[str, Any] | None) -> str:
+    """The W&B run id of this training run: the checkpoint's (a resumed or requeued job continues the
+    same W&B run), else the run directory's tracker.json, else a new one (written there)."""
+    if checkpoint_tracker and checkpoint_tracker.get("wandb_run_id"):
+        return str(checkpoint_tracker["wandb_run_id"])
+    path = run_dir / TRACKER_NAME
+    if path.is_file():
+        try:
+            return str(json.loads(path.read_text())["wandb_run_id"])
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged: start a new id below
+    run_id = secrets.token_hex(4)  # W&B ids: 8 characters of [a-z0-9]
+    atomic_write_bytes(path, json.dumps({"wandb_run_id": run_id}).encode())
+    return run_id
 
 
 def wandb_mode(requested: str) -> tuple[str, str]:
@@ -45,25 +64,32 @@ def _clean(value: Any) -> Any:
 
 
 class RunTracker:
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str] | None = None):
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_NAME
+        self.class_names = class_names or []
         self.use_wandb = False
+        self.run_id: str | None = None
         self._handle = None
         if accelerator.is_main_process:
             self._handle = open(self.metrics_path, "a", buffering=1)
 
-    def start(self, cfg: Config, extra_config: dict[str, Any]) -> None:
-        """Start W&B (main process decides; every rank must call this, as Accelerate expects)."""
+    def start(self, cfg: Config, extra_config: dict[str, Any], checkpoint_tracker: dict[str, Any] | None = None) -> None:
+        """Start W&B on the main process, continuing the run id of `checkpoint_tracker` when resuming.
+        Every rank must call this, as Accelerate expects."""
         if cfg.tracking.backend != "wandb":
             return
+        if self.accelerator.is_main_process:
+            self.run_id = resolve_run_id(self.run_dir, checkpoint_tracker)
         mode, reason = wandb_mode(cfg.tracking.mode)
         init_kwargs = {
             "dir": str(self.run_dir),
             "mode": mode,
             "name": cfg.tracking.run_name,
             "entity": cfg.tracking.entity,
+            "id": self.run_id,
+            "resume": "allow",
         }
         try:
             self.accelerator.init_trackers(
@@ -76,8 +102,8 @@ class RunTracker:
             return
         if self.accelerator.is_main_process and mode == "offline":
             self.accelerator.print(
-                f"W&B is offline ({reason}): the run is saved under {self.run_dir}/wandb/. "
-                f"Upload it later with `wandb sync {self.run_dir}/wandb/offline-run-*`."
+                f"W&B is offline ({reason}): run {self.run_id} is saved under {self.run_dir}/wandb/. "
+                f"Upload it later with `wandb sync --id {self.run_id} {self.run_dir}/wandb/offline-run-*`."
             )
 
     def log(self, record: dict[str, Any]) -> None:
@@ -92,11 +118,42 @@ class RunTracker:
                 f"{split}/{k}": v for k, v in record.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step",)
             }
-            try:
-                self.accelerator.log(numbers, step=record.get("step"))
-            except Exception as err:
-                warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); stopping W&B for this run.")
-                self.use_wandb = False
+            for key, values in record.items():  # per-class lists: one chart per class
+                if key.endswith("per_class_accuracy") and isinstance(values, list):
+                    for index, value in enumerate(values):
+                        if value is not None:
+                            numbers[f"{split}/{key}/{self._class_name(index)}"] = value
+            self._to_wandb(numbers, record.get("step"))
+
+    def _class_name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else f"class_{index}"
+
+    def _to_wandb(self, values: dict[str, Any], step: int | None) -> None:
+        try:
+            self.accelerator.log(values, step=step)
+        except Exception as err:
+            warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); stopping W&B for this run.")
+            self.use_wandb = False
+
+    def log_images(self, key: str, samples: list[dict[str, Any]], step: int) -> None:
+        """Main process: a grid of sample predictions ({'image': HxWxC uint8, 'label', 'predicted'})."""
+        if not (self.accelerator.is_main_process and self.use_wandb and samples):
+            return
+        import wandb
+
+        images = [
+            wandb.Image(s["image"].numpy(), caption=f"{self._class_name(s['predicted'])} (true {self._class_name(s['label'])})")
+            for s in samples
+        ]
+        self._to_wandb({key: images}, step)
+
+    def log_image_files(self, paths: dict[str, Path], step: int) -> None:
+        """Main process: PNG files (the confusion matrix plots) as W&B images."""
+        if not (self.accelerator.is_main_process and self.use_wandb and paths):
+            return
+        import wandb
+
+        self._to_wandb({key: wandb.Image(str(path)) for key, path in paths.items()}, step)
 
     def finish(self) -> None:
         for tracker in self.accelerator.trackers:

@@ -18,14 +18,19 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def accelerate_launch(
-    num_processes: int, args: list[str], timeout: float = 600, script: Path = REPO / "distvit" / "train.py",
-) -> subprocess.CompletedProcess:
-    """`accelerate launch` a script (distvit/train.py by default) on CPU: 2+ processes use gloo (MULTI_CPU)."""
+def launcher_command(num_processes: int, args: list[str], script: Path | None = REPO / "distvit" / "train.py") -> list[str]:
+    """`accelerate launch` on CPU (2+ processes use gloo, MULTI_CPU); script None: args start with -m module."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(num_processes)]
     launcher += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     launcher += ["--main_process_port", str(29500 + os.getpid() % 2000)] if num_processes > 1 else []
-    command = launcher + [str(script), *args]
+    return launcher + ([str(script)] if script else []) + list(args)
+
+
+def accelerate_launch(
+    num_processes: int, args: list[str], timeout: float = 600, script: Path | None = REPO / "distvit" / "train.py",
+) -> subprocess.CompletedProcess:
+    """Run `launcher_command` to completion (distvit/train.py by default)."""
+    command = launcher_command(num_processes, args, script)
     return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -25,6 +25,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.from_numpy(rng.permutation(num_samples).astype(np.int64))
 
 
+def subset_indices(num_samples: int, size: int, seed: int) -> torch.Tensor:
+    """A fixed random subset of `size` of range(num_samples), sorted; depends on (seed, size) only."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, size, 0x5B5E7]))
+    return torch.from_numpy(np.sort(rng.choice(num_samples, size=size, replace=False)).astype(np.int64))
+
+
 def sequential_order(num_samples: int) -> torch.Tensor:
     """Stored order, for evaluation."""
     return torch.arange(num_samples, dtype=torch.int64)

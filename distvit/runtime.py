@@ -1,0 +1,91 @@
+"""Process-level setup the engine needs: the Accelerator, per-step seeds, model checks across ranks,
+RNG state, fused attention and torch.compile with graceful fallbacks."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from distvit.config import Config
+from distvit.errors import ConfigError, DistvitError
+from distvit.surgery import SurgeryRecord
+
+
+def step_seed(seed: int, epoch: int, first_slot: int) -> int:
+    """Seed of one step's augmentation: a function of (seed, epoch, position in the epoch) only."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, first_slot]).generate_state(1)[0])
+
+
+def _cpu_processes() -> bool:
+    """Several ranks and no GPU: Accelerate must be told `cpu=True` to set up gloo (MULTI_CPU); without
+    it every rank of `accelerate launch --multi_gpu` on a CPU machine runs alone as rank 0."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return several and not gpu
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    accelerator = Accelerator(
+        cpu=_cpu_processes(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="wandb" if cfg.tracking.backend == "wandb" else None,
+    )
+    world, micro = accelerator.num_processes, cfg.train.grad_accum_steps
+    if cfg.train.batch_size % (world * micro) or cfg.train.eval_batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} and train.eval_batch_size={cfg.train.eval_batch_size} are "
+            f"global batch sizes: batch_size must be divisible by the number of processes x grad_accum_steps "
+            f"({world} x {micro}) and eval_batch_size by the number of processes ({world}). "
+            f"Choose multiples of {world * micro}."
+        )
+    return accelerator
+
+
+def check_same_model_everywhere(record: SurgeryRecord) -> None:
+    """All ranks compare their post-surgery fingerprints before DDP wraps the model (its broadcast from
+    rank 0 would hide a difference in the weights, though not in the plan or in what is frozen)."""
+    prints = gather_object([record.fingerprint])
+    differing = [rank for rank, value in enumerate(prints) if value != prints[0]]
+    if differing:
+        raise DistvitError(
+            f"the model after surgery differs between ranks: rank(s) {differing} disagree with rank 0 "
+            f"(fingerprints {', '.join(p[:12] for p in prints)}). Every rank must see the same config, "
+            f"weights file and library versions (timm {record.timm_version} here)."
+        )
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_fused_attention(model: torch.nn.Module, enabled: bool | None) -> bool:
+    """Switch timm's attention modules between F.scaled_dot_product_attention and the plain path.
+    None keeps timm's choice. Returns whether fused attention is in use."""
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    if enabled and not hasattr(F, "scaled_dot_product_attention"):
+        warnings.warn(f"model.fused_attn=true: torch {torch.__version__} has no scaled_dot_product_attention; using plain attention.")
+        enabled = False
+    if enabled is not None:
+        for module in modules:
+            module.fused_attn = enabled
+    return bool(modules) and all(m.fused_attn for m in modules)
+
+
+def compile_supported() -> tuple[bool, str]:
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False, "torch.compile is not supported on this Python/platform"
+    except Exception as err:  # missing or broken dynamo
+        return False, f"torch.compile is unavailable ({type(err).__name__}: {err})"
+    return True, ""

@@ -1,0 +1,65 @@
+"""Stopping on request: SIGUSR1 or SIGTERM to any rank, or a file named STOP in the run directory.
+
+A signal only sets a flag. Every `every` optimizer steps (the same steps on every rank) the ranks
+all-reduce their flags, so all of them stop after the same step, write one checkpoint together and
+exit with EXIT_STOPPED. The torchrun / accelerate agent forwards SIGTERM to its workers (and SIGKILLs
+them ~30 s later), so a checkpoint interval of a few seconds is what preemption needs.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+STOP_FILE = "STOP"
+EXIT_STOPPED = 3
+"""Exit status of a training process that stopped on request after writing its checkpoint."""
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequests:
+    def __init__(self, run_dir: Path, accelerator: Accelerator, every: int):
+        self.stop_file = run_dir / STOP_FILE
+        self.accelerator = accelerator
+        self.every = every
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in HANDLED_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def _local_reason(self) -> str | None:
+        if self.received:
+            return self.received
+        return f"{STOP_FILE} file" if self.stop_file.exists() else None
+
+    def agreed(self, step: int, force: bool = False) -> str | None:
+        """At every `every`-th step (or when `force`, at points all ranks reach together): the reason to stop
+        if any rank was asked to, else None. A collective when there are several ranks."""
+        if not force and step % self.every:
+            return None
+        reason = self._local_reason()
+        if self.accelerator.num_processes == 1:
+            return reason
+        flag = torch.tensor([1 if reason else 0], device=self.accelerator.device)
+        flag = self.accelerator.reduce(flag, reduction="sum")
+        if int(flag.item()) == 0:
+            return None
+        return reason or "another rank was asked to stop"
+
+    def consume_stop_file(self) -> None:
+        """Main process: remove STOP so that the resumed run does not stop again at once."""
+        if self.accelerator.is_main_process:
+            self.stop_file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
