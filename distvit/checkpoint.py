@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,9 +52,10 @@ def mark_latest(checkpoint_dir: Path, name: str, step: int, epoch: int) -> None:
 BEST_NAME = "best.pt"
 
 
-def prune_periodic(checkpoint_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` periodic checkpoints (step_*.pt, epoch_*.pt), never the one
-    latest.json names; final.pt and best.pt are not periodic. Returns the deleted paths."""
+def prune_periodic(checkpoint_dir: Path, keep_last: int, step_of: Callable[[str], int]) -> list[Path]:
+    """Delete all but the `keep_last` periodic checkpoints (step_*.pt, epoch_*.pt) of the highest steps
+    (`step_of(name)`; file times can tie on coarse file systems), never the one latest.json names;
+    final.pt and best.pt are not periodic. Returns the deleted paths."""
     if keep_last <= 0:
         return []
     protected = None
@@ -65,7 +67,7 @@ def prune_periodic(checkpoint_dir: Path, keep_last: int) -> list[Path]:
             pass
     periodic = sorted(
         (p for p in checkpoint_dir.glob("*.pt") if p.name.startswith(("step_", "epoch_"))),
-        key=lambda p: p.stat().st_mtime_ns,
+        key=lambda p: step_of(p.name),
     )
     deleted = []
     for path in periodic[:-keep_last]:

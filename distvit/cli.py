@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from distvit.errors import EXIT_USER_ERROR, ConfigError, DataError, DistvitError
+from distvit.errors import EXIT_USER_ERROR, ConfigError, DataError, DistvitError, RunFinished
 
 
 def _is_local_leader() -> bool:
@@ -30,6 +30,10 @@ def _is_local_leader() -> bool:
 def run_guarded(action: Callable[[], int | None]) -> int:
     try:
         return action() or 0
+    except RunFinished as done:  # a requeued job whose run already ended: success, nothing to redo
+        if _is_local_leader():
+            print(f"distvit: {done}", file=sys.stderr, flush=True)
+        return 0
     except DistvitError as err:
         if _is_local_leader():
             print(f"distvit: error: {err}", file=sys.stderr, flush=True)

@@ -42,37 +42,50 @@ def _column(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
 
 
-def load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device) -> Teacher:
-    """A distvit checkpoint / run directory (rebuilt from its surgery record), or a timm model with weights."""
+def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device) -> Teacher:
+    """A distvit checkpoint / run directory (rebuilt from its surgery record; its classes must be the
+    dataset's, in order), or a timm model whose weights already predict the dataset's classes."""
     source = os.path.expanduser(cfg.teacher)
+    num_classes = len(classes)
     if Path(source).exists():
         from distvit.checkpoint import load_model
 
-        model, record, _ = load_model(source)
+        model, record, payload = load_model(source)
         img_size, mean, std = record.img_size, record.mean, record.std
-        classes = record.num_classes
-    else:
-        pretrained = cfg.teacher_weights
-        overlay = {"file": os.path.expanduser(pretrained)} if isinstance(pretrained, str) else None
-        try:
-            model = timm.create_model(
-                cfg.teacher, pretrained=True, num_classes=num_classes,
-                **({"pretrained_cfg_overlay": {**overlay, "num_classes": num_classes}} if overlay else {}),
-            )
-        except Exception as err:  # hub download failure, unreadable file: both user-fixable
+        if list(payload.get("classes", [])) != list(classes):
             raise ConfigError(
-                f"distill.teacher={cfg.teacher!r}: its weights could not be loaded ({type(err).__name__}: {err}). "
-                f"Pass distill.teacher_weights=PATH (a file whose head has {num_classes} classes) or a distvit checkpoint."
-            ) from None
+                f"distill.teacher={cfg.teacher!r} was trained on the classes {list(payload.get('classes', []))[:5]}..., "
+                f"the dataset has {list(classes)[:5]}...: a teacher must predict the same classes in the same order."
+            )
+    else:
+        model = _timm_teacher(cfg, num_classes)
         data_cfg = timm.data.resolve_data_config({}, model=model)
         img_size, mean, std = data_cfg["input_size"][-1], tuple(data_cfg["mean"]), tuple(data_cfg["std"])
-        classes = model.num_classes
-    if classes != num_classes:
-        raise ConfigError(
-            f"distill.teacher={cfg.teacher!r} predicts {classes} classes, the dataset has {num_classes}. "
-            f"Use a teacher fine-tuned on this dataset (e.g. a distvit run directory)."
-        )
-    if isinstance(model, torch.nn.Module) and hasattr(model, "set_distilled_training"):
+    if hasattr(model, "set_distilled_training"):
         model.set_distilled_training(False)
     model = model.to(device).eval().requires_grad_(False)
     return Teacher(model, int(img_size), tuple(mean), tuple(std), cfg.teacher)
+
+
+def _timm_teacher(cfg: DistillConfig, num_classes: int) -> torch.nn.Module:
+    """Hub weights keep their own head (asking timm for num_classes would silently replace it with a
+    random one); a local file is loaded with the dataset's class count and must contain that head."""
+    weights = cfg.teacher_weights
+    try:
+        if isinstance(weights, str):
+            overlay = {"file": os.path.expanduser(weights), "num_classes": num_classes}
+            model = timm.create_model(cfg.teacher, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
+        else:
+            model = timm.create_model(cfg.teacher, pretrained=True)
+    except Exception as err:  # hub download failure, unreadable file or a head of another size
+        raise ConfigError(
+            f"distill.teacher={cfg.teacher!r}: its weights could not be loaded ({type(err).__name__}: {str(err)[:300]}). "
+            f"Pass distill.teacher_weights=PATH (a file whose head has {num_classes} classes) or a distvit checkpoint."
+        ) from None
+    if model.num_classes != num_classes:
+        raise ConfigError(
+            f"distill.teacher={cfg.teacher!r} with hub weights predicts {model.num_classes} classes, the dataset has "
+            f"{num_classes}. Use a teacher fine-tuned on this dataset: a distvit run directory, or "
+            f"distill.teacher_weights=PATH with a {num_classes}-class head."
+        )
+    return model

@@ -38,7 +38,7 @@ from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
 from distvit.distill import load_teacher
 from distvit.ema import ModelEma, decay_for_run
-from distvit.errors import CheckpointError, DataError
+from distvit.errors import CheckpointError, DataError, RunFinished
 from distvit.evaluate import EvalResult, evaluate_models
 from distvit.export import export_model
 from distvit.fileio import atomic_write_bytes
@@ -118,27 +118,29 @@ class Trainer:
         self.steps_per_epoch = num_steps(self.num_train, cfg.train.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
 
+        self.state = TrainState()
         self.fused_attn = set_fused_attention(model, cfg.model.fused_attn)
-        self.teacher = load_teacher(cfg.distill, manifest.num_classes, device) if cfg.distill.type != "none" else None
+        self.teacher = load_teacher(cfg.distill, list(manifest.classes), device) if cfg.distill.type != "none" else None
         if self.teacher is not None and hasattr(model, "set_distilled_training"):
             model.set_distilled_training(True)  # training forward returns (class head, distillation head)
         model.to(device)
         self.lr_multiplier = lr_multiplier(cfg.optim, cfg.train.batch_size)
         optimizer = build_optimizer(model, cfg.optim, cfg.surgery.lr_decay, cfg.train.batch_size)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
-        self.state = TrainState()
         if resume:
             load_weights(model, resume["model"], self.record, source=str(self.resume_path))
         self.ema = None
         if cfg.ema.enabled:
             self.ema = ModelEma(model, decay_for_run(cfg.ema, self.total_steps), cfg.ema.warmup)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.raw_model = model
+        """The model itself: state dicts, EMA updates and evaluation use it (no DDP or compile wrapper)."""
+        self.compiled = self._compiled(model) if cfg.train.compile else None
+        self.model, self.optimizer = accelerator.prepare(model if self.compiled is None else self.compiled, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.grad_norm = torch.zeros(())
-        self.eager_model = self.model
-        if cfg.train.compile:
-            self._compile()
-        self.checkpoint_tracker = resume.get("tracker") if resume else None
+        own_checkpoint = bool(resume) and self.resume_path.resolve().is_relative_to(self.run_dir.resolve())
+        # another run's checkpoint seeds this run's weights, not its W&B run
+        self.checkpoint_tracker = resume.get("tracker") if own_checkpoint else None
         if resume:
             self._restore(resume)
         else:
@@ -162,7 +164,7 @@ class Trainer:
             ("EMA decay %.6f" % self.ema.decay if self.ema else "", self.ema is not None),
             (f"distillation ({cfg.distill.type}) from {cfg.distill.teacher}", self.teacher is not None),
             (f"{cfg.train.grad_accum_steps} micro-batches per step", cfg.train.grad_accum_steps > 1),
-            ("torch.compile", self.model is not self.eager_model),
+            (f"torch.compile ({self.state.compile_seconds:.1f} s to compile)", self.compiled is not None),
             ("fused attention", self.fused_attn),
         ) if on]
         subset = f" (subset of {self.num_train})" if self.subset is not None else ""
@@ -178,12 +180,32 @@ class Trainer:
             + (f"; resumed from {self.resume_path} at step {self.state.step}" if resumed else "")
         )
 
-    def _compile(self) -> None:
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """torch.compile the model and compile it now, with a forward and backward on a dummy micro-batch
+        (before DDP wraps it and before the training RNG is seeded). All ranks agree: if compiling fails on
+        any of them, every rank warns and trains eagerly, so no rank runs a step the others do not."""
         supported, reason = compile_supported()
-        if not supported:
-            warnings.warn(f"train.compile=true: {reason}; training without it.")
-            return
-        self.model = torch.compile(self.eager_model)
+        failure = "" if supported else reason
+        compiled = None
+        if not failure:
+            start = time.perf_counter()
+            micro = self.cfg.train.batch_size // self.accelerator.num_processes // self.cfg.train.grad_accum_steps
+            dummy = torch.zeros(micro, 3, self.record.img_size, self.record.img_size, device=self.accelerator.device)
+            try:
+                compiled = torch.compile(model)
+                with self.accelerator.autocast():
+                    output = compiled(dummy)
+                sum(o.float().sum() for o in (output if isinstance(output, tuple) else (output,))).backward()
+            except Exception as err:  # compiler failures come in many types
+                failure = f"torch.compile failed ({type(err).__name__}: {str(err)[:300]})"
+            model.zero_grad(set_to_none=True)
+            self.state.compile_seconds = time.perf_counter() - start
+        failures = [f for f in gather_object([failure]) if f]
+        if failures:
+            warnings.warn(f"train.compile=true: {failures[0]}; training without it on every rank.")
+            self.state.compile_seconds = 0.0
+            return None
+        return compiled
 
     def _without_bad_shards(self, manifest: Manifest, bad: dict[str, str]) -> Manifest:
         """Unite the preflight findings of all ranks (node-local copies may differ), then stop every rank
@@ -202,6 +224,11 @@ class Trainer:
     # -- resume ---------------------------------------------------------------------------------------
 
     def _check_resumable(self, payload: dict[str, Any], source: str) -> None:
+        if payload["epoch"] >= self.cfg.train.epochs:
+            raise RunFinished(
+                f"{source} already completed {payload['epoch']} of train.epochs={self.cfg.train.epochs} epochs; "
+                f"nothing to resume (the run directory is unchanged). Raise train.epochs to train longer."
+            )
         saved = SurgeryRecord.from_dict(payload["surgery"])
         if saved.architecture() != self.record.architecture():
             raise CheckpointError(
@@ -220,6 +247,12 @@ class Trainer:
                 f"{self.cfg.data.train_subset}: it used seed {data['seed']}, subset {data.get('subset', 0)}, and the "
                 f"epoch order depends on them."
             )
+        if payload["data"].get("global_batch") not in (None, self.cfg.train.batch_size):
+            warnings.warn(
+                f"resuming {source} with train.batch_size={self.cfg.train.batch_size} (it trained with "
+                f"{payload['data']['global_batch']}): every sample is still seen once per epoch, but the lr schedule "
+                f"is re-planned in steps of the new batch."
+            )
         if (payload.get("ema") is not None) != self.cfg.ema.enabled:
             raise CheckpointError(
                 f"cannot resume from {source} with ema.enabled={self.cfg.ema.enabled}: the checkpoint was written "
@@ -234,6 +267,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(payload["ema"])
             self.ema.updates = int(payload["ema_state"]["updates"])
+            self.ema.decay = float(payload["ema_state"]["decay"])  # sized to the run as first planned
         self.state.step, self.state.epoch = payload["step"], payload["epoch"]
         self.state.samples_in_epoch = payload["data"]["samples_in_epoch"]
         self.state.last_eval = dict(payload["metrics"])
@@ -254,7 +288,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             scaler = self.accelerator.scaler
             payload = {
-                "model": self.accelerator.unwrap_model(self.eager_model).state_dict(),
+                "model": self.raw_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -280,14 +314,19 @@ class Trainer:
             save_checkpoint(self.checkpoint_dir / name, payload)
             mark_latest(self.checkpoint_dir, name, self.state.step, self.state.epoch)
             if periodic:
-                prune_periodic(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+                prune_periodic(self.checkpoint_dir, self.cfg.checkpoint.keep_last, self._checkpoint_step)
         self.accelerator.wait_for_everyone()
+
+    def _checkpoint_step(self, name: str) -> int:
+        """Optimizer step of a periodic checkpoint, from its name (epoch_NNN.pt or step_NNNNNNNN.pt)."""
+        number = int(name.split("_")[1].split(".")[0])
+        return number * self.steps_per_epoch if name.startswith("epoch_") else number
 
     # -- training -------------------------------------------------------------------------------------
 
     def _watch_compute_dtype(self) -> None:
         """Record the classifier's output dtype once (autocast on or off)."""
-        classifier = self.accelerator.unwrap_model(self.eager_model).get_classifier()
+        classifier = self.raw_model.get_classifier()
         if isinstance(classifier, tuple):  # distilled DeiT: (head, head_dist)
             classifier = classifier[0]
 
@@ -325,47 +364,37 @@ class Trainer:
         if decision.kind != "none":
             soft = mixed_targets(labels, self.record.num_classes, cfg.train.label_smoothing, decision)
             x = apply_mix(x, decision)
-        teacher = None
-        if self.teacher is not None:
-            with accelerator.autocast():
-                teacher = self.teacher.logits(x, self.record.mean, self.record.std).float()
         micro = cfg.train.grad_accum_steps
         size = x.shape[0] // micro
         loss_sum = torch.zeros((), device=accelerator.device)
         for index in range(micro):
             part = slice(index * size, (index + 1) * size)
             # DDP all-reduces gradients only on the last micro-batch
+            teacher = None
+            if self.teacher is not None:  # per micro-batch: accumulation bounds the teacher's memory too
+                with accelerator.autocast():
+                    teacher = self.teacher.logits(x[part], self.record.mean, self.record.std).float()
             with nullcontext() if index == micro - 1 else accelerator.no_sync(self.model):
                 output = self.model(x[part])
                 losses = self._loss(
-                    output, labels[part], soft[part] if soft is not None else None,
-                    teacher[part] if teacher is not None else None,
+                    output, labels[part], soft[part] if soft is not None else None, teacher,
                 ) * valid[part]
                 accelerator.backward(losses.sum() * (world / batch.global_valid))
             loss_sum += losses.detach().sum()
         if cfg.optim.clip_grad_norm:
             self.grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.optim.clip_grad_norm)
+        scaler = accelerator.scaler
+        scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule step
+        # fp16 overflow: no step, so no schedule or EMA step. A fused optimizer is always "called" by the
+        # scaler (it gets found_inf), so Accelerate's flag misses those skips; a lowered scale shows them.
+        skipped = accelerator.optimizer_step_was_skipped or (scaler is not None and scaler.get_scale() < scale)
+        if not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.accelerator.unwrap_model(self.eager_model))
+        if self.ema is not None and not skipped:
+            self.ema.update(self.raw_model)
         return loss_sum
-
-    def _first_step_or_fallback(self, *args) -> torch.Tensor:
-        """The first step of a compiled model: time the compilation; on failure warn and go eager."""
-        start = time.perf_counter()
-        try:
-            loss = self._train_step(*args)
-        except Exception as err:  # compiler failures have many types; an eager failure re-raises below
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:300]}); training without it.")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.model = self.eager_model
-            return self._train_step(*args)
-        self.state.compile_seconds = time.perf_counter() - start
-        self.accelerator.print(f"distvit: torch.compile: first step (compilation) took {self.state.compile_seconds:.1f} s")
-        return loss
 
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; False when it stopped mid-epoch (planned or requested)."""
@@ -392,11 +421,7 @@ class Trainer:
                 break
             batch, images, labels = item
             step_lr = max(g["lr"] for g in self.optimizer.param_groups)  # the peak lr this step uses (logged)
-            args = (batch, images, labels, local, plan.global_batch)
-            compiling = self.model is not self.eager_model and not state.compile_seconds
-            loss_sum += self._first_step_or_fallback(*args) if compiling else self._train_step(*args)
-            if compiling:
-                window_start = time.perf_counter()  # compile time is not training throughput
+            loss_sum += self._train_step(batch, images, labels, local, plan.global_batch)
             state.step += 1
             state.samples_in_epoch += batch.global_valid
             if self.trace is not None:
@@ -428,7 +453,7 @@ class Trainer:
                 state.epoch += 1
                 state.samples_in_epoch = 0
                 continue
-            reason = PLANNED_STOP if self._planned_stop_due() else self.stops.agreed(state.step)
+            reason = self._stop_reason()
             if reason:
                 self.stop_reason = reason
                 self.save(step_name(state.step))
@@ -439,8 +464,12 @@ class Trainer:
         progress.close()
         return True
 
-    def _planned_stop_due(self) -> bool:
-        return bool(self.cfg.train.stop_at_step) and self.state.step == self.cfg.train.stop_at_step
+    def _stop_reason(self, at_epoch_end: bool = False) -> str | None:
+        """Why to stop after this step, if at all: a request (agreed by all ranks; it wins, so a signal at
+        the planned step still exits as stopped and a STOP file is consumed) or train.stop_at_step."""
+        requested = self.stops.agreed(self.state.step, force=at_epoch_end)
+        planned = bool(self.cfg.train.stop_at_step) and self.state.step == self.cfg.train.stop_at_step
+        return requested or (PLANNED_STOP if planned else None)
 
     def _step_checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -449,7 +478,7 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, EvalResult]:
-        models = {"model": self.accelerator.unwrap_model(self.eager_model)}
+        models = {"model": self.raw_model}
         if self.ema is not None:
             models["ema"] = self.ema.module
         return evaluate_models(
@@ -507,7 +536,7 @@ class Trainer:
                     self.save(FINAL_NAME)
                     finished = True
                     break
-                reason = PLANNED_STOP if self._planned_stop_due() else self.stops.agreed(state.step, force=True)
+                reason = self._stop_reason(at_epoch_end=True)
                 if reason:
                     self.stop_reason = reason
                     self.save(step_name(state.step))
@@ -540,7 +569,7 @@ class Trainer:
         if finished and self.cfg.checkpoint.export:
             last = self.state.last_eval
             use_ema = self.ema is not None and last.get("ema_accuracy", -1) >= last.get("accuracy", 0)
-            weights = (self.ema.module if use_ema else self.accelerator.unwrap_model(self.eager_model)).state_dict()
+            weights = (self.ema.module if use_ema else self.raw_model).state_dict()
             summary["export"] = {"weights": "ema" if use_ema else "model"}
             paths = export_model(self.run_dir, weights, self.record, {
                 "weights": summary["export"]["weights"], "classes": list(self.manifest.classes),

@@ -22,3 +22,7 @@ class DataError(DistvitError):
 
 class CheckpointError(DistvitError):
     """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+class RunFinished(DistvitError):
+    """Resuming a run that already finished: nothing to do (exit status 0, the run directory untouched)."""

@@ -14,10 +14,12 @@ def label_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, sof
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, tau: float) -> torch.Tensor:
-    """DeiT's distillation term per sample: soft = tau^2 x KL(teacher || student) at temperature tau;
-    hard = cross-entropy against the teacher's argmax."""
+    """DeiT's distillation term per sample: soft = tau^2 x KL(teacher || student) at temperature tau,
+    divided by the class count as DeiT's reference does (it divides the summed KL by batch x classes), so
+    its alpha and tau carry over; hard = cross-entropy against the teacher's argmax."""
     if kind == "hard":
         return F.cross_entropy(student.float(), teacher.argmax(dim=-1), reduction="none")
     log_student = F.log_softmax(student.float() / tau, dim=-1)
     log_teacher = F.log_softmax(teacher.float() / tau, dim=-1)
-    return F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=-1) * (tau * tau)
+    kl = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=-1)
+    return kl * (tau * tau) / student.shape[-1]

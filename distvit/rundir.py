@@ -67,9 +67,12 @@ def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
     if resumed_step is None:
         if cfg.run.overwrite or cfg.train.resume:
             for name in _RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
+                # resume=auto before the first checkpoint (a requeued job) is the same run: same W&B run
+                if not (name == TRACKER_NAME and cfg.train.resume):
+                    (run_dir / name).unlink(missing_ok=True)
             for folder in _RUN_FOLDERS:
-                shutil.rmtree(run_dir / folder, ignore_errors=True)
+                if not (folder == WANDB_DIR and cfg.train.resume):
+                    shutil.rmtree(run_dir / folder, ignore_errors=True)
     else:
         (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
         (run_dir / STOPPED_NAME).unlink(missing_ok=True)

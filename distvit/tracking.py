@@ -96,6 +96,12 @@ class RunTracker:
                 cfg.tracking.project, config={**cfg.to_dict(), **extra_config}, init_kwargs={"wandb": init_kwargs}
             )
             self.use_wandb = True
+            if self.accelerator.is_main_process:
+                # Charts use distvit's optimizer step, logged as a value, not W&B's own step: after a resume
+                # from an earlier checkpoint W&B would drop every point up to its previous maximum step.
+                run = self.accelerator.get_tracker("wandb", unwrap=True)
+                run.define_metric("step")
+                run.define_metric("*", step_metric="step")
         except Exception as err:  # tracking must never stop training
             if self.accelerator.is_main_process:
                 warnings.warn(f"W&B did not start ({type(err).__name__}: {err}); continuing with {METRICS_NAME} only.")
@@ -130,7 +136,7 @@ class RunTracker:
 
     def _to_wandb(self, values: dict[str, Any], step: int | None) -> None:
         try:
-            self.accelerator.log(values, step=step)
+            self.accelerator.log({**values, "step": step} if step is not None else values)
         except Exception as err:
             warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); stopping W&B for this run.")
             self.use_wandb = False

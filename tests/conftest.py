@@ -23,3 +23,16 @@ def demo_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic-demo"
     prepare_synthetic(out, train_size=5000, test_size=1000)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_dataset, tmp_path_factory):
+    """The README's main job (configs/demo.yaml on 2 gloo ranks, W&B offline), run once and shared:
+    (run_dir, overrides, the launch result)."""
+    from helpers import accelerate_launch
+
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    overrides = [f"data.path={demo_dataset}", f"run.dir={run_dir}", "tracking.mode=offline"]
+    result = accelerate_launch(2, ["--config", "configs/demo.yaml", *overrides])
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return run_dir, overrides, result

@@ -19,6 +19,7 @@ from distvit.rundir import read_summary
 from distvit.surgery import build_model
 from distvit.tracking import read_metrics
 from helpers import REPO, accelerate_launch, run_cli
+from wandb_records import summarize
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -62,10 +63,8 @@ def offline_accuracy(run_dir, dataset):
     return int((predictions == data.labels).sum()), payload
 
 
-def test_demo_on_two_gloo_ranks_learns_and_checkpoints(demo_dataset, tmp_path):
-    run_dir = tmp_path / "demo"
-    overrides = [f"data.path={demo_dataset}", f"run.dir={run_dir}", "tracking.mode=offline"]
-    launch_ok(2, ["--config", "configs/demo.yaml", *overrides])
+def test_demo_on_two_gloo_ranks_learns_and_checkpoints(demo_run, demo_dataset):
+    run_dir, overrides, _ = demo_run
 
     summary = read_summary(run_dir)
     assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
@@ -86,6 +85,11 @@ def test_demo_on_two_gloo_ranks_learns_and_checkpoints(demo_dataset, tmp_path):
 
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1  # one W&B run per training run, not one per rank
+    logged = summarize(wandb_runs[0])
+    assert logged["run_id"] == json.loads((run_dir / "tracker.json").read_text())["wandb_run_id"]
+    assert {"model", "surgery", "optim", "world_size"} <= logged["config"]
+    accuracies = [float(h["test/accuracy"]) for h in logged["history"] if "test/accuracy" in h]
+    assert accuracies == pytest.approx([r["accuracy"] for r in evals])
 
 
 def test_single_rank_same_config(demo_dataset, tmp_path):

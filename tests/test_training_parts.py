@@ -71,7 +71,8 @@ def test_distillation_losses():
     student, teacher = torch.randn(5, 10), torch.randn(5, 10)
     assert distillation_loss(teacher, teacher, "soft", 3.0).abs().max() < 1e-5
     soft = distillation_loss(student, teacher, "soft", 2.0)
-    manual = (F.softmax(teacher / 2, 1) * (F.log_softmax(teacher / 2, 1) - F.log_softmax(student / 2, 1))).sum(1) * 4
+    # DeiT: KL summed, times tau^2, divided by batch x classes (here per sample: by the 10 classes)
+    manual = (F.softmax(teacher / 2, 1) * (F.log_softmax(teacher / 2, 1) - F.log_softmax(student / 2, 1))).sum(1) * 4 / 10
     torch.testing.assert_close(soft, manual)
     hard = distillation_loss(student, teacher, "hard", 1.0)
     torch.testing.assert_close(hard, F.cross_entropy(student, teacher.argmax(1), reduction="none"))
@@ -150,17 +151,18 @@ def test_subset_is_fixed_by_seed_and_size():
 
 def test_prune_keeps_the_newest_periodic_and_the_latest(tmp_path):
     names = ["step_00000002.pt", "epoch_001.pt", "step_00000006.pt", "step_00000008.pt"]
-    for index, name in enumerate(names):
+    for name in names:
         (tmp_path / name).write_bytes(b"x")
-        os.utime(tmp_path / name, ns=(index * 10**9, index * 10**9))
+        os.utime(tmp_path / name, ns=(10**9, 10**9))  # equal times (coarse file system): order by step
     for name in ("best.pt", "final.pt"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "latest.json").write_text(json.dumps({"file": "step_00000002.pt"}))
-    deleted = prune_periodic(tmp_path, keep_last=2)
+    step_of = {"step_00000002.pt": 2, "epoch_001.pt": 4, "step_00000006.pt": 6, "step_00000008.pt": 8}.get
+    deleted = prune_periodic(tmp_path, keep_last=2, step_of=step_of)
     assert sorted(p.name for p in deleted) == ["epoch_001.pt"]
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
         "best.pt", "final.pt", "step_00000002.pt", "step_00000006.pt", "step_00000008.pt"]
-    assert prune_periodic(tmp_path, keep_last=0) == []
+    assert prune_periodic(tmp_path, keep_last=0, step_of=step_of) == []
 
 
 def test_stop_requests_from_signal_and_file(tmp_path):
@@ -235,3 +237,34 @@ def test_evaluation_counts_top5_and_confusion():
     assert result.top5_correct == 7  # 3 and 4 are in their top 5 ({2, 0, 1, 3, 4}, {3, 0, 1, 2, 4}), 8 is not
     assert result.per_class_accuracy()[3] == 0.0 and result.per_class_accuracy()[9] == 1.0
     assert result.per_class_accuracy()[6] is None
+
+
+def test_teachers_must_predict_the_datasets_classes(tmp_path, monkeypatch):
+    from distvit import distill
+    from distvit.checkpoint import save_checkpoint
+    from distvit.config import DistillConfig
+
+    classes = [f"c{i}" for i in range(10)]
+    # hub weights keep their 1000-class ImageNet head: refused, not silently given a random 10-class head
+    monkeypatch.setattr(distill.timm, "create_model", lambda name, **kw: timm.models.create_model(name, pretrained=False, **{
+        k: v for k, v in kw.items() if k not in ("pretrained",)}))
+    with pytest.raises(ConfigError, match="predicts 1000 classes, the dataset has 10"):
+        distill.load_teacher(DistillConfig(type="soft", teacher="deit_tiny_patch16_224"), classes, torch.device("cpu"))
+    monkeypatch.undo()
+    # a weights file with another head size: an actionable error
+    weights = tmp_path / "imagenet.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224").state_dict(), weights)
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        distill.load_teacher(DistillConfig(type="soft", teacher="deit_tiny_patch16_224", teacher_weights=str(weights)),
+                             classes, torch.device("cpu"))
+    # a distvit checkpoint trained on other classes (same count, other order)
+    from distvit.data.synthetic import prepare_synthetic
+    from distvit.surgery import build_model
+
+    prepare_synthetic(tmp_path / "ds", train_size=20, test_size=10, samples_per_shard=64)
+    model, record = build_model(load_config(REPO / "configs/demo.yaml", [f"data.path={tmp_path}/ds"]), 10)
+    save_checkpoint(tmp_path / "t.pt", {"model": model.state_dict(), "surgery": record.to_dict(), "classes": classes[::-1]})
+    with pytest.raises(ConfigError, match="same classes in the same order"):
+        distill.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes, torch.device("cpu"))
+    teacher = distill.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes[::-1], torch.device("cpu"))
+    assert teacher.img_size == 32 and not any(p.requires_grad for p in teacher.model.parameters())
