@@ -119,6 +119,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
 
         self.state = TrainState()
+        self.transform = BatchTransform((self.record.img_size, self.record.img_size), self.record.mean, self.record.std)
         self.fused_attn = set_fused_attention(model, cfg.model.fused_attn)
         self.teacher = load_teacher(cfg.distill, list(manifest.classes), device) if cfg.distill.type != "none" else None
         if self.teacher is not None and hasattr(model, "set_distilled_training"):
@@ -146,7 +147,6 @@ class Trainer:
         else:
             # Identical weights everywhere; from here each rank needs its own random stream (drop-path).
             set_seed(cfg.train.seed + accelerator.process_index)
-        self.transform = BatchTransform((self.record.img_size, self.record.img_size), self.record.mean, self.record.std)
         self.tracker = RunTracker(accelerator, cfg, self.run_dir, list(manifest.classes))
         self.stops = StopRequests(self.run_dir, accelerator, cfg.checkpoint.stop_check_every)
         self.stop_reason: str | None = None
@@ -190,7 +190,9 @@ class Trainer:
         if not failure:
             start = time.perf_counter()
             micro = self.cfg.train.batch_size // self.accelerator.num_processes // self.cfg.train.grad_accum_steps
-            dummy = torch.zeros(micro, 3, self.record.img_size, self.record.img_size, device=self.accelerator.device)
+            # a batch shaped and laid out (channels-last strides) like the transform's output: no recompile
+            stored = self.manifest.image_size or (self.record.img_size, self.record.img_size)
+            dummy = self.transform(torch.zeros(micro, *stored, 3, dtype=torch.uint8, device=self.accelerator.device))
             try:
                 compiled = torch.compile(model)
                 with self.accelerator.autocast():
