@@ -122,7 +122,7 @@ def test_three_ranks_count_every_sample_once(small_dataset, tmp_path):
     summary = read_summary(run_dir)
     assert summary["world_size"] == 3 and summary["steps"] == 2 * 5  # ceil(200 / 48) per epoch
     check_metrics(run_dir, [2], eval_samples=101, steps_per_epoch=5, log_every=2, loss_falls=False)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_001.pt", "final.pt", "latest.json"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "epoch_001.pt", "final.pt", "latest.json"]
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["file"] == "final.pt"
     assert load_checkpoint(run_dir / "checkpoints" / "epoch_001.pt")["step"] == 5
 
@@ -167,7 +167,7 @@ def test_global_batch_not_divisible_by_world_size(small_dataset, tmp_path):
                                    f"run.dir={tmp_path}/r", "train.batch_size=33", "tracking.backend=none"], timeout=180)
     assert result.returncode != 0
     assert result.stderr.count("distvit: error:") == 1
-    assert "must be divisible by the number of processes (2)" in result.stderr
+    assert "must be divisible by the number of processes x grad_accum_steps (2 x 1)" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
@@ -217,7 +217,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(small_dataset, tmp_path):
     assert run_cli([*base, "train.stop_at_step=2"]).returncode == 0
     before = {name: (tmp_path / "r" / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
     result = run_cli([*base, "train.resume=auto", "train.seed=1"])
-    assert result.returncode == 2 and "it used seed 0, and the epoch order depends on it" in result.stderr
+    assert result.returncode == 2 and "it used seed 0, subset 0, and the epoch order depends on them" in result.stderr
     result = run_cli([*base, "train.resume=auto", "surgery.patch_size=8"])
     assert result.returncode == 2 and "cannot resume from" in result.stderr and "'patch_size': 16" in result.stderr
     result = run_cli([*base, "run.overwrite=false"])  # demo.yaml itself allows overwriting
