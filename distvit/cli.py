@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from distvit.errors import EXIT_USER_ERROR, ConfigError, DataError, DistvitError, RunFinished
+from distvit.errors import ConfigError, DataError, DistvitError, PeerFailure, RunFinished
 
 
 def _is_local_leader() -> bool:
@@ -34,10 +34,13 @@ def run_guarded(action: Callable[[], int | None]) -> int:
         if _is_local_leader():
             print(f"distvit: {done}", file=sys.stderr, flush=True)
         return 0
+    except PeerFailure as err:  # every rank that notices says so: which one failed differs by rank
+        print(f"distvit: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except DistvitError as err:
         if _is_local_leader():
             print(f"distvit: error: {err}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return err.exit_code
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +97,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     cfg, _, _ = _load_checked_config(args)
+    if args.get:  # one resolved value, for scripts (e.g. the Slurm scripts ask for run.dir)
+        section, _, key = args.get.partition(".")
+        values = cfg.to_dict()
+        if section not in values or key not in values[section]:
+            raise ConfigError(f"--get {args.get}: not a config key (section.key, e.g. run.dir).")
+        print(values[section][key])
+        return 0
     print(cfg.to_yaml(), end="")
     return 0
 
@@ -246,6 +256,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from distvit.doctor import run_doctor
+
+    if args.timeout <= 0 or args.bandwidth_mb < 1:
+        raise DistvitError("--timeout must be positive and --bandwidth-mb at least 1.")
+    if args.rendezvous and (":" not in args.rendezvous or not args.rendezvous.rpartition(":")[2].isdigit()):
+        raise DistvitError(f"--rendezvous must be HOST:PORT, got {args.rendezvous!r}.")
+    return run_doctor(args.run_dir, args.timeout, args.bandwidth_mb, args.rendezvous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distvit", description="Fine-tune Vision Transformers on 1..N GPUs or nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="validate a config and print it resolved")
     _add_config_arguments(config)
+    config.add_argument("--get", default=None, metavar="SECTION.KEY", help="print only this resolved value")
     config.set_defaults(action=_config)
 
     bench = commands.add_parser("bench", help="benchmarks against the lesson's baseline, in the same process")
@@ -329,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(action=_predict)
+
+    doctor = commands.add_parser(
+        "doctor", help="check ranks, rendezvous, all-reduce, run directory, versions, GPUs and W&B; run under the launcher",
+    )
+    doctor.add_argument("--run-dir", default="runs/doctor", help="the run directory training will use (shared by all nodes)")
+    doctor.add_argument("--timeout", type=float, default=60.0, help="seconds for the rendezvous and each collective")
+    doctor.add_argument("--bandwidth-mb", type=int, default=16, help="all-reduce size for the bandwidth estimate")
+    doctor.add_argument("--rendezvous", default=None, help="HOST:PORT instead of MASTER_ADDR / MASTER_PORT")
+    doctor.set_defaults(action=_doctor)
 
     report = commands.add_parser("report", help="redraw a run directory's PNG plots (loss, lr, accuracy, confusion)")
     report.add_argument("run_dir")

@@ -167,6 +167,10 @@ class TrainConfig:
     """Split each rank's share of the global batch into this many micro-batches (same optimizer steps,
     less memory); batch_size must be divisible by processes x grad_accum_steps."""
     label_smoothing: Fraction = 0.0
+    timeout_s: Annotated[int, Field(ge=10)] = 300
+    """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error
+    naming the unresponsive rank(s); NCCL's default is 30 minutes. Must exceed the longest rank-0-only
+    pause (checkpoint write, W&B start)."""
     compile: bool = False
     """torch.compile the model (compile time is reported; falls back to eager with a warning where it fails)."""
 

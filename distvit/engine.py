@@ -27,7 +27,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from distvit.checkpoint import (
-    BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, latest_checkpoint, load_checkpoint, load_weights, mark_latest,
+    BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, latest_checkpoint, load_checkpoint, load_weights, mark_latest,
     prune_periodic, save_checkpoint, step_name,
 )
 from distvit.config import Config
@@ -38,7 +38,7 @@ from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
 from distvit.distill import load_teacher
 from distvit.ema import ModelEma, decay_for_run
-from distvit.errors import CheckpointError, DataError, RunFinished
+from distvit.errors import CheckpointError, DataError, PeerFailure, RunFinished
 from distvit.evaluate import EvalResult, evaluate_models
 from distvit.export import export_model
 from distvit.fileio import atomic_write_bytes
@@ -47,7 +47,8 @@ from distvit.mixing import apply_mix, mixed_targets, sample_mix
 from distvit.optim import build_optimizer, build_scheduler, lr_multiplier
 from distvit.rundir import CONFUSION_NAME, STOPPED_NAME, TRACE_DIR, init_run_dir, write_summary
 from distvit.runtime import (
-    check_same_model_everywhere, compile_supported, make_accelerator, rng_state, set_fused_attention, step_seed,
+    PeerMonitor, check_same_model_everywhere, compile_supported, is_peer_failure, make_accelerator, rng_state,
+    set_fused_attention, step_seed,
 )
 from distvit.stopping import StopRequests
 from distvit.surgery import SurgeryRecord, build_model
@@ -84,6 +85,7 @@ class Trainer:
     def __init__(self, cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None):
         self.cfg = cfg
         self.accelerator = accelerator = make_accelerator(cfg)
+        self.monitor = PeerMonitor(accelerator.num_processes)
         self.manifest = manifest = self._without_bad_shards(manifest, bad_shards or {})
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
@@ -99,7 +101,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             init_run_dir(self.run_dir, cfg, resume["step"] if resume else None)
-        accelerator.wait_for_everyone()
+        self.monitor.wait_for_main()
 
         device = accelerator.device
         self.train_data, self.eval_data = (
@@ -317,7 +319,7 @@ class Trainer:
             mark_latest(self.checkpoint_dir, name, self.state.step, self.state.epoch)
             if periodic:
                 prune_periodic(self.checkpoint_dir, self.cfg.checkpoint.keep_last, self._checkpoint_step)
-        self.accelerator.wait_for_everyone()
+        self.monitor.wait_for_main()  # not a training collective: a slow write is not a hung rank
 
     def _checkpoint_step(self, name: str) -> int:
         """Optimizer step of a periodic checkpoint, from its name (epoch_NNN.pt or step_NNNNNNNN.pt)."""
@@ -526,6 +528,7 @@ class Trainer:
              "effective_lr": cfg.optim.lr * self.lr_multiplier, "ema_decay": self.ema.decay if self.ema else None},
             self.checkpoint_tracker,
         )
+        self.monitor.wait_for_main()  # W&B starts on rank 0 only
         finished = False
         try:
             while state.epoch < cfg.train.epochs:
@@ -550,6 +553,7 @@ class Trainer:
             summary = self._summary(finished)
             if accelerator.is_main_process:
                 self._write_outputs(finished, summary)
+            self.monitor.wait_for_main()
         finally:
             self.stops.close()
             self.tracker.finish()
@@ -617,5 +621,20 @@ class Trainer:
 
 
 def run_training(cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train, evaluate and checkpoint as configured; returns the run summary (also in summary.json)."""
-    return Trainer(cfg, manifest, bad_shards).run()
+    """Train, evaluate and checkpoint as configured; returns the run summary (also in summary.json).
+    A collective that fails or times out (another rank died or hangs) becomes a `PeerFailure` naming
+    the unresponsive ranks, within train.timeout_s."""
+    trainer = Trainer(cfg, manifest, bad_shards)
+    try:
+        return trainer.run()
+    except Exception as err:
+        if trainer.accelerator.num_processes == 1 or not is_peer_failure(err):
+            raise
+        who = trainer.monitor.unresponsive()
+        latest = trainer.checkpoint_dir / LATEST_NAME
+        raise PeerFailure(
+            f"rank {trainer.accelerator.process_index}: lost contact with the other ranks at step {trainer.state.step} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). {who}. Another rank died or hangs "
+            f"(train.timeout_s={cfg.train.timeout_s}); restart with train.resume=auto to continue from "
+            f"{'the checkpoint in ' + str(latest) if latest.exists() else 'the start (no checkpoint yet)'}."
+        ) from None

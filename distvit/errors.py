@@ -11,6 +11,8 @@ EXIT_USER_ERROR = 2
 class DistvitError(Exception):
     """Base class for errors caused by input (config, files, data), not by a bug."""
 
+    exit_code = EXIT_USER_ERROR
+
 
 class ConfigError(DistvitError):
     """The configuration is invalid: unknown key, wrong type, impossible value."""
@@ -26,3 +28,12 @@ class CheckpointError(DistvitError):
 
 class RunFinished(DistvitError):
     """Resuming a run that already finished: nothing to do (exit status 0, the run directory untouched)."""
+
+
+EXIT_PEER_FAILURE = 4
+
+
+class PeerFailure(DistvitError):
+    """Another rank died or hangs: a collective failed or timed out (train.timeout_s)."""
+
+    exit_code = EXIT_PEER_FAILURE

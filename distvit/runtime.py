@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 
 from distvit.config import Config
 from distvit.errors import ConfigError, DistvitError
@@ -35,6 +36,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         cpu=_cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
         log_with="wandb" if cfg.tracking.backend == "wandb" else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
     )
     world, micro = accelerator.num_processes, cfg.train.grad_accum_steps
     if cfg.train.batch_size % (world * micro) or cfg.train.eval_batch_size % world:
@@ -89,3 +91,49 @@ def compile_supported() -> tuple[bool, str]:
     except Exception as err:  # missing or broken dynamo
         return False, f"torch.compile is unavailable ({type(err).__name__}: {err})"
     return True, ""
+
+
+MAIN_PROCESS_WORK_TIMEOUT = timedelta(hours=1)
+"""How long the other ranks wait for rank-0-only work (checkpoint writes, W&B start, plots)."""
+
+
+class PeerMonitor:
+    """A separate gloo group (CPU, whatever the training backend) for two jobs the training collectives
+    must not do: waiting for rank-0-only work without tripping train.timeout_s (a slow checkpoint write
+    is not a hung rank), and naming the ranks that stopped responding when a collective fails (the
+    healthy ranks enter a monitored barrier; rank 0 learns which never did)."""
+
+    def __init__(self, world_size: int):
+        import torch.distributed as dist
+
+        several = world_size > 1 and dist.is_initialized()
+        self.group = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WORK_TIMEOUT) if several else None
+
+    def wait_for_main(self) -> None:
+        """Every rank waits here while rank 0 finishes its own work (up to MAIN_PROCESS_WORK_TIMEOUT)."""
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+    def unresponsive(self, seconds: float = 15.0) -> str:
+        """A description of the unresponsive ranks, as far as this rank can tell."""
+        if self.group is None:
+            return ""
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=seconds), wait_all_ranks=True)
+        except Exception as err:  # its message names the ranks that did not arrive
+            return str(err).splitlines()[0][:300]
+        return "all ranks answered a barrier afterwards"
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective that timed out or lost its peers (gloo/NCCL report these in several ways)."""
+    import torch.distributed as dist
+
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(
+        marker in text for marker in ("timed out", "timeout", "connection closed by peer", "connection reset")
+    )

@@ -36,3 +36,24 @@ def demo_run(demo_dataset, tmp_path_factory):
     result = accelerate_launch(2, ["--config", "configs/demo.yaml", *overrides])
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return run_dir, overrides, result
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A local Slurm cluster (nodes n1, n2 on this host) for the tests marked `slurm`. Skipped where Slurm
+    cannot run (not installed, not root), except under CI=true, where that is a failure."""
+    import os
+
+    from slurm_cluster import LocalCluster, slurm_available
+
+    reason = slurm_available()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but Slurm cannot run: {reason}", pytrace=False)
+        pytest.skip(reason)
+    cluster = LocalCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
