@@ -35,7 +35,9 @@ STOPPED_NAME = "stopped.json"
 CONFUSION_NAME = "eval/confusion.json"
 WANDB_DIR = "wandb"
 TRACE_DIR = "trace"
-_RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, STOPPED_NAME, METRICS_NAME, TRACKER_NAME, "model.safetensors", "model.json", "STOP")
+# STOP is not cleared: a stop request that arrives while a job starts up (a signal to the Slurm batch
+# shell) must still stop it.
+_RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, STOPPED_NAME, METRICS_NAME, TRACKER_NAME, "model.safetensors", "model.json")
 _RUN_FOLDERS = (CHECKPOINT_DIR, WANDB_DIR, TRACE_DIR, "eval", "plots")
 
 

@@ -4,7 +4,9 @@ one node x 2 processes, 2 nodes x 1 process, preemption with requeue and exact r
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,18 +16,21 @@ from distvit.tracking import read_metrics
 from helpers import REPO, accelerate_launch, subprocess_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+OUTPUTS = Path(tempfile.mkdtemp(prefix="distvit-slurm-jobs-"))
 
 
-def submit(cluster, script: str, options: list[str], args: list[str]) -> str:
-    (REPO / "runs").mkdir(exist_ok=True)
-    return cluster.sbatch([*options, f"--output={REPO}/runs/slurm-test-%j.out", f"slurm/{script}", *args],
-                          cwd=REPO, env=cluster.env(subprocess_env()))
+def submit(cluster, script: str, options: list[str], args: list[str], env: dict[str, str] | None = None) -> str:
+    """sbatch from the repository root; the batch output goes to OUTPUTS/<job>.out (job ids restart with
+    every test cluster, so a shared folder would mix sessions)."""
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    return cluster.sbatch([*options, f"--output={OUTPUTS}/%j.out", f"slurm/{script}", *args],
+                          cwd=REPO, env=cluster.env({**subprocess_env(), **(env or {})}))
 
 
 def finished(cluster, job: str, timeout: float) -> dict[str, str]:
     state = cluster.wait(job, timeout=timeout)
     info = cluster.job_info(job)
-    output = (REPO / "runs" / f"slurm-test-{job}.out")
+    output = OUTPUTS / f"{job}.out"
     log = output.read_text()[-3000:] if output.exists() else "(no output file)"
     assert state == "COMPLETED", f"job {job}: {state} {info}\n{log}"
     return info
@@ -100,3 +105,19 @@ def test_doctor_passes_on_two_slurm_nodes(slurm_cluster, tmp_path):
         timeout=180, check=False, cwd=REPO, env=slurm_cluster.env(subprocess_env()))
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "distvit doctor: 2 rank(s)" in result.stdout and "all ranks OK" in result.stdout
+
+
+def test_requeues_are_bounded(slurm_cluster, small_dataset, tmp_path):
+    """DISTVIT_MAX_REQUEUES=0: a stopped run is not requeued; the job fails with the stop status and says why."""
+    run_dir = tmp_path / "bounded"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()  # stops at the first agreement (step 2), as a signal would
+    job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"],
+                 ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
+                  "checkpoint.stop_check_every=2", "tracking.backend=none"], env={"DISTVIT_MAX_REQUEUES": "0"})
+    assert slurm_cluster.wait(job, timeout=300) == "FAILED"
+    info = slurm_cluster.job_info(job)
+    assert info["ExitCode"].startswith("3:") and int(info.get("Restarts", 0)) == 0
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 2
+    output = (OUTPUTS / f"{job}.out").read_text()
+    assert "not requeueing: 0 requeue(s) reached DISTVIT_MAX_REQUEUES=0" in output
