@@ -16,14 +16,15 @@ missing() {
     echo "${out[*]}"
 }
 
-if [[ "$(id -u)" -ne 0 ]]; then
-    echo "install-slurm: must run as root (the Slurm tests need root too); try: sudo bash $0" >&2
-    exit 1
-fi
 
 if [[ -z "$(missing)" ]]; then
     echo "install-slurm: slurm and munge already installed; nothing to do"
     exit 0
+fi
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "install-slurm: must run as root (the Slurm tests need root too); try: sudo bash $0" >&2
+    exit 1
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -96,14 +96,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    cfg, _, _ = _load_checked_config(args)
-    if args.get:  # one resolved value, for scripts (e.g. the Slurm scripts ask for run.dir)
+    if args.get:  # one resolved value, for scripts (the Slurm scripts ask for run.dir): the config alone
+        from distvit.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
         section, _, key = args.get.partition(".")
         values = cfg.to_dict()
         if section not in values or key not in values[section]:
             raise ConfigError(f"--get {args.get}: not a config key (section.key, e.g. run.dir).")
         print(values[section][key])
         return 0
+    cfg, _, _ = _load_checked_config(args)
     print(cfg.to_yaml(), end="")
     return 0
 

@@ -64,17 +64,6 @@ def rank_environment(rendezvous: str | None = None) -> tuple[dict[str, str], lis
     return env, problems
 
 
-def _own_addresses() -> set[str]:
-    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
-    addresses = {"127.0.0.1", "0.0.0.0"}
-    for name in names:
-        try:
-            addresses |= {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
-        except OSError:
-            pass
-    return addresses
-
-
 def check_rendezvous(env: dict[str, str], timeout: float) -> str | None:
     """None if this rank can take part in the rendezvous at MASTER_ADDR:MASTER_PORT, else the problem.
     Rank 0 hosts it, so the address must be its own; the others must be able to connect (retrying: rank
@@ -108,13 +97,14 @@ def _listening(address: str, port: int) -> bool:
         return False
 
 
-def check_run_dir(run_dir: Path, rank: int) -> tuple[str | None, Path | None]:
-    """Write this rank's marker with temp file + rename in RUN_DIR/.doctor/; None or the problem."""
+def check_run_dir(run_dir: Path, rank: int, nonce: str) -> tuple[str | None, Path | None]:
+    """Write this rank's marker (named with this doctor run's nonce, so markers of earlier runs cannot
+    pass for this one's) with temp file + rename in RUN_DIR/.doctor/; None or the problem."""
     folder = run_dir / ".doctor"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / f"rank{rank}.json"
-        temporary = folder / f"rank{rank}.json.tmp"
+        marker = folder / f"{nonce}-rank{rank}.json"
+        temporary = folder / f"{nonce}-rank{rank}.json.tmp"
         temporary.write_text(json.dumps({"host": socket.gethostname(), "rank": rank, "pid": os.getpid()}))
         os.replace(temporary, marker)
         if json.loads(marker.read_text())["pid"] != os.getpid():
@@ -168,13 +158,12 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
         torch.cuda.set_device(local_rank)
         report.facts["gpu"] = torch.cuda.get_device_name(local_rank)
     report.facts["versions"] = versions()
-    problem, marker = check_run_dir(Path(run_dir), rank)
-    if problem:
-        report.problems.append(problem)
     from distvit.tracking import wandb_mode
 
     report.facts["wandb"] = "%s (%s)" % wandb_mode("auto")
     if world == 1:
+        problem, _ = check_run_dir(Path(run_dir), rank, "single")
+        report.problems += [problem] if problem else []
         return _verdict([report], world)
 
     backend = "nccl" if use_cuda else "gloo"
@@ -193,19 +182,25 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
     report.facts["init_seconds"] = round(time.perf_counter() - start, 2)
     try:
         ones = torch.ones(1, device=device)
-        dist.all_reduce(ones)
+        _wait(dist.all_reduce(ones, async_op=True), timeout)
         if int(ones.item()) != world:
             report.problems.append(f"all-reduce of ones gave {ones.item()}, expected {world}")
-        report.facts["allreduce_gbps"] = _bandwidth(dist, device, bandwidth_mb, world)
-        reports: list[Any] = [None] * world
-        dist.all_gather_object(reports, asdict(report))
-        dist.barrier()  # every marker is written: each rank checks it sees all (shared run directory)
+        report.facts["allreduce_gbps"] = _bandwidth(dist, device, bandwidth_mb, world, timeout)
+        # the gloo side group training uses for rank-0 waits and failure reports (its own sockets)
+        gloo = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        nonce = [f"{os.getpid()}-{int(time.time())}" if rank == 0 else ""]
+        dist.broadcast_object_list(nonce, src=0, group=gloo)
+        problem, marker = check_run_dir(Path(run_dir), rank, nonce[0])
+        if problem:
+            report.problems.append(problem)
+        dist.barrier(group=gloo)  # every marker is written: each rank checks it sees all (shared run directory)
         if marker is not None:
-            seen = {p.name for p in marker.parent.glob("rank*.json")}
-            missing = [r for r in range(world) if f"rank{r}.json" not in seen]
+            seen = {p.name for p in marker.parent.glob(f"{nonce[0]}-rank*.json")}
+            missing = [r for r in range(world) if f"{nonce[0]}-rank{r}.json" not in seen]
             if missing:
                 report.problems.append(f"run directory {run_dir} is not shared: this host does not see the markers of rank(s) {missing}")
-        dist.all_gather_object(reports, asdict(report))
+        reports: list[Any] = [None] * world
+        dist.all_gather_object(reports, asdict(report), group=gloo)
     except Exception as err:  # a timeout or a broken peer: this rank's verdict, bounded by the timeout
         report.problems.append(f"collective check failed after {timeout:.0f} s timeout or earlier: {type(err).__name__}: {str(err)[:300]}")
         _print_alone(report)
@@ -216,17 +211,24 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
     return _verdict([RankReport(**r) for r in reports], world) if rank == 0 else (EXIT_DOCTOR_FAILED if report.problems else 0)
 
 
-def _bandwidth(dist, device, megabytes: int, world: int) -> float:
+def _wait(work, timeout: float) -> None:
+    """Wait for an async collective at most `timeout` seconds (NCCL would otherwise block until its
+    watchdog fires)."""
+    if not work.wait(timedelta(seconds=timeout)):
+        raise TimeoutError(f"collective did not complete within {timeout:.0f} s")
+
+
+def _bandwidth(dist, device, megabytes: int, world: int, timeout: float) -> float:
     """All-reduce bus bandwidth in GB/s (NCCL tests' definition: 2 (n-1)/n x bytes / time)."""
     import torch
 
     tensor = torch.ones(megabytes * 2**20 // 4, device=device)
-    dist.all_reduce(tensor)  # warm-up
+    _wait(dist.all_reduce(tensor, async_op=True), timeout)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, rounds = time.perf_counter(), 3
     for _ in range(rounds):
-        dist.all_reduce(tensor)
+        _wait(dist.all_reduce(tensor, async_op=True), timeout)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / rounds

@@ -85,7 +85,7 @@ class Trainer:
     def __init__(self, cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None):
         self.cfg = cfg
         self.accelerator = accelerator = make_accelerator(cfg)
-        self.monitor = PeerMonitor(accelerator.num_processes)
+        self.monitor = PeerMonitor(accelerator.num_processes, cfg.train.timeout_s)
         self.manifest = manifest = self._without_bad_shards(manifest, bad_shards or {})
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
@@ -564,7 +564,7 @@ class Trainer:
                 f"distvit: stopped after step {state.step} ({self.stop_reason}); checkpoint "
                 f"{self.checkpoint_dir / step_name(state.step)}. Continue with train.resume=auto."
             )
-        accelerator.wait_for_everyone()
+        self.monitor.wait_for_main()  # rank 0 may still be uploading W&B files (tracker.finish)
         accelerator.end_training()
         return summary
 

@@ -32,6 +32,10 @@ def _cpu_processes() -> bool:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
+    # NCCL: on a collective timeout, abort the communicators and raise in the training thread (2) rather
+    # than tear the process down from the watchdog (3, torch's default), so the unresponsive ranks can
+    # be named (PeerMonitor). A value set by the user wins.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     accelerator = Accelerator(
         cpu=_cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
@@ -103,18 +107,22 @@ class PeerMonitor:
     is not a hung rank), and naming the ranks that stopped responding when a collective fails (the
     healthy ranks enter a monitored barrier; rank 0 learns which never did)."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, timeout_s: int):
         import torch.distributed as dist
 
         several = world_size > 1 and dist.is_initialized()
-        self.group = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WORK_TIMEOUT) if several else None
+        # First a group with the training timeout: if gloo cannot connect (say, a host name that resolves
+        # to a loopback address on a multi-node job) this fails within train.timeout_s, before the
+        # long-timeout group for rank-0 waits could hang for an hour.
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if several else None
+        self.wait_group = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WORK_TIMEOUT) if several else None
 
     def wait_for_main(self) -> None:
         """Every rank waits here while rank 0 finishes its own work (up to MAIN_PROCESS_WORK_TIMEOUT)."""
-        if self.group is not None:
+        if self.wait_group is not None:
             import torch.distributed as dist
 
-            dist.barrier(group=self.group)
+            dist.barrier(group=self.wait_group)
 
     def unresponsive(self, seconds: float = 15.0) -> str:
         """A description of the unresponsive ranks, as far as this rank can tell."""
@@ -130,10 +138,11 @@ class PeerMonitor:
 
 
 def is_peer_failure(err: BaseException) -> bool:
-    """A collective that timed out or lost its peers (gloo/NCCL report these in several ways)."""
+    """A collective that timed out or lost its peers (gloo and NCCL report these in several ways); not
+    any error that mentions a timeout (a slow file system on one rank is not a lost peer)."""
     import torch.distributed as dist
 
     text = str(err).lower()
-    return isinstance(err, dist.DistError) or any(
-        marker in text for marker in ("timed out", "timeout", "connection closed by peer", "connection reset")
-    )
+    markers = ("timed out waiting", "watchdog caught collective operation timeout", "connection closed by peer",
+               "connection reset by peer", "nccl communicator was aborted", "failed to pass monitoredbarrier")
+    return isinstance(err, dist.DistError) or any(marker in text for marker in markers)

@@ -112,7 +112,9 @@ def test_doctor_passes_on_two_local_ranks(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "distvit doctor: 2 rank(s)" in result.stdout and "distvit doctor: all ranks OK" in result.stdout
     assert result.stdout.count(": OK") == 2 and "GB/s" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "run" / ".doctor").iterdir()) == ["rank0.json", "rank1.json"]
+    markers = sorted(p.name for p in (tmp_path / "run" / ".doctor").iterdir())
+    assert [m.rsplit("-", 1)[1] for m in markers] == ["rank0.json", "rank1.json"]  # written by temp file + rename
+    assert len({m.rsplit("-", 1)[0] for m in markers}) == 1  # named with this doctor run's nonce
 
 
 @pytest.mark.slow

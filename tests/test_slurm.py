@@ -69,12 +69,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, smal
               "tracking.mode=offline"]
     run_dir = tmp_path / "preempted"
     job = submit(slurm_cluster, "multi_node.sbatch", ["-N2", "--ntasks-per-node=1"], [*common, f"run.dir={run_dir}"])
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.2)
+    wait_for_lines(run_dir / "metrics.jsonl", 4)
     slurm_cluster.scancel(["--signal=USR1", "--batch", job])
     info = finished(slurm_cluster, job, timeout=600)
     assert int(info.get("Restarts", info.get("RestartCnt", 0))) == 1
@@ -107,17 +102,43 @@ def test_doctor_passes_on_two_slurm_nodes(slurm_cluster, tmp_path):
     assert "distvit doctor: 2 rank(s)" in result.stdout and "all ranks OK" in result.stdout
 
 
-def test_requeues_are_bounded(slurm_cluster, small_dataset, tmp_path):
-    """DISTVIT_MAX_REQUEUES=0: a stopped run is not requeued; the job fails with the stop status and says why."""
-    run_dir = tmp_path / "bounded"
+def wait_for_lines(path, lines: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {lines} lines")
+
+
+def test_a_stop_file_stops_without_requeue(slurm_cluster, small_dataset, tmp_path):
+    """The user's STOP (not Slurm's time-limit warning): checkpoint, stop, exit 3, no requeue."""
+    run_dir = tmp_path / "stopped"
     run_dir.mkdir()
-    (run_dir / "STOP").touch()  # stops at the first agreement (step 2), as a signal would
+    (run_dir / "STOP").touch()  # created before the job starts: still honoured (step 2, the first agreement)
     job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"],
                  ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
-                  "checkpoint.stop_check_every=2", "tracking.backend=none"], env={"DISTVIT_MAX_REQUEUES": "0"})
+                  "checkpoint.stop_check_every=2", "tracking.backend=none"])
     assert slurm_cluster.wait(job, timeout=300) == "FAILED"
     info = slurm_cluster.job_info(job)
     assert info["ExitCode"].startswith("3:") and int(info.get("Restarts", 0)) == 0
     assert json.loads((run_dir / "stopped.json").read_text())["step"] == 2
+    assert not (run_dir / "STOP").exists()
+    assert "not requeueing. Resubmit to continue" in (OUTPUTS / f"{job}.out").read_text()
+
+
+def test_requeues_are_bounded(slurm_cluster, small_dataset, tmp_path):
+    """DISTVIT_MAX_REQUEUES=0: the time-limit warning stops the run, which is then not requeued."""
+    run_dir = tmp_path / "bounded"
+    job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"],
+                 ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
+                  "train.log_every=1", "checkpoint.stop_check_every=2", "tracking.backend=none"],
+                 env={"DISTVIT_MAX_REQUEUES": "0"})
+    wait_for_lines(run_dir / "metrics.jsonl", 3)
+    slurm_cluster.scancel(["--signal=USR1", "--batch", job])
+    assert slurm_cluster.wait(job, timeout=300) == "FAILED"
+    info = slurm_cluster.job_info(job)
+    assert info["ExitCode"].startswith("3:") and int(info.get("Restarts", 0)) == 0
+    assert json.loads((run_dir / "stopped.json").read_text())["reason"] == "STOP file"
     output = (OUTPUTS / f"{job}.out").read_text()
-    assert "not requeueing: 0 requeue(s) reached DISTVIT_MAX_REQUEUES=0" in output
+    assert "got SIGUSR1" in output and "not requeueing: 0 requeue(s) reached DISTVIT_MAX_REQUEUES=0" in output
