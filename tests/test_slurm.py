@@ -142,3 +142,24 @@ def test_requeues_are_bounded(slurm_cluster, small_dataset, tmp_path):
     assert json.loads((run_dir / "stopped.json").read_text())["reason"] == "STOP file"
     output = (OUTPUTS / f"{job}.out").read_text()
     assert "got SIGUSR1" in output and "not requeueing: 0 requeue(s) reached DISTVIT_MAX_REQUEUES=0" in output
+
+
+def test_scancel_on_one_node_checkpoints_without_requeue(slurm_cluster, small_dataset, tmp_path):
+    """scancel (SIGTERM to the batch shell, the launcher and the ranks, as on preemption): the ranks
+    agree on a step and checkpoint within Slurm's KillWait; the job is not requeued, and resubmitting
+    continues from that checkpoint."""
+    run_dir = tmp_path / "cancelled"
+    args = ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
+            "train.log_every=1", "checkpoint.stop_check_every=2", "tracking.backend=none"]
+    job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"], args)
+    wait_for_lines(run_dir / "metrics.jsonl", 3)
+    slurm_cluster.scancel([job])
+    assert slurm_cluster.wait(job, timeout=120) == "CANCELLED"
+    assert int(slurm_cluster.job_info(job).get("Restarts", 0)) == 0
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["reason"] in ("SIGTERM", "STOP file", "another rank was asked to stop")
+    assert load_checkpoint(run_dir / "checkpoints" / f"step_{stopped['step']:08d}.pt")["step"] == stopped["step"]
+    again = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"], args)
+    finished(slurm_cluster, again, timeout=300)
+    assert read_summary(run_dir)["steps"] == 8 * 7
+    assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"] == list(range(1, 8 * 7 + 1))
