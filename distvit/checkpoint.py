@@ -122,12 +122,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
-def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, SurgeryRecord, dict[str, Any]]:
-    """Rebuild the model of a checkpoint from its surgery record and load its weights."""
+WEIGHTS = ("model", "ema")
+
+
+def load_model(path: str | os.PathLike, weights: str = "model") -> tuple[torch.nn.Module, SurgeryRecord, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (or a run directory's final one) from its surgery record and load
+    its weights: the trained model's, or (weights="ema") the EMA's."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
+    path = resolve_checkpoint(path)
     payload = load_checkpoint(path)
+    if payload.get(weights) is None:
+        raise CheckpointError(
+            f"{path} holds no EMA weights: the run trained without EMA (ema.enabled=false). "
+            f"Use the model's weights (--weights model), or train with ema.enabled=true."
+        )
     record = SurgeryRecord.from_dict(payload["surgery"])
     model = model_from_record(record)
-    load_weights(model, payload["model"], record, source=str(path))
+    load_weights(model, payload[weights], record, source=f"{path}" + (" (ema)" if weights == "ema" else ""))
     return model, record, payload
 
 

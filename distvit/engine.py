@@ -87,6 +87,8 @@ class Trainer:
         self.accelerator = accelerator = make_accelerator(cfg)
         self.monitor = PeerMonitor(accelerator.num_processes, cfg.train.timeout_s)
         self.manifest = manifest = self._without_bad_shards(manifest, bad_shards or {})
+        self.data_image_size = list(manifest.image_size) if manifest.image_size else None
+        """The size images are stored at (checkpoints and exports keep it for `distvit predict`)."""
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         self.resume_path = _resume_source(cfg)
@@ -140,6 +142,7 @@ class Trainer:
         self.compiled = self._compiled(model) if cfg.train.compile else None
         self.model, self.optimizer = accelerator.prepare(model if self.compiled is None else self.compiled, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.fused_fp16 = accelerator.scaler is not None and bool(optimizer.defaults.get("fused"))
         self.grad_norm = torch.zeros(())
         own_checkpoint = bool(resume) and self.resume_path.resolve().is_relative_to(self.run_dir.resolve())
         # another run's checkpoint seeds this run's weights, not its W&B run
@@ -306,7 +309,7 @@ class Trainer:
                     "split": self.cfg.data.train_split, "global_batch": self.cfg.train.batch_size,
                     "subset": self.cfg.data.train_subset,
                 },
-                "data_image_size": list(self.manifest.image_size) if self.manifest.image_size else None,
+                "data_image_size": self.data_image_size,
                 "rng": rng_states,
                 "surgery": self.record.to_dict(),
                 "classes": list(self.manifest.classes),
@@ -373,11 +376,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=accelerator.device)
         for index in range(micro):
             part = slice(index * size, (index + 1) * size)
-            # DDP all-reduces gradients only on the last micro-batch
             teacher = None
             if self.teacher is not None:  # per micro-batch: accumulation bounds the teacher's memory too
                 with accelerator.autocast():
                     teacher = self.teacher.logits(x[part], self.record.mean, self.record.std).float()
+            # DDP all-reduces gradients only on the last micro-batch
             with nullcontext() if index == micro - 1 else accelerator.no_sync(self.model):
                 output = self.model(x[part])
                 losses = self._loss(
@@ -387,12 +390,12 @@ class Trainer:
             loss_sum += losses.detach().sum()
         if cfg.optim.clip_grad_norm:
             self.grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.optim.clip_grad_norm)
-        scaler = accelerator.scaler
-        scale = scaler.get_scale() if scaler is not None else None
-        self.optimizer.step()
         # fp16 overflow: no step, so no schedule or EMA step. A fused optimizer is always "called" by the
-        # scaler (it gets found_inf), so Accelerate's flag misses those skips; a lowered scale shows them.
-        skipped = accelerator.optimizer_step_was_skipped or (scaler is not None and scaler.get_scale() < scale)
+        # scaler (it gets found_inf), so Accelerate's flag misses those skips; a lowered scale shows them
+        # (reading the scale syncs with the device, so only where it is needed).
+        scale = accelerator.scaler.get_scale() if self.fused_fp16 else None
+        self.optimizer.step()
+        skipped = accelerator.optimizer_step_was_skipped or (self.fused_fp16 and accelerator.scaler.get_scale() < scale)
         if not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -579,7 +582,7 @@ class Trainer:
             summary["export"] = {"weights": "ema" if use_ema else "model"}
             paths = export_model(self.run_dir, weights, self.record, {
                 "weights": summary["export"]["weights"], "classes": list(self.manifest.classes),
-                "data_image_size": list(self.manifest.image_size) if self.manifest.image_size else None,
+                "data_image_size": self.data_image_size,
                 "metrics": last,
             })
             summary["export"]["files"] = [str(p) for p in paths]

@@ -121,19 +121,14 @@ def evaluate_checkpoint(
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Evaluate a checkpoint (or a run directory's final one) on a dataset split, on every rank this
     process group has; returns the result and what was evaluated (for the report)."""
-    from distvit.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
+    from distvit.checkpoint import load_model, resolve_checkpoint
     from distvit.data.loader import open_batches
     from distvit.data.manifest import read_manifest
-    from distvit.errors import CheckpointError, ConfigError, DataError
-    from distvit.runtime import _cpu_processes
-    from distvit.surgery import SurgeryRecord, model_from_record
+    from distvit.errors import ConfigError, DataError
+    from distvit.runtime import cpu_processes
 
     path = resolve_checkpoint(source)
-    payload = load_checkpoint(path)
-    if weights not in ("model", "ema"):
-        raise ConfigError(f"--weights must be model or ema, got {weights!r}.")
-    if weights == "ema" and payload.get("ema") is None:
-        raise CheckpointError(f"{path} holds no EMA weights: the run trained with ema.enabled=false. Use --weights model.")
+    model, record, payload = load_model(path, weights)
     data_path = data_path or payload["config"]["data"]["path"]
     manifest = read_manifest(data_path)
     split_info = manifest.split(split, data_path, key="--split")
@@ -142,12 +137,9 @@ def evaluate_checkpoint(
             f"dataset {data_path} has classes {list(manifest.classes)[:5]}..., the checkpoint was trained on "
             f"{list(payload['classes'])[:5]}...: evaluate on a dataset with the same classes in the same order."
         )
-    accelerator = Accelerator(cpu=_cpu_processes())
+    accelerator = Accelerator(cpu=cpu_processes())
     if global_batch % accelerator.num_processes:
         raise ConfigError(f"--batch-size {global_batch} must be divisible by the number of processes ({accelerator.num_processes}).")
-    record = SurgeryRecord.from_dict(payload["surgery"])
-    model = model_from_record(record)
-    load_weights(model, payload[weights], record, source=str(path))
     model.to(accelerator.device)
     data = open_batches(data_path, manifest, split, mode, 2, accelerator.device, record.img_size)
     transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)

@@ -33,8 +33,10 @@ def mixing_enabled(cfg: DataConfig) -> bool:
 
 
 def sample_mix(cfg: DataConfig, seed: int, height: int, width: int) -> MixDecision:
+    if not mixing_enabled(cfg):
+        return MixDecision("none")
     rng = np.random.default_rng(seed)
-    if not mixing_enabled(cfg) or rng.random() >= cfg.mix_prob:
+    if rng.random() >= cfg.mix_prob:
         return MixDecision("none")
     use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or rng.random() < cfg.mix_switch_prob)
     if not use_cutmix:

@@ -30,13 +30,12 @@ import timm.data
 import torch
 from PIL import Image
 
-from distvit.checkpoint import load_model, load_weights, resolve_checkpoint
+from distvit.checkpoint import load_model
 from distvit.data.imagefolder import resize_and_crop, to_rgb
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
 
 BATCH_SIZE = 64
-WEIGHTS = ("model", "ema")
 
 
 @dataclass
@@ -88,20 +87,9 @@ def _batches(paths: list[str], batch_size: int) -> Iterator[list[str]]:
 
 
 def fit_to_size(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """`array` at `size` (H, W): unchanged when already there, else shorter side then centre crop, as
-    `distvit prepare imagefolder --image-size` (and the streaming loader) do."""
-    height, width = int(size[0]), int(size[1])
-    if array.shape[:2] == (height, width):
-        return array
-    if height == width:
-        return resize_and_crop(array, height)
-    # non-square stored size (not produced by distvit's importers): cover, then centre crop
-    h, w = array.shape[:2]
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    resized = np.array(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return resized[top:top + height, left:left + width]
+    """`array` at the stored size (H, W): unchanged when already there, else shorter side then centre
+    crop, as `distvit prepare imagefolder --image-size` does (distvit's stored sizes are square)."""
+    return array if array.shape[:2] == tuple(size) else resize_and_crop(array, int(size[0]))
 
 
 # -- shared ---------------------------------------------------------------------------------------------
@@ -147,21 +135,6 @@ def _run(
 # -- checkpoint -----------------------------------------------------------------------------------------
 
 
-def _ema_state(payload: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
-    ema = payload.get("ema")
-    if ema is None:
-        raise DistvitError(
-            f"{source} holds no EMA weights: the run trained without EMA (ema.enabled=false). "
-            f"Use weights=model (--weights model), or train with ema.enabled=true."
-        )
-    if not isinstance(ema, dict):
-        raise DistvitError(f"{source}: its 'ema' entry is a {type(ema).__name__}, not a state dict.")
-    state = {k: v for k, v in ema.items() if k != "n_averaged"}  # tolerate torch AveragedModel state dicts
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
 def _class_names(payload: dict[str, Any], num_classes: int) -> list[str]:
     classes = payload.get("classes")
     if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
@@ -180,14 +153,9 @@ def predict_checkpoint(
     """Top-k classes of each image under a distvit checkpoint (file or run directory), with the
     training preprocessing. weights="ema" uses the checkpoint's EMA weights."""
     _check_top_k(top_k)
-    if weights not in WEIGHTS:
-        raise DistvitError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
     device = _device(device)
     paths = _check_paths(image_paths)
-    source = str(resolve_checkpoint(checkpoint_path))
-    model, record, payload = load_model(checkpoint_path)
-    if weights == "ema":
-        load_weights(model, _ema_state(payload, source), record, source=f"{source} (ema)")
+    model, record, payload = load_model(checkpoint_path, weights)
     stored = payload.get("data_image_size")
     stored_size = (int(stored[0]), int(stored[1])) if stored else (record.img_size, record.img_size)
     transform = BatchTransform((record.img_size, record.img_size), tuple(record.mean), tuple(record.std))

@@ -23,7 +23,7 @@ def step_seed(seed: int, epoch: int, first_slot: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, first_slot]).generate_state(1)[0])
 
 
-def _cpu_processes() -> bool:
+def cpu_processes() -> bool:
     """Several ranks and no GPU: Accelerate must be told `cpu=True` to set up gloo (MULTI_CPU); without
     it every rank of `accelerate launch --multi_gpu` on a CPU machine runs alone as rank 0."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -37,7 +37,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # be named (PeerMonitor). A value set by the user wins.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     accelerator = Accelerator(
-        cpu=_cpu_processes(),
+        cpu=cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
         log_with="wandb" if cfg.tracking.backend == "wandb" else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],

@@ -175,5 +175,6 @@ class RunTracker:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from distvit.report import read_metrics_lines
+
+    return read_metrics_lines(Path(run_dir) / METRICS_NAME)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +40,39 @@ def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProces
         [sys.executable, "-m", "distvit.cli", *args], cwd=REPO, env=subprocess_env(),
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def wait_for_lines(path: Path, lines: int, timeout: float = 300, process: subprocess.Popen | None = None) -> None:
+    """Wait until `path` (a run's metrics.jsonl) has `lines` lines; fail early if `process` ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (process is None or process.poll() is None):
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.2)
+    detail = process.communicate()[1][-2000:] if process is not None and process.poll() is not None else ""
+    raise AssertionError(f"{path} did not reach {lines} lines. {detail}")
+
+
+def launch_until_logged(num_processes: int, args: list[str], run_dir: Path, lines: int = 3) -> subprocess.Popen:
+    """Start a training run with `launcher_command` and return once it has logged `lines` metrics lines."""
+    process = subprocess.Popen(launcher_command(num_processes, args), cwd=REPO, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_lines(run_dir / "metrics.jsonl", lines, process=process)
+    except AssertionError:
+        process.kill()
+        raise
+    return process
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes under an accelerate launcher."""
+    ranks = {}
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout
+    for child in children.split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks.update({int(e[5:]): int(child) for e in environ if e.startswith(b"RANK=")})
+    return ranks

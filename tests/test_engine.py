@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 import warnings
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from distvit.checkpoint import load_checkpoint, save_checkpoint
 from distvit.rundir import read_summary
 from distvit.tracking import read_metrics
-from helpers import REPO, accelerate_launch, launcher_command, run_cli, subprocess_env
+from helpers import REPO, accelerate_launch, launch_until_logged, run_cli, worker_pids
 from wandb_records import summarize
 
 pytestmark = [pytest.mark.slow]
@@ -84,20 +82,6 @@ def test_stop_file_then_exact_resume_on_one_rank(small_dataset, tmp_path):
     assert any("test/per_class_accuracy/rings" in h for h in second["history"])
 
 
-def _worker_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the training processes under an accelerate launcher."""
-    ranks = {}
-    for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout.split():
-        try:
-            environ = (open(f"/proc/{child}/environ", "rb").read().split(b"\0"))
-        except OSError:
-            continue
-        for entry in environ:
-            if entry.startswith(b"RANK="):
-                ranks[int(entry[5:])] = int(child)
-    return ranks
-
-
 @pytest.mark.distributed
 def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path):
     common = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", "train.epochs=6", "train.batch_size=32",
@@ -108,15 +92,8 @@ def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    process = subprocess.Popen(launcher_command(2, [*common, f"run.dir={cut}"]), cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        lines = (cut / "metrics.jsonl").read_text().splitlines() if (cut / "metrics.jsonl").exists() else []
-        if len(lines) >= 3:
-            break
-        time.sleep(0.2)
-    workers = _worker_pids(process.pid)
+    process = launch_until_logged(2, [*common, f"run.dir={cut}"], cut)
+    workers = worker_pids(process.pid)
     assert sorted(workers) == [0, 1], workers
     os.kill(workers[1], signal.SIGUSR1)  # rank 1 only: rank 0 learns of it through the all-reduce
     out, err = process.communicate(timeout=300)

@@ -14,36 +14,10 @@ import pytest
 import yaml
 
 from distvit.rundir import read_summary
-from helpers import REPO, accelerate_launch, launcher_command, subprocess_env
+from helpers import REPO, accelerate_launch, launch_until_logged, subprocess_env, worker_pids
 
 SCRIPTS = [REPO / "slurm" / "common.sh", REPO / "slurm" / "single_node.sbatch", REPO / "slurm" / "multi_node.sbatch",
            *sorted((REPO / "launch").glob("*.sh")), REPO / ".ci" / "run", REPO / ".ci" / "install-slurm.sh"]
-
-
-def worker_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the training processes under an accelerate launcher."""
-    ranks = {}
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout
-    for child in children.split():
-        try:
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ranks.update({int(e[5:]): int(child) for e in environ if e.startswith(b"RANK=")})
-    return ranks
-
-
-def start_and_wait_for_steps(args: list[str], run_dir: Path, lines: int = 3) -> subprocess.Popen:
-    process = subprocess.Popen(launcher_command(2, args), cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
-            return process
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"training did not reach {lines} logged steps: {process.communicate()[1][-2000:]}")
 
 
 def test_scripts_pass_bash_n_and_shellcheck():
@@ -70,7 +44,7 @@ def test_sigkill_of_one_rank_stops_the_other_and_a_restart_finishes(small_datase
     args = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.epochs=6",
             "train.batch_size=32", "train.log_every=1", "checkpoint.every_steps=2", "train.timeout_s=30",
             "tracking.backend=none"]
-    process = start_and_wait_for_steps(args, run_dir, lines=4)
+    process = launch_until_logged(2, args, run_dir, lines=4)
     workers = worker_pids(process.pid)
     killed_at = time.time()
     os.kill(workers[1], signal.SIGKILL)
@@ -91,7 +65,7 @@ def test_a_hung_rank_is_named_within_the_timeout(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.epochs=20",
             "train.batch_size=32", "train.log_every=1", "train.timeout_s=15", "tracking.backend=none"]
-    process = start_and_wait_for_steps(args, run_dir)
+    process = launch_until_logged(2, args, run_dir)
     workers = worker_pids(process.pid)
     stopped_at = time.time()
     os.kill(workers[1], signal.SIGSTOP)  # alive but stuck: only a timeout can tell

@@ -13,7 +13,7 @@ import pytest
 from distvit.checkpoint import load_checkpoint
 from distvit.rundir import read_summary
 from distvit.tracking import read_metrics
-from helpers import REPO, accelerate_launch, subprocess_env
+from helpers import REPO, accelerate_launch, subprocess_env, wait_for_lines
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 OUTPUTS = Path(tempfile.mkdtemp(prefix="distvit-slurm-jobs-"))
@@ -100,15 +100,6 @@ def test_doctor_passes_on_two_slurm_nodes(slurm_cluster, tmp_path):
         timeout=180, check=False, cwd=REPO, env=slurm_cluster.env(subprocess_env()))
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "distvit doctor: 2 rank(s)" in result.stdout and "all ranks OK" in result.stdout
-
-
-def wait_for_lines(path, lines: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= lines:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{path} did not reach {lines} lines")
 
 
 def test_a_stop_file_stops_without_requeue(slurm_cluster, small_dataset, tmp_path):

@@ -15,6 +15,7 @@ from distvit.config import load_config
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.data.transforms import BatchTransform
+from distvit.report import read_metrics_lines
 from distvit.rundir import read_summary
 from distvit.surgery import build_model
 from distvit.tracking import read_metrics
@@ -175,13 +176,9 @@ def trace_ids(run_dir):
     """{epoch: [sample ids trained on, all ranks]} from data.trace_samples."""
     ids = {}
     for path in sorted((run_dir / "trace").glob("rank*.jsonl")):
-        for record in read_metrics_file(path):
+        for record in read_metrics_lines(path):
             ids.setdefault(record["epoch"], []).extend(record["ids"])
     return ids
-
-
-def read_metrics_file(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("resume_world", [2, 1])
@@ -235,7 +232,7 @@ def test_stream_mode_with_loader_workers_on_two_ranks(small_dataset, tmp_path):
     for epoch, ids in trace_ids(run_dir).items():
         assert sorted(ids) == list(range(200)), f"epoch {epoch}"
     assert sorted(p.name for p in (run_dir / "trace").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
-    steps = {p.name: len(read_metrics_file(p)) for p in (run_dir / "trace").iterdir()}
+    steps = {p.name: len(read_metrics_lines(p)) for p in (run_dir / "trace").iterdir()}
     assert steps == {"rank0.jsonl": 14, "rank1.jsonl": 14}  # equal steps on both ranks
     check_metrics(run_dir, [1, 2], eval_samples=101, steps_per_epoch=7, loss_falls=False)
 
