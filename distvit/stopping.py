@@ -19,6 +19,7 @@ STOP_FILE = "STOP"
 EXIT_STOPPED = 3
 """Exit status of a training process that stopped on request after writing its checkpoint."""
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNAL_NAMES = tuple(signum.name for signum in HANDLED_SIGNALS)
 
 
 class StopRequests:
@@ -35,24 +36,25 @@ class StopRequests:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.received = signal.Signals(signum).name
 
-    def _local_reason(self) -> str | None:
-        if self.received:
-            return self.received
-        return f"{STOP_FILE} file" if self.stop_file.exists() else None
+    def _local_reasons(self) -> list[bool]:
+        """One flag per entry of `self.reasons`: which requests this rank has seen."""
+        return [self.received == name for name in SIGNAL_NAMES] + [self.stop_file.exists()]
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return (*SIGNAL_NAMES, f"{STOP_FILE} file")
 
     def agreed(self, step: int, force: bool = False) -> str | None:
         """At every `every`-th step (or when `force`, at points all ranks reach together): the reason to stop
-        if any rank was asked to, else None. A collective when there are several ranks."""
+        if any rank was asked to, else None. A collective when there are several ranks; every rank gets the
+        same reason (the first in `reasons` that any rank saw), whichever rank saw it."""
         if not force and step % self.every:
             return None
-        reason = self._local_reason()
-        if self.accelerator.num_processes == 1:
-            return reason
-        flag = torch.tensor([1 if reason else 0], device=self.accelerator.device)
-        flag = self.accelerator.reduce(flag, reduction="sum")
-        if int(flag.item()) == 0:
-            return None
-        return reason or "another rank was asked to stop"
+        flags = torch.tensor(self._local_reasons(), dtype=torch.int32, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        seen = [reason for reason, count in zip(self.reasons, flags.tolist()) if count]
+        return seen[0] if seen else None
 
     def consume_stop_file(self) -> None:
         """Main process: remove STOP so that the resumed run does not stop again at once."""
