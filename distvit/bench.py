@@ -16,15 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from distvit.data.loader import MemoryBatches, StreamBatches
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import SplitTensors, load_split
 from distvit.data.plan import EpochPlan, epoch_order
 from distvit.data.transforms import Augmentation, BatchTransform
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from distvit.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
 
 
 @dataclass
@@ -34,21 +32,6 @@ class BenchResult:
     batches: int
     seconds: float
     ratio_to_lesson: float = 0.0
-
-
-class LessonCIFAR(torch.utils.data.Dataset):
-    """What torchvision.datasets.CIFAR10 does per item: uint8 HWC array -> PIL image -> transform."""
-
-    def __init__(self, data: SplitTensors, transform):
-        self.images = data.images.numpy()
-        self.labels = data.labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
 def _sync(device: torch.device) -> None:
@@ -78,18 +61,9 @@ def _distvit_batches(source, transform: BatchTransform, batch_size: int, seed: i
         epoch += 1
 
 
-def _lesson_batches(data: SplitTensors, img_size: int, batch_size: int, workers: int, device: torch.device) -> Iterator:
-    from torchvision import transforms
-
-    steps = [transforms.Resize(img_size)] if img_size != data.images.shape[1] else []
-    transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    loader = torch.utils.data.DataLoader(
-        LessonCIFAR(data, transform), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-        persistent_workers=workers > 0,
-    )
-    while True:
-        for images, _ in loader:
-            yield images.to(device)
+def _lesson_batches(data: SplitTensors, img_size: int, batch_size: int, device: torch.device) -> Iterator:
+    for images, _ in endless(lesson_loader(data, img_size, batch_size)):
+        yield images.to(device)
 
 
 def bench_data(
@@ -101,7 +75,7 @@ def bench_data(
     data = load_split(dataset_dir, manifest, split)
     transform = BatchTransform((img_size, img_size), IMAGENET_MEAN, IMAGENET_STD)
     results = [
-        _timed(_lesson_batches(data, img_size, batch_size, 2, target), warmup, steps, target, batch_size,
+        _timed(_lesson_batches(data, img_size, batch_size, target), warmup, steps, target, batch_size,
                "lesson: torchvision-style dataset + PIL transforms, DataLoader(num_workers=2)"),
         _timed(_distvit_batches(MemoryBatches(data.to(target)), transform, batch_size), warmup, steps, target,
                batch_size, f"distvit memory: uint8 on {target.type}, batched crop/flip/resize/normalise"),

@@ -4,6 +4,7 @@
     distvit config --config FILE [key=value ...]     validate and print the resolved config
     distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
     distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
+    distvit bench train --config X [--baseline lesson] training step images/s, breakdown, FLOP/s vs the lesson
     distvit evaluate RUN_DIR|CHECKPOINT [--split test]  exact accuracy, per class, confusion matrix
     distvit predict --checkpoint RUN_DIR img.png ...   top-k classes (or --model NAME --pretrained)
     distvit report RUN_DIR                           redraw the run's PNG plots
@@ -218,6 +219,37 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    """The training step against the lesson's loop; under `accelerate launch -m distvit.cli bench train`
+    on N ranks (without --baseline) it measures DDP."""
+    from distvit.bench_train import bench_train, format_train_bench, scaling_line, synthetic_splits, write_bench_json
+
+    if args.steps < 1 or args.warmup < 1:
+        raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
+    args.overrides = [*args.overrides, f"run.dir={args.run_dir}", "run.overwrite=true", "tracking.backend=none"]
+    splits = None
+    if args.synthetic:
+        from distvit.config import load_config
+        from distvit.surgery import check_model_config
+
+        if args.synthetic < 20:
+            raise DistvitError(f"--synthetic needs at least 20 training images, got {args.synthetic}.")
+        cfg = load_config(args.config, args.overrides, check_data=False)
+        manifest, splits = synthetic_splits(args.synthetic, max(args.synthetic // 5, 10))
+        cfg.data.train_split, cfg.data.eval_split = "train", "test"
+        check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
+    else:
+        cfg, manifest, _ = _load_checked_config(args)
+    result = bench_train(cfg, manifest, args.steps, args.warmup, args.baseline, splits, args.check)
+    if _is_local_leader() and int(os.environ.get("RANK", "0")) == 0:
+        print(format_train_bench(result), flush=True)
+        if args.scaling_reference:
+            print(scaling_line(result, args.scaling_reference), flush=True)
+        if args.json:
+            write_bench_json(args.json, result)
+    return 1 if result.check and not result.check["passed"] else 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     """Exact evaluation of a checkpoint; run under `accelerate launch -m distvit.cli evaluate` for N ranks."""
     import json
@@ -323,6 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     data.add_argument("--json", default=None, help="also write the results as JSON here")
     data.set_defaults(action=_bench_data)
+
+    train_bench = benches.add_parser(
+        "train", help="the training step's images/s, time breakdown, memory and FLOP/s; with --baseline lesson, the ratio",
+    )
+    _add_config_arguments(train_bench)
+    train_bench.add_argument("--baseline", choices=["lesson"], default=None, help="also run the lesson's loop (one process)")
+    train_bench.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
+    train_bench.add_argument("--warmup", type=int, default=5, help="untimed steps first (the host-sync check runs on them)")
+    train_bench.add_argument(
+        "--synthetic", type=int, default=0, metavar="N",
+        help="train on N synthetic CIFAR-format images generated in memory instead of data.path",
+    )
+    train_bench.add_argument(
+        "--check", action="store_true",
+        help="first train the configured fast path and an fp32 eager reference side by side; exit 1 if they disagree",
+    )
+    train_bench.add_argument("--run-dir", default="runs/bench", help="scratch run directory (replaced)")
+    train_bench.add_argument("--json", default=None, help="also write the results as JSON here")
+    train_bench.add_argument(
+        "--scaling-reference", default=None, metavar="JSON",
+        help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
+    )
+    train_bench.set_defaults(action=_bench_train)
 
     surgery = commands.add_parser("surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory")
     _add_config_arguments(surgery)

@@ -1,7 +1,7 @@
 """The training engine: from a validated config to an evaluated, checkpointed model, on 1..N ranks.
 
 Reads top to bottom: `Trainer.__init__` sets up Accelerate, data, model, optimizer, EMA and teacher (and
-restores a checkpoint when resuming); `train_epoch` is the loop and `_train_step` one optimizer step;
+restores a checkpoint when resuming); `train_epoch` is the loop and `train_step` one optimizer step;
 `run` adds evaluation, checkpoints, stop requests and the export. The global plan (`data.plan`) tells
 each rank which samples to take at each step, and the batch source (`data.loader`) delivers exactly
 those, as uint8; so every rank runs the same number of steps and every sample is seen once per epoch,
@@ -31,27 +31,31 @@ from distvit.checkpoint import (
     prune_periodic, save_checkpoint, step_name,
 )
 from distvit.config import Config
-from distvit.data.loader import open_batches
+from distvit.data.loader import MemoryBatches, open_batches
 from distvit.data.manifest import Manifest
-from distvit.data.plan import EpochPlan, epoch_order, num_steps, subset_indices
+from distvit.data.memory import SplitTensors
+from distvit.data.plan import EpochPlan, epoch_order, num_steps, sequential_order, subset_indices
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
+from distvit.devices import to_device
 from distvit.distill import load_teacher
 from distvit.ema import ModelEma, decay_for_run
-from distvit.errors import CheckpointError, DataError, PeerFailure, RunFinished
+from distvit.errors import CheckpointError, ConfigError, DataError, PeerFailure, RunFinished
 from distvit.evaluate import EvalResult, evaluate_models
 from distvit.export import export_model
+from distvit.features import cache_blockers, compute_features
 from distvit.fileio import atomic_write_bytes
 from distvit.losses import distillation_loss, label_loss
 from distvit.mixing import apply_mix, mixed_targets, sample_mix
 from distvit.optim import build_optimizer, build_scheduler, lr_multiplier
 from distvit.rundir import CONFUSION_NAME, STOPPED_NAME, TRACE_DIR, init_run_dir, write_summary
 from distvit.runtime import (
-    PeerMonitor, check_same_model_everywhere, compile_supported, is_peer_failure, make_accelerator, rng_state,
-    set_fused_attention, step_seed,
+    PeerMonitor, check_same_model_everywhere, compile_supported, ddp_options, is_peer_failure, make_accelerator,
+    rng_state, set_fused_attention, step_seed,
 )
 from distvit.stopping import StopRequests
 from distvit.surgery import SurgeryRecord, build_model
+from distvit.timing import PhaseTimer
 from distvit.tracking import RunTracker
 
 PLANNED_STOP = "train.stop_at_step"
@@ -73,6 +77,8 @@ class TrainState:
     train_seconds: float = 0.0
     images_seen: int = 0
     compile_seconds: float = 0.0
+    feature_seconds: float = 0.0
+    """Time spent computing the cached backbone features (head-only runs)."""
 
 
 def _resume_source(cfg: Config) -> Path | None:
@@ -82,7 +88,11 @@ def _resume_source(cfg: Config) -> Path | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None):
+    def __init__(
+        self, cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None,
+        splits: dict[str, SplitTensors] | None = None,
+    ):
+        """`splits`: in-memory data by split name instead of the shards of cfg.data.path (benchmarks)."""
         self.cfg = cfg
         self.accelerator = accelerator = make_accelerator(cfg)
         self.monitor = PeerMonitor(accelerator.num_processes, cfg.train.timeout_s)
@@ -107,6 +117,7 @@ class Trainer:
 
         device = accelerator.device
         self.train_data, self.eval_data = (
+            MemoryBatches(splits[split].to(device)) if splits is not None else
             open_batches(cfg.data.path, manifest, split, cfg.data.mode, cfg.data.num_workers, device, self.record.img_size)
             for split in (cfg.data.train_split, cfg.data.eval_split)
         )
@@ -134,13 +145,17 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         if resume:
             load_weights(model, resume["model"], self.record, source=str(self.resume_path))
+        self.features_cached = self._cache_features(model)
         self.ema = None
         if cfg.ema.enabled:
             self.ema = ModelEma(model, decay_for_run(cfg.ema, self.total_steps), cfg.ema.warmup)
         self.raw_model = model
         """The model itself: state dicts, EMA updates and evaluation use it (no DDP or compile wrapper)."""
-        self.compiled = self._compiled(model) if cfg.train.compile else None
-        self.model, self.optimizer = accelerator.prepare(model if self.compiled is None else self.compiled, optimizer)
+        want_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+        self.compiled = self._compiled(model) if want_compile and not self.features_cached else None
+        # On cached features only the classifier runs in a training step (and DDP syncs only its gradients).
+        trained = model.get_classifier() if self.features_cached else model
+        self.model, self.optimizer = accelerator.prepare(trained if self.compiled is None else self.compiled, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.fused_fp16 = accelerator.scaler is not None and bool(optimizer.defaults.get("fused"))
         self.grad_norm = torch.zeros(())
@@ -171,6 +186,8 @@ class Trainer:
             (f"{cfg.train.grad_accum_steps} micro-batches per step", cfg.train.grad_accum_steps > 1),
             (f"torch.compile ({self.state.compile_seconds:.1f} s to compile)", self.compiled is not None),
             ("fused attention", self.fused_attn),
+            ("head trained on cached backbone features", self.features_cached),
+            ("DDP static graph", accelerator.num_processes > 1 and ddp_options(cfg)["static_graph"]),
         ) if on]
         subset = f" (subset of {self.num_train})" if self.subset is not None else ""
         accelerator.print(
@@ -213,6 +230,27 @@ class Trainer:
             self.state.compile_seconds = 0.0
             return None
         return compiled
+
+    def _cache_features(self, model: torch.nn.Module) -> bool:
+        """Replace the training data by the frozen backbone's features when train.cache_features allows
+        and the run is head-only (see distvit.features); returns whether it did."""
+        cfg = self.cfg
+        if cfg.train.cache_features is False:
+            return False
+        blockers = cache_blockers(cfg, model)
+        if blockers:
+            if cfg.train.cache_features:
+                raise ConfigError(
+                    f"train.cache_features=true needs a head-only run, but: {'; '.join(blockers)}. "
+                    f"Leave train.cache_features empty to use it only where possible."
+                )
+            return False
+        start = time.perf_counter()
+        indices = self.subset if self.subset is not None else sequential_order(len(self.train_data))
+        features = compute_features(model, self.train_data, indices, self.transform, cfg.train.eval_batch_size, self.accelerator)
+        self.train_data = MemoryBatches(features)
+        self.state.feature_seconds = time.perf_counter() - start
+        return True
 
     def _without_bad_shards(self, manifest: Manifest, bad: dict[str, str]) -> Manifest:
         """Unite the preflight findings of all ranks (node-local copies may differ), then stop every rank
@@ -356,10 +394,27 @@ class Trainer:
         d = self.cfg.distill
         return (1 - d.alpha) * loss + d.alpha * distillation_loss(distill_head, teacher, d.type, d.tau)
 
-    def _train_step(self, batch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int) -> torch.Tensor:
-        """One optimizer step on this rank's share of a global batch; returns the summed loss (on device)."""
-        cfg, accelerator, world = self.cfg, self.accelerator, self.accelerator.num_processes
-        valid = batch.valid.to(accelerator.device)
+    def train_step(self, batch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int,
+                   timer: PhaseTimer | None = None) -> torch.Tensor:
+        """One optimizer step on this rank's share of a global batch; returns the summed loss (on device).
+        Nothing in it waits for the device. `timer` (benchmarks) marks the end of each phase."""
+        x, soft, valid = self._step_inputs(batch, images, labels, local, global_batch)
+        if timer:
+            timer.mark("data")
+        loss_sum = self._forward_backward(x, labels, soft, valid, batch.global_valid)
+        if timer:
+            timer.mark("forward_backward")
+        self._optimizer_step()
+        if timer:
+            timer.mark("optimizer")
+        return loss_sum
+
+    def _step_inputs(self, batch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int):
+        """The model's input (augmented, resized, normalised, mixed), soft targets if mixed, valid mask."""
+        cfg, device = self.cfg, self.accelerator.device
+        valid = to_device(batch.valid, device)
+        if self.features_cached:
+            return images, None, valid
         seed = step_seed(cfg.train.seed, self.state.epoch, batch.first_slot)
         augmentation = None
         if cfg.data.augment == "crop_flip":
@@ -371,7 +426,12 @@ class Trainer:
         if decision.kind != "none":
             soft = mixed_targets(labels, self.record.num_classes, cfg.train.label_smoothing, decision)
             x = apply_mix(x, decision)
-        micro = cfg.train.grad_accum_steps
+        return x, soft, valid
+
+    def _forward_backward(self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None,
+                          valid: torch.Tensor, global_valid: int) -> torch.Tensor:
+        """Forward and backward over the micro-batches (DDP all-reduces on the last); the summed loss."""
+        accelerator, micro = self.accelerator, self.cfg.train.grad_accum_steps
         size = x.shape[0] // micro
         loss_sum = torch.zeros((), device=accelerator.device)
         for index in range(micro):
@@ -380,16 +440,20 @@ class Trainer:
             if self.teacher is not None:  # per micro-batch: accumulation bounds the teacher's memory too
                 with accelerator.autocast():
                     teacher = self.teacher.logits(x[part], self.record.mean, self.record.std).float()
-            # DDP all-reduces gradients only on the last micro-batch
             with nullcontext() if index == micro - 1 else accelerator.no_sync(self.model):
-                output = self.model(x[part])
+                output = self.model(x[part])  # prepare()d models run in autocast themselves
                 losses = self._loss(
                     output, labels[part], soft[part] if soft is not None else None, teacher,
                 ) * valid[part]
-                accelerator.backward(losses.sum() * (world / batch.global_valid))
+                accelerator.backward(losses.sum() * (accelerator.num_processes / global_valid))
             loss_sum += losses.detach().sum()
-        if cfg.optim.clip_grad_norm:
-            self.grad_norm = accelerator.clip_grad_norm_(self.trainable, cfg.optim.clip_grad_norm)
+        return loss_sum
+
+    def _optimizer_step(self) -> None:
+        """Clip, step (unless fp16 overflowed), schedule, zero the gradients, update the EMA."""
+        accelerator = self.accelerator
+        if self.cfg.optim.clip_grad_norm:
+            self.grad_norm = accelerator.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad_norm)
         # fp16 overflow: no step, so no schedule or EMA step. A fused optimizer is always "called" by the
         # scaler (it gets found_inf), so Accelerate's flag misses those skips; a lowered scale shows them
         # (reading the scale syncs with the device, so only where it is needed).
@@ -401,7 +465,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and not skipped:
             self.ema.update(self.raw_model)
-        return loss_sum
 
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; False when it stopped mid-epoch (planned or requested)."""
@@ -428,7 +491,7 @@ class Trainer:
                 break
             batch, images, labels = item
             step_lr = max(g["lr"] for g in self.optimizer.param_groups)  # the peak lr this step uses (logged)
-            loss_sum += self._train_step(batch, images, labels, local, plan.global_batch)
+            loss_sum += self.train_step(batch, images, labels, local, plan.global_batch)
             state.step += 1
             state.samples_in_epoch += batch.global_valid
             if self.trace is not None:
@@ -617,6 +680,7 @@ class Trainer:
             "train_seconds": state.train_seconds,
             "train_images_per_sec": state.images_seen / state.train_seconds if state.train_seconds else None,
             "compile_seconds": state.compile_seconds or None,
+            "feature_cache_seconds": state.feature_seconds if self.features_cached else None,
             "effective_lr": self.cfg.optim.lr * self.lr_multiplier,
             "ema_decay": self.ema.decay if self.ema else None,
             "surgery": self.record.to_dict(),

@@ -64,7 +64,7 @@ def build_optimizer(
     groups = param_groups(model, cfg.weight_decay, lr, lr_decay)
     if cfg.name == "adamw":
         device = next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
-        fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+        fused = cfg.fused if cfg.fused is not None else _fused_supported(device)
         if fused and not _fused_supported(device):
             warnings.warn(f"optim.fused=true: no fused AdamW for {device.type} in torch {torch.__version__}; using the foreach kernel.")
             fused = False

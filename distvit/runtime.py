@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from distvit.config import Config
 from distvit.errors import ConfigError, DistvitError
@@ -38,9 +38,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     accelerator = Accelerator(
         cpu=cpu_processes(),
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         log_with="wandb" if cfg.tracking.backend == "wandb" else None,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
+            DistributedDataParallelKwargs(**ddp_options(cfg)),
+        ],
     )
     world, micro = accelerator.num_processes, cfg.train.grad_accum_steps
     if cfg.train.batch_size % (world * micro) or cfg.train.eval_batch_size % world:
@@ -51,6 +54,38 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"Choose multiples of {world * micro}."
         )
     return accelerator
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """The precision for `train.mixed_precision`: an explicit no/bf16/fp16 as given; auto takes the
+    launcher's bf16/fp16 if it asks for one, else bf16 where the GPU supports it, else no. (CPU autocast
+    to bf16 is slower than fp32 on most CPUs.)"""
+    if setting != "auto":
+        return setting
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("bf16", "fp16"):
+        return launcher
+    if torch.cuda.is_available() and not cpu_processes() and _native_bf16():
+        return "bf16"
+    return "no"
+
+
+def _native_bf16() -> bool:
+    """bf16 tensor cores (compute capability 8.0+, Ampere on); older GPUs only emulate bf16, slowly."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.cuda.get_device_capability(local_rank) >= (8, 0)
+
+
+def ddp_options(cfg: Config) -> dict[str, bool]:
+    """DDP settings that suit a ViT whose every parameter trains: `static_graph` (one bucket plan,
+    found in the first step; off with accumulation, where `no_sync` breaks it: pytorch#143580) and
+    `gradient_as_bucket_view` (gradients live in the all-reduce buckets: no copy, less memory). Frozen
+    parameters are left to DDP's defaults."""
+    nothing_frozen = cfg.surgery.freeze == "none" and not cfg.surgery.freeze_embeddings
+    return {
+        "static_graph": nothing_frozen and cfg.train.grad_accum_steps == 1,
+        "gradient_as_bucket_view": nothing_frozen,
+    }
 
 
 def check_same_model_everywhere(record: SurgeryRecord) -> None:

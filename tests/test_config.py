@@ -81,7 +81,7 @@ def test_unknown_section_in_file_names_file(tmp_path, dataset_dir):
         ("train.batch_size=0", "train.batch_size: Input should be greater than 0"),
         ("train.epochs=abc", "train.epochs: Input should be a valid integer"),
         ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
-        ("train.mixed_precision=fp32", "train.mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
+        ("train.mixed_precision=fp32", "train.mixed_precision: Input should be 'auto', 'no', 'bf16' or 'fp16'"),
         ("optim.name=lamb", "optim.name: Input should be 'adamw' or 'sgd'"),
         ("surgery.drop_path=1.5", "surgery.drop_path: Input should be less than 1"),
         ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),

@@ -118,7 +118,8 @@ def test_step_schedule_warmup_and_lr_scaling():
 def test_fused_adamw_choice():
     model = torch.nn.Linear(4, 4)
     assert build_optimizer(model, OptimConfig(fused=True)).defaults["fused"] is True  # CPU kernel in torch >= 2.4
-    assert not build_optimizer(model, OptimConfig()).defaults["fused"]  # auto: fused on CUDA only
+    assert build_optimizer(model, OptimConfig()).defaults["fused"] is True  # auto: wherever torch has the kernel
+    assert not build_optimizer(model, OptimConfig(fused=False)).defaults["fused"]
 
 
 def test_config_checks_for_the_new_keys(tmp_path):
@@ -268,3 +269,55 @@ def test_teachers_must_predict_the_datasets_classes(tmp_path, monkeypatch):
         distill.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes, torch.device("cpu"))
     teacher = distill.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes[::-1], torch.device("cpu"))
     assert teacher.img_size == 32 and not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def _head_only_run(data, run_dir, *overrides):
+    from distvit.data.manifest import read_manifest
+    from distvit.engine import run_training
+
+    cfg = load_config(REPO / "configs/demo.yaml", [
+        f"data.path={data}", f"run.dir={run_dir}", "surgery.freeze=backbone", "data.augment=none",
+        "train.epochs=2", "train.batch_size=32", "train.eval_batch_size=40", "train.mixed_precision=no",
+        "data.train_subset=150", "optim.lr=0.05", "ema.enabled=true", "tracking.backend=none", *overrides,
+    ])
+    return run_training(cfg, read_manifest(data))
+
+
+def test_head_only_training_on_cached_features_gives_the_same_head(small_dataset, tmp_path):
+    """The lesson's head-only fine-tune: the head trained on cached backbone features equals the head
+    trained with the full forward every step (fp32; float rounding of the summation order only)."""
+    from distvit.checkpoint import load_checkpoint
+
+    cached = _head_only_run(small_dataset, tmp_path / "cached")
+    full = _head_only_run(small_dataset, tmp_path / "full", "train.cache_features=false")
+    assert cached["feature_cache_seconds"] > 0 and full["feature_cache_seconds"] is None
+    a = load_checkpoint(tmp_path / "cached" / "checkpoints" / "final.pt")
+    b = load_checkpoint(tmp_path / "full" / "checkpoints" / "final.pt")
+    assert a["step"] == b["step"] == 2 * 5  # 150 images, batch 32: 5 steps per epoch
+    for key in ("model", "ema"):
+        for name in ("head.weight", "head.bias"):
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=2e-6)
+        frozen = [k for k in a[key] if not k.startswith("head.")]
+        assert all(torch.equal(a[key][k], b[key][k]) for k in frozen)  # the backbone never changed
+    assert cached["final"]["correct"] == full["final"]["correct"]
+
+
+def test_cache_features_true_names_what_prevents_it(small_dataset, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.cache_features=true needs a head-only run, but: data.augment=crop_flip"):
+        _head_only_run(small_dataset, tmp_path / "r", "train.cache_features=true", "data.augment=crop_flip")
+
+
+def test_precision_auto_and_ddp_options(monkeypatch):
+    from distvit.runtime import ddp_options, resolve_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
+    assert resolve_mixed_precision("auto") == "fp16" and resolve_mixed_precision("no") == "no"
+    every = load_config(REPO / "configs/demo.yaml", check_data=False)
+    assert ddp_options(every) == {"static_graph": True, "gradient_as_bucket_view": True}
+    accumulating = load_config(REPO / "configs/demo.yaml", ["train.grad_accum_steps=2"], check_data=False)
+    assert ddp_options(accumulating) == {"static_graph": False, "gradient_as_bucket_view": True}  # pytorch#143580
+    for frozen in ("surgery.freeze=backbone", "surgery.freeze=blocks:2", "surgery.freeze_embeddings=true"):
+        cfg = load_config(REPO / "configs/demo.yaml", [frozen], check_data=False)
+        assert ddp_options(cfg) == {"static_graph": False, "gradient_as_bucket_view": False}

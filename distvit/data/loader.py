@@ -27,6 +27,7 @@ from distvit.data.imagefolder import resize_and_crop
 from distvit.data.manifest import Manifest
 from distvit.data.memory import IMAGE_MEMBERS, SplitTensors, check_shard_files, load_split
 from distvit.data.plan import EpochPlan, RankBatch
+from distvit.devices import to_device
 from distvit.errors import DataError
 
 Batch = tuple[RankBatch, torch.Tensor, torch.Tensor]
@@ -42,7 +43,7 @@ class MemoryBatches:
     def epoch(self, plan: EpochPlan) -> Iterator[Batch]:
         device = self.data.images.device
         for batch in plan.batches():
-            indices = batch.indices.to(device)
+            indices = to_device(batch.indices, device)
             yield batch, self.data.images[indices], self.data.labels[indices]
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from distvit.data.manifest import Manifest, SplitInfo
@@ -68,6 +67,8 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
             f"{dataset_dir}: its images have different sizes, so they cannot be held in memory as one "
             f"tensor. Prepare it again with --image-size S."
         )
+    import webdataset as wds  # here, so that in-memory data (benchmarks) needs no webdataset
+
     paths = check_shard_files(dataset_dir, split)  # sha256: see data.preflight
     height, width = manifest.image_size
     images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)

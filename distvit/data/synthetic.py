@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from distvit.data.manifest import Manifest
-from distvit.data.writer import write_dataset
 
 CLASS_NAMES = [
     "horizontal_stripes",
@@ -140,6 +139,8 @@ def prepare_synthetic(
     samples_per_shard: int = 5000,
 ) -> Manifest:
     """Generate train and test splits (independent seeds) and write them as shards + manifest."""
+    from distvit.data.writer import write_dataset  # webdataset; `generate` alone works without it
+
     for name, value in (("train_size", train_size), ("test_size", test_size)):
         if value < num_classes:
             raise ValueError(f"{name}={value} must be at least num_classes={num_classes}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distvit.devices import to_device
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -42,15 +44,15 @@ def random_crop(images: torch.Tensor, padding: int, offset_y: torch.Tensor, offs
     n, height, width, _ = images.shape
     device = images.device
     padded = F.pad(images, (0, 0, padding, padding, padding, padding))
-    rows = offset_y.to(device)[:, None] + torch.arange(height, device=device)
-    cols = offset_x.to(device)[:, None] + torch.arange(width, device=device)
+    rows = to_device(offset_y, device)[:, None] + torch.arange(height, device=device)
+    cols = to_device(offset_x, device)[:, None] + torch.arange(width, device=device)
     batch = torch.arange(n, device=device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 
 def hflip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Flip the N x H x W x C images selected by the bool mask `flip` left-right."""
-    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(2), images)
+    return torch.where(to_device(flip, images.device)[:, None, None, None], images.flip(2), images)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,17 @@ class BatchTransform:
         if tuple(x.shape[-2:]) != tuple(self.img_size):
             shrinking = x.shape[-1] > self.img_size[1] or x.shape[-2] > self.img_size[0]
             x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False, antialias=shrinking)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = _normalisation(self.mean, self.std, x.device)
         return (x - mean) / std
+
+
+_NORMALISATION: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as 1 x C x 1 x 1 tensors on `device`, made once (a tensor built from Python numbers
+    on a GPU is a host-to-device copy that synchronises)."""
+    key = (mean, std, str(device))
+    if key not in _NORMALISATION:
+        _NORMALISATION[key] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    return _NORMALISATION[key]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, sha256_file, write_manifest
@@ -61,11 +60,13 @@ class SplitWriter:
         self.shards: list[ShardInfo] = []
         self.num_samples = 0
         self.image_sizes: set = set()
-        self._tar: wds.TarWriter | None = None
+        self._tar: "wds.TarWriter | None" = None
         self._tmp_path: Path | None = None
         self._shard_counts: list[int] = []
 
     def _open_shard(self) -> None:
+        import webdataset as wds  # only where shards are written: in-memory data needs no webdataset
+
         name = f"{self.split}-{len(self.shards):05d}.tar"
         self._tmp_path = self.out_dir / (name + ".tmp")
         self._tar = wds.TarWriter(str(self._tmp_path), mtime=0, user="distvit", group="distvit")

@@ -1,0 +1,463 @@
+"""`distvit bench train`: the real training step, timed, against the lesson's loop in the same process.
+
+distvit's side is `Trainer.train_step` as training runs it (the config's data path, surgery, optimizer,
+precision, compile, cached features, DDP over every launched rank), on endless epochs of the training
+split, for `steps` steps after `warmup` steps. Reported: images/s (all ranks), milliseconds per step,
+where the step time goes (data fetch and device transforms, forward+backward, optimizer; on a GPU the
+device-timeline spans between CUDA events, host stalls within a phase included), peak memory,
+tokens per image, training FLOPs per image (counted by torch's FlopCounterMode on a forward+backward),
+achieved FLOP/s and its share of the device's peak. On a GPU the warm-up steps after the first run in
+CUDA's sync-debug mode and count host synchronisations inside the step (there should be none).
+
+`--baseline lesson` then runs `distvit.lesson`'s loop on the same device, model and images; the
+ratio is what to quote, as it holds on a noisy machine. Compile and feature-cache time are reported
+apart and excluded from images/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from distvit.config import Config
+from distvit.data.manifest import Manifest, SplitInfo
+from distvit.data.memory import SplitTensors
+from distvit.data.plan import EpochPlan
+from distvit.errors import ConfigError, DataError
+from distvit.timing import PhaseTimer
+
+PHASES = ("data", "forward_backward", "optimizer")
+
+# Dense peak FLOP/s from the vendors' data sheets: (device name pattern, bf16/fp16 tensor core, fp32
+# non-tensor), first match wins.
+DEVICE_PEAKS = (
+    (r"H100 NVL", 835e12, 60e12),
+    (r"H100 PCIe", 756e12, 51e12),
+    (r"\bH100\b", 989e12, 67e12),
+    (r"\b(GH|H)200\b", 989e12, 67e12),
+    (r"\bA100\b", 312e12, 19.5e12),
+    (r"\bL40S\b", 362e12, 91.6e12),
+    (r"\bL40\b", 181e12, 90.5e12),
+    (r"\bL4\b", 121e12, 30.3e12),
+)
+
+
+@dataclass
+class Measurement:
+    name: str
+    images_per_sec: float
+    step_ms: float
+    steps: int
+    phase_fractions: dict[str, float]
+    """Share of the step time per phase (PHASES). On a GPU a phase is the device-timeline span between
+    its CUDA events, so time the device waited for the host within the phase is part of it."""
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    achieved_tflops: float
+    peak_fraction: float
+    batch_size: int = 0
+    host_syncs_per_step: float | None = None
+    """Host synchronisations CUDA's sync-debug mode reported per warm-up step (GPU only)."""
+    ratio_to_lesson: float | None = None
+
+
+@dataclass
+class TrainBench:
+    config: dict[str, Any]
+    device: str
+    world_size: int
+    mixed_precision: str
+    compile_seconds: float
+    feature_cache_seconds: float
+    tokens_per_image: int
+    train_gflops_per_image: float
+    peak_tflops: float
+    peak_source: str
+    results: list[Measurement] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    check: dict[str, Any] | None = None
+    """`--check`: the fast path against the fp32 eager reference (see `check_fast_path`)."""
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """The device's peak FLOP/s for the compute dtype: the data sheet's where known, else measured on a
+    large matmul (CPUs, unknown GPUs)."""
+    low_precision = precision in ("bf16", "fp16")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for pattern, tensor_core, fp32 in DEVICE_PEAKS:
+            if re.search(pattern, name):
+                return (tensor_core if low_precision else fp32), f"{name} data sheet ({'bf16' if low_precision else 'fp32'}, dense)"
+    dtype = torch.bfloat16 if low_precision else torch.float32
+    size = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size ** 3 / best, f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul"
+
+
+def train_flops_per_image(model: torch.nn.Module, inputs: torch.Tensor) -> float:
+    """FLOPs of one training forward+backward per image (matmuls, convolutions, attention), counted by
+    torch's FlopCounterMode; frozen parameters get no weight gradients, so they cost less."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        output = model(inputs)
+        sum(o.float().sum() for o in (output if isinstance(output, tuple) else (output,))).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / inputs.shape[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU memory allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (whole run)"
+
+
+def _count_host_syncs(run_steps) -> float | None:
+    """Run the callable's steps in CUDA's sync-debug mode; host synchronisations per step (None when
+    there is no GPU or no step was checked)."""
+    if not torch.cuda.is_available():
+        run_steps()
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            steps = run_steps()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    return len(syncs) / steps if steps else None
+
+
+def _measurement(name: str, images: int, wall: float, steps: int, timer: PhaseTimer, device: torch.device,
+                 flops_per_image: float, peak: float, host_syncs: float | None) -> Measurement:
+    phases = timer.seconds()
+    total = sum(phases.values())
+    fractions = {phase: phases.get(phase, 0.0) / total for phase in PHASES}
+    memory, memory_kind = _peak_memory(device)
+    rate = images / wall
+    return Measurement(
+        name=name, batch_size=images // steps, images_per_sec=rate, step_ms=1000 * wall / steps, steps=steps, phase_fractions=fractions,
+        peak_memory_bytes=memory, peak_memory_kind=memory_kind, achieved_tflops=rate * flops_per_image / 1e12,
+        peak_fraction=rate * flops_per_image / peak, host_syncs_per_step=host_syncs,
+    )
+
+
+def _distvit_batches(trainer):
+    """The training split's batches for this rank, epoch after epoch, as `train_epoch` plans them."""
+    accelerator, cfg = trainer.accelerator, trainer.cfg
+    world, rank = accelerator.num_processes, accelerator.process_index
+    epoch = 0
+    while True:
+        plan = EpochPlan(trainer.epoch_order(epoch), cfg.train.batch_size, world, rank)
+        local = slice(rank * plan.local_batch, (rank + 1) * plan.local_batch)
+        for batch, images, labels in trainer.train_data.epoch(plan):
+            yield batch, images, labels, local, plan.global_batch
+        epoch += 1
+
+
+def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, peak: float) -> Measurement:
+    device, accelerator = trainer.accelerator.device, trainer.accelerator
+    trainer.model.train()
+    batches = _distvit_batches(trainer)
+
+    def run(count: int, timer: PhaseTimer | None = None) -> tuple[int, torch.Tensor]:
+        images, loss_sum = 0, torch.zeros((), device=device)
+        for _ in range(count):
+            if timer:
+                timer.start()
+            batch, imgs, labels, local, global_batch = next(batches)
+            loss_sum += trainer.train_step(batch, imgs, labels, local, global_batch, timer)
+            images += batch.global_valid
+        return images, loss_sum
+
+    unchecked = min(warmup, 2)  # the first steps set up kernels, allocator pools and (step 2) DDP's buckets
+
+    def checked_warmup() -> int:
+        run(warmup - unchecked)
+        return warmup - unchecked
+
+    run(unchecked)
+    host_syncs = _count_host_syncs(checked_warmup)
+    _sync(device)
+    _reset_peak_memory(device)
+    accelerator.wait_for_everyone()
+    timer = PhaseTimer(device)
+    start = time.perf_counter()
+    images, loss_sum = run(steps, timer)
+    _sync(device)
+    wall = time.perf_counter() - start
+    if not torch.isfinite(loss_sum):
+        raise DataError(f"the benchmark's training loss is {loss_sum.item()}: the configuration diverges.")
+    slowest = accelerator.gather(torch.tensor([wall], device=device)).max().item()  # all ranks' images in the slowest rank's time
+    # every rank has its own device (GPU, or its share of the CPU cores): the peak adds up
+    return _measurement("distvit", images, slowest, steps, timer, device, flops_per_image,
+                        peak * accelerator.num_processes, host_syncs)
+
+
+def measure_lesson(cfg: Config, data: SplitTensors, num_classes: int, device: torch.device, steps: int, warmup: int,
+                   flops_per_image: float, peak: float) -> Measurement:
+    """The lesson's loop (`distvit.lesson`) on the same model (surgery included), device and images."""
+    from distvit.lesson import lesson_loader, lesson_steps
+    from distvit.surgery import build_model
+
+    set_seed(cfg.train.seed)
+    model, record = build_model(cfg, num_classes)
+    model.to(device)
+    loader = lesson_loader(data, record.img_size, cfg.train.batch_size, record.mean, record.std)
+    loop = lesson_steps(model, loader, device)
+    next(loop)
+    for _ in range(warmup):
+        loop.send(None)
+    _sync(device)
+    _reset_peak_memory(device)
+    timer = PhaseTimer(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = loop.send(timer)
+    _sync(device)
+    wall = time.perf_counter() - start
+    loop.close()
+    if loss != loss:
+        raise DataError("the lesson baseline's loss is NaN.")
+    return _measurement("lesson", steps * loader.batch_size, wall, steps, timer, device, flops_per_image, peak, None)
+
+
+LOGIT_TOLERANCE = 0.05
+"""Largest logit difference allowed, as a share of the reference's largest logit (bf16 keeps 8 bits of
+mantissa; twelve blocks of rounding stay well inside 5%)."""
+LOSS_TOLERANCE = 0.02
+"""Largest relative difference of a step's training loss."""
+UPDATE_TOLERANCE = 0.25
+"""Largest distance between the two models' weights after the check's steps, relative to how far the
+reference's weights moved."""
+
+
+def check_fast_path(trainer, steps: int = 8) -> dict[str, Any]:
+    """Train the configured model (precision, compile, fused kernels, device transforms) and an fp32 eager
+    reference with the same initial weights, optimizer and schedule on the same batches; compare the
+    first batch's logits and every step's loss. Run it before any other step, with no drop-path."""
+    from distvit.optim import build_optimizer, build_scheduler
+    from distvit.runtime import set_fused_attention
+    from distvit.surgery import build_model
+
+    cfg, device = trainer.cfg, trainer.accelerator.device
+    if trainer.accelerator.num_processes > 1:
+        raise ConfigError("--check compares with a single-process fp32 reference: run it on one process.")
+    if cfg.surgery.drop_path or trainer.features_cached or trainer.teacher is not None:
+        raise ConfigError("--check compares full forward passes without drop-path or distillation: set surgery.drop_path=0.")
+    set_seed(cfg.train.seed)
+    reference, _ = build_model(cfg, trainer.record.num_classes)
+    reference.to(device)
+    same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), trainer.raw_model.state_dict().values()))
+    if not same:
+        raise RuntimeError("the fp32 reference does not start from the trainer's weights")
+    set_fused_attention(reference, False)
+    optimizer = build_optimizer(reference, dataclasses.replace(cfg.optim, fused=False), cfg.surgery.lr_decay, cfg.train.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, trainer.steps_per_epoch, cfg.train.epochs)
+    trainer.model.train()
+    reference.train()
+    start = {name: p.detach().float().clone() for name, p in reference.named_parameters() if p.requires_grad}
+    batches = _distvit_batches(trainer)
+    losses, logit_error = [], None
+    for step in range(steps):
+        batch, images, labels, local, global_batch = next(batches)
+        x, soft, valid = trainer._step_inputs(batch, images, labels, local, global_batch)
+        with torch.autocast(device.type, enabled=False):
+            output = reference(x.float())
+        if step == 0:
+            fast = trainer.model(x).float().detach()  # with grad on, as in training: no extra compile
+            logit_error = ((fast - output.detach()).abs().max() / output.detach().abs().max()).item()
+        ref_loss = (trainer._loss(output.float(), labels, soft, None) * valid).sum() / batch.global_valid
+        ref_loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        fast_loss = trainer.train_step(batch, images, labels, local, global_batch).item() / batch.global_valid
+        losses.append((fast_loss, ref_loss.item()))
+    loss_error = max(abs(a - b) / abs(b) for a, b in losses)
+    # the weight updates themselves: a fast path that applied wrong or no updates shows here even while
+    # the losses still agree (a small lr, as in warmup)
+    fast = dict(trainer.raw_model.named_parameters())
+    ref = dict(reference.named_parameters())
+    moved = torch.stack([(ref[n].detach().float() - w0).norm() for n, w0 in start.items()]).norm()
+    apart = torch.stack([(fast[n].detach().float() - ref[n].detach().float()).norm() for n in start]).norm()
+    update_error = (apart / moved).item() if moved > 0 else float("inf")
+    return {
+        "steps": steps, "precision": trainer.accelerator.mixed_precision, "compiled": trainer.compiled is not None,
+        "logit_error": logit_error, "logit_tolerance": LOGIT_TOLERANCE,
+        "loss_error": loss_error, "loss_tolerance": LOSS_TOLERANCE, "losses": losses,
+        "update_error": update_error, "update_tolerance": UPDATE_TOLERANCE,
+        "passed": logit_error <= LOGIT_TOLERANCE and loss_error <= LOSS_TOLERANCE and update_error <= UPDATE_TOLERANCE,
+    }
+
+
+def synthetic_splits(train_size: int, test_size: int, image_size: int = 32, num_classes: int = 10,
+                     seed: int = 0) -> tuple[Manifest, dict[str, SplitTensors]]:
+    """The built-in synthetic CIFAR-format data, generated in memory (no shards, no webdataset)."""
+    from distvit.data.synthetic import CLASS_NAMES, generate
+
+    splits = {}
+    for offset, (name, size) in enumerate((("train", train_size), ("test", test_size))):
+        images, labels = generate(size, num_classes, image_size, seed=seed * 2 + offset)
+        splits[name] = SplitTensors(torch.from_numpy(images), torch.from_numpy(labels))
+    manifest = Manifest(
+        dataset="synthetic (in memory)", classes=list(CLASS_NAMES[:num_classes]), image_size=(image_size, image_size),
+        channels=3, splits={name: SplitInfo(name, len(split), []) for name, split in splits.items()},
+        source={"generator": "distvit.data.synthetic", "seed": seed},
+    )
+    return manifest, splits
+
+
+def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 5, baseline: str | None = None,
+                splits: dict[str, SplitTensors] | None = None, check: bool = False) -> TrainBench:
+    """Benchmark the configured training step (and the lesson's loop with baseline='lesson')."""
+    from distvit.engine import Trainer
+
+    cfg = dataclasses.replace(cfg)
+    cfg.tracking = dataclasses.replace(cfg.tracking, backend="none")
+    cfg.train = dataclasses.replace(cfg.train, resume="", log_every=10**9, stop_at_step=0)
+    cfg.run = dataclasses.replace(cfg.run, overwrite=True)
+    cfg.data = dataclasses.replace(cfg.data, trace_samples=False)
+    if baseline == "lesson" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before any rank starts
+        raise ConfigError("--baseline lesson compares with the lesson's single-process loop: run it on one process.")
+    trainer = Trainer(cfg, manifest, splits=splits)
+    trainer.stops.close()  # a benchmark has nothing to checkpoint: SIGTERM / Ctrl-C end it at once
+    accelerator, device = trainer.accelerator, trainer.accelerator.device
+    precision = accelerator.mixed_precision
+    checked = check_fast_path(trainer) if check else None
+    peak, peak_source = device_peak_flops(device, precision)
+    size = trainer.record.img_size
+    images = torch.zeros(2, 3, size, size, device=device)
+    full_flops = train_flops_per_image(trainer.raw_model, images)
+    if trainer.features_cached:  # a step trains the classifier on stored features
+        flops = train_flops_per_image(trainer.raw_model.get_classifier(), trainer.train_data.data.images[:2])
+    else:
+        flops = full_flops
+    result = TrainBench(
+        config=cfg.to_dict(), device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        world_size=accelerator.num_processes, mixed_precision=precision,
+        compile_seconds=trainer.state.compile_seconds, feature_cache_seconds=trainer.state.feature_seconds,
+        tokens_per_image=trainer.record.tokens_per_image, train_gflops_per_image=flops / 1e9,
+        peak_tflops=peak / 1e12, peak_source=peak_source, versions=_versions(), check=checked,
+    )
+    result.results.append(measure_distvit(trainer, steps, warmup, flops, peak))
+    accelerator.end_training()
+    if baseline == "lesson":
+        del trainer, images  # the lesson's peak memory is its own
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if splits is not None:
+            lesson_data = splits[cfg.data.train_split]
+        else:
+            from distvit.data.memory import load_split
+
+            if manifest.image_size is None:
+                raise DataError(f"{cfg.data.path}: the lesson baseline needs images stored at one size (prepare with --image-size).")
+            lesson_data = load_split(cfg.data.path, manifest, cfg.data.train_split)
+        fp32_peak, _ = device_peak_flops(device, "no")  # the lesson computes in fp32
+        lesson = measure_lesson(cfg, lesson_data, manifest.num_classes, device, steps, warmup, full_flops, fp32_peak)
+        result.results.append(lesson)
+        for measurement in result.results:
+            measurement.ratio_to_lesson = measurement.images_per_sec / lesson.images_per_sec
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import timm
+
+    versions = {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+                "python": platform.python_version()}
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def format_train_bench(bench: TrainBench) -> str:
+    cfg = bench.config
+    head = (
+        f"distvit bench train: {cfg['model']['name']} at {cfg['surgery']['img_size'] or 'native'} px, "
+        f"{bench.tokens_per_image} tokens/image, {bench.train_gflops_per_image:.3g} GFLOP/image (forward+backward); "
+        f"batch {cfg['train']['batch_size']}, {bench.world_size} process(es) on {bench.device}, precision {bench.mixed_precision}"
+        + (f"; compiled in {bench.compile_seconds:.1f} s (excluded)" if bench.compile_seconds else "")
+        + (f"; features cached in {bench.feature_cache_seconds:.1f} s (excluded)" if bench.feature_cache_seconds else "")
+        + f"\npeak {bench.peak_tflops:.1f} TFLOP/s ({bench.peak_source})"
+    )
+    columns = f"{'loop':<8} {'images/s':>10} {'ms/step':>8} {'data':>6} {'fwd+bwd':>8} {'optim':>6} {'peak mem':>10} {'TFLOP/s':>8} {'of peak':>8} {'syncs':>6} {'x lesson':>9}"
+    rows = []
+    for m in bench.results:
+        f = m.phase_fractions
+        syncs = f"{m.host_syncs_per_step:>6.1f}" if m.host_syncs_per_step is not None else f"{'-':>6}"
+        ratio = f"{m.ratio_to_lesson:>8.2f}x" if m.ratio_to_lesson is not None else f"{'-':>9}"
+        rows.append(
+            f"{m.name:<8} {m.images_per_sec:>10.0f} {m.step_ms:>8.1f} {100 * f['data']:>5.1f}% {100 * f['forward_backward']:>7.1f}% "
+            f"{100 * f['optimizer']:>5.1f}% {m.peak_memory_bytes / 2**20:>8.0f}MB {m.achieved_tflops:>8.3f} "
+            f"{100 * m.peak_fraction:>7.2f}% {syncs} {ratio}"
+        )
+    note = f"peak mem: {bench.results[0].peak_memory_kind}" if bench.results else ""
+    lines = [head, columns, *rows, note]
+    if bench.check:
+        c = bench.check
+        lines.append(
+            f"fast path vs fp32 reference ({c['precision']}, compiled={c['compiled']}, {c['steps']} steps): logits within "
+            f"{100 * c['logit_error']:.2f}% (tolerance {100 * c['logit_tolerance']:.0f}%), losses within "
+            f"{100 * c['loss_error']:.2f}% (tolerance {100 * c['loss_tolerance']:.0f}%), weight updates within "
+            f"{100 * c['update_error']:.1f}% (tolerance {100 * c['update_tolerance']:.0f}%): {'PASS' if c['passed'] else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def scaling_line(bench: TrainBench, reference_path: str | Path) -> str:
+    """Scaling efficiency against a run of the same bench on fewer processes: per-process images/s here
+    over per-process images/s there (1.0: perfect linear scaling)."""
+    try:
+        reference = json.loads(Path(reference_path).read_text())
+        ref_rate, ref_world = reference["results"][0]["images_per_sec"], reference["world_size"]
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        raise DataError(f"--scaling-reference {reference_path}: not a `distvit bench train --json` result ({err}).") from None
+    rate, world = bench.results[0].images_per_sec, bench.world_size
+    efficiency = (rate / world) / (ref_rate / ref_world)
+    return (
+        f"scaling: {world} process(es) {rate:.0f} images/s vs {ref_world} process(es) {ref_rate:.0f} images/s "
+        f"({reference_path}): {rate / ref_rate:.2f}x, efficiency {efficiency:.1%}"
+    )
+
+
+def write_bench_json(path: str | Path, bench: TrainBench) -> None:
+    from distvit.fileio import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(asdict(bench), indent=1) + "\n").encode())

@@ -1,0 +1,73 @@
+"""Head-only fine-tuning on cached features: the lesson's first experiment without its repeated work.
+
+With the backbone frozen, no augmentation, no mixing, no drop-path and no teacher, every epoch pushes the
+same images through the same frozen backbone to the same features; only the classifier changes. So the
+features (the classifier's input, `forward_head(..., pre_logits=True)`) are computed once, split over
+the ranks and gathered, and training steps run the classifier alone on them. The trained head is the one
+the full forward path would give, within float tolerance (`tests/test_training_parts.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from distvit.config import Config
+from distvit.data.memory import SplitTensors
+from distvit.data.plan import EpochPlan
+from distvit.data.transforms import BatchTransform
+from distvit.devices import to_device
+from distvit.mixing import mixing_enabled
+
+
+def cache_blockers(cfg: Config, model: torch.nn.Module) -> list[str]:
+    """Why this run's head cannot train on cached features (empty: it can)."""
+    blockers = []
+    if cfg.surgery.freeze != "backbone":
+        blockers.append(f"surgery.freeze={cfg.surgery.freeze} (needs backbone)")
+    if cfg.data.augment != "none":
+        blockers.append(f"data.augment={cfg.data.augment} (needs none)")
+    if mixing_enabled(cfg.data):
+        blockers.append("mixup/cutmix is on")
+    if cfg.surgery.drop_path:
+        blockers.append(f"surgery.drop_path={cfg.surgery.drop_path} (the frozen backbone would be random)")
+    if cfg.distill.type != "none":
+        blockers.append(f"distill.type={cfg.distill.type}")
+    if not isinstance(model.get_classifier(), torch.nn.Linear) or not hasattr(model, "forward_head"):
+        return [*blockers, f"{cfg.model.name} has no single linear classifier (a distilled DeiT has two heads)"]
+    if any(p.requires_grad for name, p in model.named_parameters() if not name.startswith(_head_prefix(model))):
+        blockers.append("parameters outside the classifier train")
+    return blockers
+
+
+def _head_prefix(model: torch.nn.Module) -> str:
+    classifier = model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is classifier) + "."
+
+
+@torch.no_grad()
+def compute_features(
+    model: torch.nn.Module, data, indices: torch.Tensor, transform: BatchTransform, global_batch: int,
+    accelerator: Accelerator,
+) -> SplitTensors:
+    """The classifier inputs for the samples `indices` of `data`, computed once across all ranks (each
+    takes a share, then all gather). Returns a tensor with one row per sample of `data` (rows outside
+    `indices` are zero) and the labels, on the training device."""
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    training = model.training
+    model.eval()  # the frozen backbone has no random layers (see cache_blockers): eval == train
+    plan = EpochPlan(indices, global_batch, world, rank)
+    features: torch.Tensor | None = None
+    labels = torch.zeros(len(data), dtype=torch.int64, device=device)
+    for batch, images, batch_labels in data.epoch(plan):
+        with accelerator.autocast():
+            local = model.forward_head(model.forward_features(transform(images)), pre_logits=True).float()
+        gathered = accelerator.gather(torch.cat([local, batch_labels[:, None].float()], dim=1))
+        slots = accelerator.gather(torch.stack([to_device(batch.indices, device), to_device(batch.valid, device).long()], 1))
+        keep = slots[:, 1].bool()
+        if features is None:
+            features = torch.zeros(len(data), local.shape[1], device=device)
+        features[slots[keep, 0]] = gathered[keep, :-1]
+        labels[slots[keep, 0]] = gathered[keep, -1].long()
+    model.train(training)
+    return SplitTensors(features, labels)
