@@ -23,6 +23,7 @@ from distvit.data.memory import SplitTensors, load_split
 from distvit.data.plan import EpochPlan, epoch_order
 from distvit.data.transforms import Augmentation, BatchTransform
 from distvit.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
+from distvit.timing import synchronize
 
 
 @dataclass
@@ -34,19 +35,14 @@ class BenchResult:
     ratio_to_lesson: float = 0.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(batches: Iterator, warmup: int, steps: int, device: torch.device, batch_size: int, name: str) -> BenchResult:
     for _ in range(warmup):
         next(batches)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         next(batches)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return BenchResult(name, steps * batch_size / seconds, steps, seconds)
 

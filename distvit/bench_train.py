@@ -37,7 +37,7 @@ from distvit.data.manifest import Manifest, SplitInfo
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
 from distvit.errors import ConfigError, DataError
-from distvit.timing import PhaseTimer
+from distvit.timing import PhaseTimer, synchronize
 
 PHASES = ("data", "forward_backward", "optimizer")
 
@@ -106,11 +106,11 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(5):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(4):
             a @ b
-        _sync(device)
+        synchronize(device)
         best = min(best, (time.perf_counter() - start) / 4)
     return 2 * size ** 3 / best, f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul"
 
@@ -128,14 +128,16 @@ def train_flops_per_image(model: torch.nn.Module, inputs: torch.Tensor) -> float
     return counter.get_total_flops() / inputs.shape[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak_memory(device: torch.device) -> None:
+def _timed(run, device: torch.device) -> tuple[Any, float, PhaseTimer]:
+    """`run(timer)` from an idle device and a fresh peak-memory count: its result, wall seconds, timer."""
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    timer = PhaseTimer(device)
+    start = time.perf_counter()
+    result = run(timer)
+    synchronize(device)
+    return result, time.perf_counter() - start, timer
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -177,12 +179,9 @@ def _measurement(name: str, images: int, wall: float, steps: int, timer: PhaseTi
 
 def _distvit_batches(trainer):
     """The training split's batches for this rank, epoch after epoch, as `train_epoch` plans them."""
-    accelerator, cfg = trainer.accelerator, trainer.cfg
-    world, rank = accelerator.num_processes, accelerator.process_index
     epoch = 0
     while True:
-        plan = EpochPlan(trainer.epoch_order(epoch), cfg.train.batch_size, world, rank)
-        local = slice(rank * plan.local_batch, (rank + 1) * plan.local_batch)
+        plan, local = trainer.epoch_plan(epoch)
         for batch, images, labels in trainer.train_data.epoch(plan):
             yield batch, images, labels, local, plan.global_batch
         epoch += 1
@@ -211,14 +210,8 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
 
     run(unchecked)
     host_syncs = _count_host_syncs(checked_warmup)
-    _sync(device)
-    _reset_peak_memory(device)
     accelerator.wait_for_everyone()
-    timer = PhaseTimer(device)
-    start = time.perf_counter()
-    images, loss_sum = run(steps, timer)
-    _sync(device)
-    wall = time.perf_counter() - start
+    (images, loss_sum), wall, timer = _timed(lambda timer: run(steps, timer), device)
     if not torch.isfinite(loss_sum):
         raise DataError(f"the benchmark's training loss is {loss_sum.item()}: the configuration diverges.")
     slowest = accelerator.gather(torch.tensor([wall], device=device)).max().item()  # all ranks' images in the slowest rank's time
@@ -230,26 +223,17 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
 def measure_lesson(cfg: Config, data: SplitTensors, num_classes: int, device: torch.device, steps: int, warmup: int,
                    flops_per_image: float, peak: float) -> Measurement:
     """The lesson's loop (`distvit.lesson`) on the same model (surgery included), device and images."""
-    from distvit.lesson import lesson_loader, lesson_steps
+    from distvit.lesson import LessonLoop, lesson_loader
     from distvit.surgery import build_model
 
     set_seed(cfg.train.seed)
     model, record = build_model(cfg, num_classes)
     model.to(device)
     loader = lesson_loader(data, record.img_size, cfg.train.batch_size, record.mean, record.std)
-    loop = lesson_steps(model, loader, device)
-    next(loop)
+    loop = LessonLoop(model, loader, device)
     for _ in range(warmup):
-        loop.send(None)
-    _sync(device)
-    _reset_peak_memory(device)
-    timer = PhaseTimer(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = loop.send(timer)
-    _sync(device)
-    wall = time.perf_counter() - start
-    loop.close()
+        loop.step()
+    loss, wall, timer = _timed(lambda timer: [loop.step(timer) for _ in range(steps)][-1], device)
     if loss != loss:
         raise DataError("the lesson baseline's loss is NaN.")
     return _measurement("lesson", steps * loader.batch_size, wall, steps, timer, device, flops_per_image, peak, None)
@@ -388,7 +372,7 @@ def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 
             if manifest.image_size is None:
                 raise DataError(f"{cfg.data.path}: the lesson baseline needs images stored at one size (prepare with --image-size).")
             lesson_data = load_split(cfg.data.path, manifest, cfg.data.train_split)
-        fp32_peak, _ = device_peak_flops(device, "no")  # the lesson computes in fp32
+        fp32_peak = peak if precision == "no" else device_peak_flops(device, "no")[0]  # the lesson computes in fp32
         lesson = measure_lesson(cfg, lesson_data, manifest.num_classes, device, steps, warmup, full_flops, fp32_peak)
         result.results.append(lesson)
         for measurement in result.results:

@@ -226,7 +226,7 @@ def _bench_train(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 1:
         raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
-    args.overrides = [*args.overrides, f"run.dir={args.run_dir}", "run.overwrite=true", "tracking.backend=none"]
+    args.overrides = [*args.overrides, f"run.dir={args.run_dir}", "run.overwrite=true"]  # a scratch directory
     splits = None
     if args.synthetic:
         from distvit.config import load_config

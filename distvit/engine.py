@@ -385,6 +385,12 @@ class Trainer:
         order = epoch_order(self.num_train, self.cfg.train.seed, epoch)
         return self.subset[order] if self.subset is not None else order
 
+    def epoch_plan(self, epoch: int, start_sample: int = 0) -> tuple[EpochPlan, slice]:
+        """This rank's plan of `epoch` from `start_sample` on, and its slice of each global batch."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        plan = EpochPlan(self.epoch_order(epoch), self.cfg.train.batch_size, world, rank, start_sample=start_sample)
+        return plan, slice(rank * plan.local_batch, (rank + 1) * plan.local_batch)
+
     def _loss(self, output: Any, labels: torch.Tensor, soft: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor:
         """Per-sample loss: label loss (smoothing, mixing), plus DeiT's distillation term with a teacher."""
         head, distill_head = output if isinstance(output, tuple) else (output, output)
@@ -472,8 +478,7 @@ class Trainer:
         world, rank = accelerator.num_processes, accelerator.process_index
         if not state.compute_dtype:
             self._watch_compute_dtype()
-        plan = EpochPlan(self.epoch_order(state.epoch), cfg.train.batch_size, world, rank, start_sample=state.samples_in_epoch)
-        local = slice(rank * plan.local_batch, (rank + 1) * plan.local_batch)
+        plan, local = self.epoch_plan(state.epoch, state.samples_in_epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device between logs: no per-step sync
         window_images, window_wait, window_start = 0, 0.0, time.perf_counter()

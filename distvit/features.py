@@ -62,12 +62,13 @@ def compute_features(
     for batch, images, batch_labels in data.epoch(plan):
         with accelerator.autocast():
             local = model.forward_head(model.forward_features(transform(images)), pre_logits=True).float()
-        gathered = accelerator.gather(torch.cat([local, batch_labels[:, None].float()], dim=1))
-        slots = accelerator.gather(torch.stack([to_device(batch.indices, device), to_device(batch.valid, device).long()], 1))
-        keep = slots[:, 1].bool()
+        gathered = accelerator.gather(local)
+        slots = torch.stack([to_device(batch.indices, device), to_device(batch.valid, device).long(), batch_labels], dim=1)
+        index, valid, label = accelerator.gather(slots).unbind(1)
+        keep = valid.bool()
         if features is None:
             features = torch.zeros(len(data), local.shape[1], device=device)
-        features[slots[keep, 0]] = gathered[keep, :-1]
-        labels[slots[keep, 0]] = gathered[keep, -1].long()
+        features[index[keep]] = gathered[keep]
+        labels[index[keep]] = label[keep]
     model.train(training)
     return SplitTensors(features, labels)

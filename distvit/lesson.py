@@ -72,28 +72,32 @@ def endless(loader: torch.utils.data.DataLoader) -> Iterator:
         yield from loader
 
 
-def lesson_steps(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, lr: float = 0.01):
-    """A generator running one step of the lesson's loop per `send(timer)`; yields the running loss."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    criterion = torch.nn.CrossEntropyLoss()
-    model.train()
-    batches = endless(loader)
-    running_loss = 0.0
-    timer: PhaseTimer | None = yield None
-    while True:
+class LessonLoop:
+    """The lesson's training loop, one `step()` at a time."""
+
+    def __init__(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, lr: float = 0.01):
+        self.model = model.train()
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.batches = endless(loader)
+        self.device = device
+        self.running_loss = 0.0
+
+    def step(self, timer: PhaseTimer | None = None) -> float:
+        """One step; returns the running loss (read every step, as the lesson prints it)."""
         if timer:
             timer.start()
-        images, labels = next(batches)
-        images, labels = images.to(device), labels.to(device)
+        images, labels = next(self.batches)
+        images, labels = images.to(self.device), labels.to(self.device)
         if timer:
             timer.mark("data")
-        optimizer.zero_grad()
-        loss = criterion(model(images), labels)
+        self.optimizer.zero_grad()
+        loss = self.criterion(self.model(images), labels)
         loss.backward()
         if timer:
             timer.mark("forward_backward")
-        optimizer.step()
-        running_loss += loss.item()
+        self.optimizer.step()
+        self.running_loss += loss.item()
         if timer:
             timer.mark("optimizer")
-        timer = yield running_loss
+        return self.running_loss

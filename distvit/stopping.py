@@ -20,6 +20,8 @@ EXIT_STOPPED = 3
 """Exit status of a training process that stopped on request after writing its checkpoint."""
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 SIGNAL_NAMES = tuple(signum.name for signum in HANDLED_SIGNALS)
+REASONS = (*SIGNAL_NAMES, f"{STOP_FILE} file")
+"""What can ask for a stop, in the order that names an agreed stop when several did."""
 
 
 class StopRequests:
@@ -36,24 +38,21 @@ class StopRequests:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.received = signal.Signals(signum).name
 
-    def _local_reasons(self) -> list[bool]:
-        """One flag per entry of `self.reasons`: which requests this rank has seen."""
-        return [self.received == name for name in SIGNAL_NAMES] + [self.stop_file.exists()]
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return (*SIGNAL_NAMES, f"{STOP_FILE} file")
+    def _local_flags(self) -> list[int]:
+        """One flag per entry of REASONS: which requests this rank has seen."""
+        return [int(self.received == name) for name in SIGNAL_NAMES] + [int(self.stop_file.exists())]
 
     def agreed(self, step: int, force: bool = False) -> str | None:
         """At every `every`-th step (or when `force`, at points all ranks reach together): the reason to stop
         if any rank was asked to, else None. A collective when there are several ranks; every rank gets the
-        same reason (the first in `reasons` that any rank saw), whichever rank saw it."""
+        same reason (the first in REASONS that any rank saw), whichever rank saw it."""
         if not force and step % self.every:
             return None
-        flags = torch.tensor(self._local_reasons(), dtype=torch.int32, device=self.accelerator.device)
+        flags = self._local_flags()
         if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags, reduction="sum")
-        seen = [reason for reason, count in zip(self.reasons, flags.tolist()) if count]
+            summed = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device), reduction="sum")
+            flags = summed.tolist()
+        seen = [reason for reason, count in zip(REASONS, flags) if count]
         return seen[0] if seen else None
 
     def consume_stop_file(self) -> None:

@@ -13,6 +13,12 @@ from collections import defaultdict
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock times mean what they say."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PhaseTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

@@ -8,6 +8,7 @@ augmentation is the same on CPU and GPU, for any world size, and when a run resu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -77,13 +78,8 @@ class BatchTransform:
         return (x - mean) / std
 
 
-_NORMALISATION: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Mean and std as 1 x C x 1 x 1 tensors on `device`, made once (a tensor built from Python numbers
     on a GPU is a host-to-device copy that synchronises)."""
-    key = (mean, std, str(device))
-    if key not in _NORMALISATION:
-        _NORMALISATION[key] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
-    return _NORMALISATION[key]
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
