@@ -58,8 +58,8 @@ def _load_checked_config(args: argparse.Namespace):
     from distvit.data.manifest import read_manifest
     from distvit.data.preflight import bad_shards_message, find_bad_shards
     from distvit.data.remote import fetch_dataset
-    from distvit.rundir import check_run_dir
-    from distvit.surgery import check_model_config
+    from distvit.run.rundir import check_run_dir
+    from distvit.model.build import check_model_config
 
     cfg = load_config(args.config, args.overrides)
     splits = [cfg.data.train_split, cfg.data.eval_split]
@@ -88,8 +88,8 @@ def _load_checked_config(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg, manifest, bad_shards = _load_checked_config(args)
-    from distvit.engine import PLANNED_STOP, run_training  # Accelerate starts here, after every input check passed
-    from distvit.stopping import EXIT_STOPPED
+    from distvit.engine.trainer import PLANNED_STOP, run_training  # Accelerate starts here, after every input check passed
+    from distvit.engine.stopping import EXIT_STOPPED
 
     summary = run_training(cfg, manifest, bad_shards)
     requested_stop = not summary["finished"] and summary["stop_reason"] != PLANNED_STOP
@@ -179,9 +179,10 @@ def _prepare_imagefolder(args: argparse.Namespace) -> int:
 def _surgery(args: argparse.Namespace) -> int:
     """Build the configured model on the CPU and print its surgery plan; trains nothing."""
     cfg, manifest, _ = _load_checked_config(args)
-    from distvit.surgery import build_model, plan_report
+    from distvit.model.build import build_model
+    from distvit.model.report import plan_report
 
-    model, record = build_model(cfg, manifest.num_classes)
+    model, record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
     print(plan_report(model, record, cfg.train.batch_size))
     return 0
 
@@ -191,7 +192,7 @@ def _bench_data(args: argparse.Namespace) -> int:
 
     import torch
 
-    from distvit.bench import bench_data, format_results, write_json
+    from distvit.tools.bench_data import bench_data, format_results, write_json
     from distvit.data.manifest import read_manifest
 
     for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--img-size", args.img_size)):
@@ -222,7 +223,7 @@ def _bench_data(args: argparse.Namespace) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     """The training step against the lesson's loop; under `accelerate launch -m distvit.cli bench train`
     on N ranks (without --baseline) it measures DDP."""
-    from distvit.bench_train import bench_train, format_train_bench, scaling_line, synthetic_splits, write_bench_json
+    from distvit.tools.bench_train import bench_train, format_train_bench, scaling_line, synthetic_splits, write_bench_json
 
     if args.steps < 1 or args.warmup < 1:
         raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
@@ -230,7 +231,7 @@ def _bench_train(args: argparse.Namespace) -> int:
     splits = None
     if args.synthetic:
         from distvit.config import load_config
-        from distvit.surgery import check_model_config
+        from distvit.model.build import check_model_config
 
         if args.synthetic < 20:
             raise DistvitError(f"--synthetic needs at least 20 training images, got {args.synthetic}.")
@@ -254,7 +255,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     """Exact evaluation of a checkpoint; run under `accelerate launch -m distvit.cli evaluate` for N ranks."""
     import json
 
-    from distvit.evaluate import evaluate_checkpoint, evaluation_json, format_evaluation
+    from distvit.tools.evaluate import evaluate_checkpoint, evaluation_json, format_evaluation
     from distvit.fileio import atomic_write_bytes
 
     if args.batch_size < 1:
@@ -270,7 +271,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from distvit.predict import format_predictions, predict_checkpoint, predict_pretrained, predictions_to_json
+    from distvit.tools.predict import format_predictions, predict_checkpoint, predict_pretrained, predictions_to_json
 
     if bool(args.checkpoint) == bool(args.model):
         raise DistvitError("pass either --checkpoint RUN_DIR_OR_FILE (a distvit model) or --model NAME --pretrained [PATH] (a timm model).")
@@ -284,7 +285,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from distvit.report import write_report
+    from distvit.run.report import write_report
 
     for path in write_report(args.run_dir):
         print(path)
@@ -292,7 +293,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from distvit.doctor import run_doctor
+    from distvit.tools.doctor import run_doctor
 
     if args.timeout <= 0 or args.bandwidth_mb < 1:
         raise DistvitError("--timeout must be positive and --bandwidth-mb at least 1.")

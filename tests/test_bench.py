@@ -96,10 +96,10 @@ def test_bench_train_lesson_baseline_needs_one_process(tmp_path, monkeypatch, ca
 @pytest.mark.slow
 def test_fast_path_check_fails_when_the_fast_path_trains_differently(small_dataset, tmp_path):
     """`--check` is a real comparison: bf16 on this CPU passes; a fast path whose lr is off fails."""
-    from distvit.bench_train import check_fast_path
+    from distvit.tools.bench_train import check_fast_path
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
-    from distvit.engine import Trainer
+    from distvit.engine.trainer import Trainer
 
     from accelerate.state import AcceleratorState
 

@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
-from distvit.checkpoint import load_checkpoint, save_checkpoint
-from distvit.rundir import read_summary
-from distvit.tracking import read_metrics
+from distvit.run.checkpoint import load_checkpoint, save_checkpoint
+from distvit.run.rundir import read_summary
+from distvit.run.tracking import read_metrics
 from helpers import REPO, accelerate_launch, launch_until_logged, run_cli, worker_pids
 from wandb_records import summarize
 
@@ -124,10 +124,10 @@ def test_distillation_follows_the_teacher(small_dataset, tmp_path):
     """A teacher rigged to answer class 3 always, distilled with alpha=1 (labels ignored): the student
     learns to answer 3 too. The teacher runs at 64 px, the student at 32: inputs are resized for it."""
     from distvit.config import load_config
-    from distvit.surgery import build_model
+    from distvit.model.build import build_model
 
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}", "surgery.img_size=64"])
-    teacher, record = build_model(cfg, 10)
+    teacher, record = build_model(cfg.model, cfg.surgery, 10)
     with torch.no_grad():
         teacher.head.weight.zero_()
         teacher.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10) * 8.0)
@@ -147,7 +147,9 @@ def test_distillation_follows_the_teacher(small_dataset, tmp_path):
 
 def test_compile_failure_falls_back_to_eager(small_dataset, tmp_path, monkeypatch):
     """torch.compile that fails at the first step: a warning, then the same training as without it."""
-    from distvit import engine
+    import torch
+
+    from distvit.engine.trainer import run_training
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
 
@@ -159,7 +161,7 @@ def test_compile_failure_falls_back_to_eager(small_dataset, tmp_path, monkeypatc
         def forward(self, *args, **kwargs):
             raise RuntimeError("backend compiler failed (test)")
 
-    monkeypatch.setattr(engine.torch, "compile", lambda module: Broken(module))
+    monkeypatch.setattr(torch, "compile", lambda module: Broken(module))
     results = {}
     for compile_on in (True, False):
         cfg = load_config(REPO / "configs/demo.yaml", [
@@ -167,7 +169,7 @@ def test_compile_failure_falls_back_to_eager(small_dataset, tmp_path, monkeypatc
             "tracking.backend=none", f"train.compile={str(compile_on).lower()}", "train.mixed_precision=no"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            engine.run_training(cfg, read_manifest(small_dataset))
+            run_training(cfg, read_manifest(small_dataset))
         results[compile_on] = (load_checkpoint(tmp_path / f"c{compile_on}")["model"], [str(w.message) for w in caught])
     assert any("torch.compile failed (RuntimeError: backend compiler failed (test)); training without it on every rank" in m
                for m in results[True][1])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distvit.rundir import read_summary
+from distvit.run.rundir import read_summary
 from helpers import REPO, accelerate_launch, launch_until_logged, subprocess_env, worker_pids
 
 SCRIPTS = [REPO / "slurm" / "common.sh", REPO / "slurm" / "single_node.sbatch", REPO / "slurm" / "multi_node.sbatch",

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distvit.data.imagefolder import prepare_imagefolder, resize_and_crop, to_rgb
+from distvit.data.imagefolder import prepare_imagefolder
+from distvit.data.images import resize_and_crop, to_rgb
 from distvit.data.memory import load_split
 from distvit.errors import DataError
 from helpers import run_cli

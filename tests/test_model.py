@@ -6,10 +6,16 @@ import pytest
 import timm
 import torch
 
-from distvit.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
+from distvit.run.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
 from distvit.config import load_config
 from distvit.errors import CheckpointError, ConfigError, DistvitError
-from distvit.surgery import SurgeryRecord, build_model, check_model_config, model_from_record
+from distvit.model.build import build_model, check_model_config, model_from_record
+from distvit.model.record import SurgeryRecord
+
+
+def build(cfg, num_classes):
+    """build_model from a whole Config (its model and surgery sections)."""
+    return build_model(cfg.model, cfg.surgery, num_classes)
 
 
 def config(dataset, *overrides):
@@ -17,7 +23,7 @@ def config(dataset, *overrides):
 
 
 def test_head_and_geometry_follow_config(small_dataset):
-    model, record = build_model(config(small_dataset, "surgery.img_size=32", "surgery.patch_size=8"), num_classes=10)
+    model, record = build(config(small_dataset, "surgery.img_size=32", "surgery.patch_size=8"), num_classes=10)
     assert model.head.out_features == 10
     assert record.grid_size == (4, 4) and record.tokens_per_image == 17
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -27,7 +33,7 @@ def test_head_and_geometry_follow_config(small_dataset):
 
 
 def test_distilled_variant_gets_both_heads_replaced(small_dataset):
-    model, record = build_model(config(small_dataset, "model.name=deit_tiny_distilled_patch16_224", "surgery.img_size=32"), 7)
+    model, record = build(config(small_dataset, "model.name=deit_tiny_distilled_patch16_224", "surgery.img_size=32"), 7)
     assert model.head.out_features == 7 and model.head_dist.out_features == 7
     assert record.num_prefix_tokens == 2 and record.tokens_per_image == 6
 
@@ -38,7 +44,7 @@ def test_local_pretrained_file_is_loaded(small_dataset, tmp_path):
     weights = tmp_path / "deit_tiny_random.pth"
     torch.save(source.state_dict(), weights)
     torch.manual_seed(0)  # a different init: equal tensors below can only come from the file
-    model, record = build_model(config(small_dataset, f"model.pretrained={weights}"), num_classes=10)
+    model, record = build(config(small_dataset, f"model.pretrained={weights}"), num_classes=10)
     assert record.pretrained == str(weights.resolve())
     expected = source.state_dict()
     for name, tensor in model.state_dict().items():
@@ -52,7 +58,7 @@ def test_local_pretrained_file_resampled_to_new_size(small_dataset, tmp_path):
     source = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     weights = tmp_path / "w.pth"
     torch.save(source.state_dict(), weights)
-    model, _ = build_model(config(small_dataset, f"model.pretrained={weights}", "surgery.img_size=64"), 10)
+    model, _ = build(config(small_dataset, f"model.pretrained={weights}", "surgery.img_size=64"), 10)
     expected = timm.layers.resample_abs_pos_embed(source.pos_embed, new_size=(4, 4), num_prefix_tokens=1)
     assert torch.allclose(model.pos_embed, expected)
 
@@ -61,7 +67,7 @@ def test_weights_file_of_other_architecture_is_a_clear_error(small_dataset, tmp_
     weights = tmp_path / "small.pth"
     torch.save(timm.create_model("deit_small_patch16_224").state_dict(), weights)
     with pytest.raises(DistvitError, match="cannot load it into deit_tiny_patch16_224"):
-        build_model(config(small_dataset, f"model.pretrained={weights}"), 10)
+        build(config(small_dataset, f"model.pretrained={weights}"), 10)
 
 
 def test_model_checks_name_kind_and_geometry(small_dataset):
@@ -81,7 +87,7 @@ def test_model_checks_name_kind_and_geometry(small_dataset):
 
 def test_checkpoint_rebuilds_identical_model(small_dataset, tmp_path):
     cfg = config(small_dataset, "surgery.img_size=32", "surgery.patch_size=8")
-    model, record = build_model(cfg, 10)
+    model, record = build_model(cfg.model, cfg.surgery, 10)
     path = save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "surgery": record.to_dict()})
     assert not (tmp_path / "c.pt.tmp").exists()
     rebuilt, rebuilt_record, _ = load_model(path)
@@ -92,7 +98,7 @@ def test_checkpoint_rebuilds_identical_model(small_dataset, tmp_path):
 
 
 def test_checkpoint_into_other_surgery_is_clear_error(small_dataset, tmp_path):
-    model, record = build_model(config(small_dataset, "surgery.img_size=32"), 10)
+    model, record = build(config(small_dataset, "surgery.img_size=32"), 10)
     other = model_from_record(SurgeryRecord.from_dict({**record.to_dict(), "img_size": 64, "grid_size": (4, 4)}))
     with pytest.raises(CheckpointError, match=r"different model .*pos_embed: checkpoint \(1, 5, 192\) vs model \(1, 17, 192\)"):
         load_weights(other, model.state_dict(), record, source="ckpt")
@@ -115,16 +121,16 @@ def test_weights_file_with_other_key_names_is_refused(small_dataset, tmp_path):
     prefixed = tmp_path / "prefixed.pth"
     torch.save({f"backbone.{k}": v for k, v in state.items()}, prefixed)
     with pytest.raises(DistvitError, match=r"the file lacks 150 of the model's 152 tensors, e.g. cls_token"):
-        build_model(config(small_dataset, f"model.pretrained={prefixed}"), 10)
+        build(config(small_dataset, f"model.pretrained={prefixed}"), 10)
     junk = tmp_path / "junk.pth"
     junk.write_text("not weights")
     with pytest.raises(DistvitError, match="cannot load it into deit_tiny_patch16_224"):
-        build_model(config(small_dataset, f"model.pretrained={junk}"), 10)
+        build(config(small_dataset, f"model.pretrained={junk}"), 10)
 
 
 def test_weights_nested_under_model_key_are_loaded(small_dataset, tmp_path):
     source = timm.create_model("deit_tiny_patch16_224")
     nested = tmp_path / "nested.pth"
     torch.save({"model": source.state_dict(), "epoch": 3}, nested)  # e.g. a distvit or DeiT checkpoint
-    model, _ = build_model(config(small_dataset, f"model.pretrained={nested}"), 10)
+    model, _ = build(config(small_dataset, f"model.pretrained={nested}"), 10)
     assert torch.equal(model.blocks[5].mlp.fc1.weight, source.blocks[5].mlp.fc1.weight)

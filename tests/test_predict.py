@@ -12,19 +12,17 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-import distvit.predict as predict
-from distvit.checkpoint import save_checkpoint
+import distvit.tools.predict as predict
+from distvit.run.checkpoint import save_checkpoint
 from distvit.config import load_config
-from distvit.data.imagefolder import resize_and_crop
+from distvit.data.images import resize_and_crop
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.data.synthetic import prepare_synthetic
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
-from distvit.predict import (
-    Prediction, format_predictions, load_images, predict_checkpoint, predict_pretrained, predictions_to_json,
-)
-from distvit.surgery import build_model
+from distvit.tools.predict import Prediction, format_predictions, load_images, predict_checkpoint, predict_pretrained, predictions_to_json
+from distvit.model.build import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"c{i}" for i in range(10)]
@@ -38,7 +36,7 @@ def trained(tmp_path_factory):
     prepare_synthetic(out, train_size=100, test_size=30, samples_per_shard=64)
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.path={out}", f"run.dir={tmp}/r"])
     torch.manual_seed(0)
-    model, record = build_model(cfg, 10)
+    model, record = build_model(cfg.model, cfg.surgery, 10)
     payload = {
         "model": model.state_dict(), "surgery": record.to_dict(), "classes": CLASSES,
         "data_image_size": [32, 32], "ema": None,

@@ -8,7 +8,7 @@ import torch
 
 from distvit.config import load_config
 from distvit.data.synthetic import prepare_synthetic
-from distvit.surgery import build_model
+from distvit.model.build import build_model
 from helpers import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -40,7 +40,7 @@ def test_recipe_builds_as_documented(path, cifar_shaped, tmp_path):
     cfg = load_config(path, [f"data.path={cifar_shaped}", "model.pretrained=false", f"run.dir={tmp_path}/run"])
     img_size, patch_size, tokens, pos_embed, head_only = EXPECTED_GEOMETRY[path.stem]
     torch.manual_seed(0)
-    model, record = build_model(cfg, 10)
+    model, record = build_model(cfg.model, cfg.surgery, 10)
     assert (record.img_size, record.patch_size, record.tokens_per_image, record.pos_embed) == (img_size, patch_size, tokens, pos_embed)
     assert (record.trainable_params == 1930) == head_only  # 192 x 10 + 10: only the new head trains
     assert cfg.run.dir.endswith("run")

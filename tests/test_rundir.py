@@ -8,7 +8,7 @@ import pytest
 
 from distvit.config import load_config
 from distvit.errors import ConfigError
-from distvit.rundir import check_run_dir, init_run_dir
+from distvit.run.rundir import check_run_dir, init_run_dir
 
 
 def test_overwrite_clears_previous_results(small_dataset, tmp_path):

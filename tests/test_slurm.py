@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from distvit.checkpoint import load_checkpoint
-from distvit.rundir import read_summary
-from distvit.tracking import read_metrics
+from distvit.run.checkpoint import load_checkpoint
+from distvit.run.rundir import read_summary
+from distvit.run.tracking import read_metrics
 from helpers import REPO, accelerate_launch, subprocess_env, wait_for_lines
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

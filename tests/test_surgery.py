@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from distvit.config import load_config
-from distvit.optim import build_optimizer
-from distvit.surgery import build_model, plan_report
+from distvit.engine.optim import build_optimizer
+from distvit.model.build import build_model
+from distvit.model.report import plan_report
 from helpers import REPO, accelerate_launch
 
 
@@ -30,7 +31,7 @@ def original(weights):
 
 def surgery(small_dataset, weights, *overrides, classes=1000):
     cfg = load_config(None, [f"data.path={small_dataset}", f"model.pretrained={weights}", *overrides])
-    model, record = build_model(cfg, classes)
+    model, record = build_model(cfg.model, cfg.surgery, classes)
     return model.eval(), record
 
 

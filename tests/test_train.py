@@ -10,17 +10,22 @@ import torch
 
 from accelerate.utils import set_seed
 
-from distvit.checkpoint import load_checkpoint, load_model
+from distvit.run.checkpoint import load_checkpoint, load_model
 from distvit.config import load_config
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.data.transforms import BatchTransform
-from distvit.report import read_metrics_lines
-from distvit.rundir import read_summary
-from distvit.surgery import build_model
-from distvit.tracking import read_metrics
+from distvit.run.report import read_metrics_lines
+from distvit.run.rundir import read_summary
+from distvit.model.build import build_model
+from distvit.run.tracking import read_metrics
 from helpers import REPO, accelerate_launch, run_cli
 from wandb_records import summarize
+
+
+def build(cfg, num_classes):
+    """build_model from a whole Config (its model and surgery sections)."""
+    return build_model(cfg.model, cfg.surgery, num_classes)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -140,7 +145,7 @@ def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path):
     two = load_checkpoint(tmp_path / "two")["model"]
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     set_seed(0)  # the runs' initial weights (train.seed=0): training moved them far beyond the tolerance
-    initial = build_model(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}"]), 10)[0].state_dict()
+    initial = build(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}"]), 10)[0].state_dict()
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-2
     losses = [[r["loss"] for r in read_metrics(tmp_path / d) if r["split"] == "train"] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
@@ -259,7 +264,7 @@ def test_frozen_backbone_under_ddp(small_dataset, tmp_path):
                   "surgery.freeze=backbone", "train.epochs=1", "train.batch_size=32", "tracking.backend=none"])
     trained = load_checkpoint(run_dir)
     set_seed(0)
-    initial = build_model(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}",
+    initial = build(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}",
                                                                  "surgery.freeze=backbone"]), 10)[0].state_dict()
     changed = sorted(k for k in initial if not torch.equal(initial[k], trained["model"][k]))
     assert changed == ["head.bias", "head.weight"]

@@ -13,15 +13,20 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from distvit.checkpoint import prune_periodic
+from distvit.run.checkpoint import prune_periodic
 from distvit.config import DataConfig, EmaConfig, OptimConfig, load_config
 from distvit.data.plan import subset_indices
-from distvit.ema import ModelEma, decay_for_run
+from distvit.engine.ema import ModelEma, decay_for_run
 from distvit.errors import ConfigError
-from distvit.losses import distillation_loss, label_loss
-from distvit.mixing import apply_mix, mixed_targets, sample_mix
-from distvit.optim import build_optimizer, build_scheduler, lr_factor, lr_multiplier
+from distvit.engine.losses import distillation_loss, label_loss
+from distvit.engine.mixing import apply_mix, mixed_targets, sample_mix
+from distvit.engine.optim import build_optimizer, build_scheduler, lr_factor, lr_multiplier
 from helpers import REPO
+
+
+def build(cfg, num_classes):
+    """build_model from a whole Config (its model and surgery sections)."""
+    return build_model(cfg.model, cfg.surgery, num_classes)
 
 
 def test_mixup_targets_and_images_mix_with_the_mirror():
@@ -169,7 +174,7 @@ def test_prune_keeps_the_newest_periodic_and_the_latest(tmp_path):
 def test_stop_requests_from_signal_and_file(tmp_path):
     from accelerate import Accelerator
 
-    from distvit.stopping import StopRequests
+    from distvit.engine.stopping import StopRequests
 
     stops = StopRequests(tmp_path, Accelerator(cpu=True), every=5)
     try:
@@ -189,15 +194,15 @@ def test_stop_requests_from_signal_and_file(tmp_path):
 
 
 def test_exported_weights_load_with_timm_create_model(tmp_path):
-    from distvit.export import export_model
-    from distvit.surgery import build_model
+    from distvit.model.export import export_model
+    from distvit.model.build import build_model
 
     data = tmp_path / "ds"
     from distvit.data.synthetic import prepare_synthetic
 
     prepare_synthetic(data, train_size=20, test_size=10, samples_per_shard=64)
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.path={data}", "surgery.patch_size=4", "surgery.pos_embed=truncate"])
-    model, record = build_model(cfg, 10)
+    model, record = build_model(cfg.model, cfg.surgery, 10)
     with torch.no_grad():
         model.head.weight.normal_()  # not timm's init: the exported head must be the one loaded
     weights, info = export_model(tmp_path, model.state_dict(), record, {"classes": list("abcdefghij")})
@@ -214,7 +219,7 @@ def test_evaluation_counts_top5_and_confusion():
     from distvit.data.memory import SplitTensors
     from distvit.data.loader import MemoryBatches
     from distvit.data.transforms import BatchTransform
-    from distvit.evaluate import evaluate_models
+    from distvit.engine.evaluation import evaluate_models
 
     class Fixed(torch.nn.Module):
         """Predicts class (mean pixel value * 10), then class 0, then the others in index order."""
@@ -241,39 +246,39 @@ def test_evaluation_counts_top5_and_confusion():
 
 
 def test_teachers_must_predict_the_datasets_classes(tmp_path, monkeypatch):
-    from distvit import distill
-    from distvit.checkpoint import save_checkpoint
+    from distvit.engine import teacher as teacher_module
+    from distvit.run.checkpoint import save_checkpoint
     from distvit.config import DistillConfig
 
     classes = [f"c{i}" for i in range(10)]
     # hub weights keep their 1000-class ImageNet head: refused, not silently given a random 10-class head
-    monkeypatch.setattr(distill.timm, "create_model", lambda name, **kw: timm.models.create_model(name, pretrained=False, **{
+    monkeypatch.setattr(teacher_module.timm, "create_model", lambda name, **kw: timm.models.create_model(name, pretrained=False, **{
         k: v for k, v in kw.items() if k not in ("pretrained",)}))
     with pytest.raises(ConfigError, match="predicts 1000 classes, the dataset has 10"):
-        distill.load_teacher(DistillConfig(type="soft", teacher="deit_tiny_patch16_224"), classes, torch.device("cpu"))
+        teacher_module.load_teacher(DistillConfig(type="soft", teacher="deit_tiny_patch16_224"), classes, torch.device("cpu"))
     monkeypatch.undo()
     # a weights file with another head size: an actionable error
     weights = tmp_path / "imagenet.pth"
     torch.save(timm.create_model("deit_tiny_patch16_224").state_dict(), weights)
     with pytest.raises(ConfigError, match="could not be loaded"):
-        distill.load_teacher(DistillConfig(type="soft", teacher="deit_tiny_patch16_224", teacher_weights=str(weights)),
+        teacher_module.load_teacher(DistillConfig(type="soft", teacher="deit_tiny_patch16_224", teacher_weights=str(weights)),
                              classes, torch.device("cpu"))
     # a distvit checkpoint trained on other classes (same count, other order)
     from distvit.data.synthetic import prepare_synthetic
-    from distvit.surgery import build_model
+    from distvit.model.build import build_model
 
     prepare_synthetic(tmp_path / "ds", train_size=20, test_size=10, samples_per_shard=64)
-    model, record = build_model(load_config(REPO / "configs/demo.yaml", [f"data.path={tmp_path}/ds"]), 10)
+    model, record = build(load_config(REPO / "configs/demo.yaml", [f"data.path={tmp_path}/ds"]), 10)
     save_checkpoint(tmp_path / "t.pt", {"model": model.state_dict(), "surgery": record.to_dict(), "classes": classes[::-1]})
     with pytest.raises(ConfigError, match="same classes in the same order"):
-        distill.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes, torch.device("cpu"))
-    teacher = distill.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes[::-1], torch.device("cpu"))
+        teacher_module.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes, torch.device("cpu"))
+    teacher = teacher_module.load_teacher(DistillConfig(type="soft", teacher=str(tmp_path / "t.pt")), classes[::-1], torch.device("cpu"))
     assert teacher.img_size == 32 and not any(p.requires_grad for p in teacher.model.parameters())
 
 
 def _head_only_run(data, run_dir, *overrides):
     from distvit.data.manifest import read_manifest
-    from distvit.engine import run_training
+    from distvit.engine.trainer import run_training
 
     cfg = load_config(REPO / "configs/demo.yaml", [
         f"data.path={data}", f"run.dir={run_dir}", "surgery.freeze=backbone", "data.augment=none",
@@ -286,7 +291,7 @@ def _head_only_run(data, run_dir, *overrides):
 def test_head_only_training_on_cached_features_gives_the_same_head(small_dataset, tmp_path):
     """The lesson's head-only fine-tune: the head trained on cached backbone features equals the head
     trained with the full forward every step (fp32; float rounding of the summation order only)."""
-    from distvit.checkpoint import load_checkpoint
+    from distvit.run.checkpoint import load_checkpoint
 
     cached = _head_only_run(small_dataset, tmp_path / "cached")
     full = _head_only_run(small_dataset, tmp_path / "full", "train.cache_features=false")
@@ -308,7 +313,7 @@ def test_cache_features_true_names_what_prevents_it(small_dataset, tmp_path):
 
 
 def test_precision_auto_and_ddp_options(monkeypatch):
-    from distvit.runtime import ddp_options, resolve_mixed_precision
+    from distvit.engine.runtime import ddp_options, resolve_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distvit.data.imagefolder import resize_and_crop
+from distvit.data.images import resize_and_crop
 from distvit.data.manifest import Manifest
 from distvit.data.memory import IMAGE_MEMBERS, SplitTensors, check_shard_files, load_split
 from distvit.data.plan import EpochPlan, RankBatch
-from distvit.devices import to_device
+from distvit.data.devices import to_device
 from distvit.errors import DataError
 
 Batch = tuple[RankBatch, torch.Tensor, torch.Tensor]

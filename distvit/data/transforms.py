@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distvit.devices import to_device
+from distvit.data.devices import to_device
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from distvit.config import load_config
-from distvit.engine import check_same_model_everywhere
+from distvit.engine.runtime import check_same_model_everywhere
 from distvit.errors import DistvitError
-from distvit.surgery import build_model, fingerprint
+from distvit.model.build import build_model
+from distvit.model.record import fingerprint
+
+
+def build(cfg, num_classes):
+    """build_model from a whole Config (its model and surgery sections)."""
+    return build_model(cfg.model, cfg.surgery, num_classes)
 
 accelerator = Accelerator(cpu=True)
 set_seed(0)
-model, record = build_model(load_config(None, [f"data.path={sys.argv[1]}", "surgery.img_size=32"]), 10)
+model, record = build(load_config(None, [f"data.path={sys.argv[1]}", "surgery.img_size=32"]), 10)
 if accelerator.process_index == 1:
     with torch.no_grad():
         model.blocks[5].mlp.fc1.weight[3, 7] += 1e-6

@@ -16,8 +16,8 @@ from distvit.config import Config
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
 from distvit.data.transforms import BatchTransform
-from distvit.devices import to_device
-from distvit.mixing import mixing_enabled
+from distvit.data.devices import to_device
+from distvit.engine.mixing import mixing_enabled
 
 
 def cache_blockers(cfg: Config, model: torch.nn.Module) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from distvit.fileio import atomic_write_bytes
-from distvit.surgery import SurgeryRecord
+from distvit.model.record import SurgeryRecord
 
 WEIGHTS_NAME = "model.safetensors"
 INFO_NAME = "model.json"

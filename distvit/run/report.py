@@ -19,7 +19,7 @@ from distvit.fileio import atomic_open
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# Not imported from distvit.tracking: that module pulls in accelerate (and torch).
+# Not imported from distvit.run.tracking: that module pulls in accelerate (and torch).
 METRICS_NAME = "metrics.jsonl"
 CONFUSION_PATH = Path("eval") / "confusion.json"
 PLOTS_DIR = "plots"

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from distvit.config import Config
 from distvit.errors import ConfigError, DistvitError
-from distvit.surgery import SurgeryRecord
+from distvit.model.record import SurgeryRecord
 
 
 def step_seed(seed: int, epoch: int, first_slot: int) -> int:
@@ -106,19 +106,6 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def set_fused_attention(model: torch.nn.Module, enabled: bool | None) -> bool:
-    """Switch timm's attention modules between F.scaled_dot_product_attention and the plain path.
-    None keeps timm's choice. Returns whether fused attention is in use."""
-    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    if enabled and not hasattr(F, "scaled_dot_product_attention"):
-        warnings.warn(f"model.fused_attn=true: torch {torch.__version__} has no scaled_dot_product_attention; using plain attention.")
-        enabled = False
-    if enabled is not None:
-        for module in modules:
-            module.fused_attn = enabled
-    return bool(modules) and all(m.fused_attn for m in modules)
 
 
 def compile_supported() -> tuple[bool, str]:

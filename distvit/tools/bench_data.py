@@ -22,8 +22,8 @@ from distvit.data.manifest import read_manifest
 from distvit.data.memory import SplitTensors, load_split
 from distvit.data.plan import EpochPlan, epoch_order
 from distvit.data.transforms import Augmentation, BatchTransform
-from distvit.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
-from distvit.timing import synchronize
+from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
+from distvit.engine.timing import synchronize
 
 
 @dataclass

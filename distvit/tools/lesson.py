@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from distvit.data.memory import SplitTensors
-from distvit.timing import PhaseTimer
+from distvit.engine.timing import PhaseTimer
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LESSON_WORKERS = 2

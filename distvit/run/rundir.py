@@ -23,11 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distvit.checkpoint import CHECKPOINT_DIR
+from distvit.run.checkpoint import CHECKPOINT_DIR
 from distvit.config import Config
 from distvit.errors import ConfigError
 from distvit.fileio import atomic_write_bytes
-from distvit.tracking import METRICS_NAME, TRACKER_NAME
+from distvit.run.tracking import METRICS_NAME, TRACKER_NAME
 
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "summary.json"

@@ -26,10 +26,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from distvit.checkpoint import (
-    BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, latest_checkpoint, load_checkpoint, load_weights, mark_latest,
-    prune_periodic, save_checkpoint, step_name,
-)
+from distvit.run.checkpoint import BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, latest_checkpoint, load_checkpoint, load_weights, mark_latest, prune_periodic, save_checkpoint, step_name
 from distvit.config import Config
 from distvit.data.loader import MemoryBatches, open_batches
 from distvit.data.manifest import Manifest
@@ -37,26 +34,25 @@ from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan, epoch_order, num_steps, sequential_order, subset_indices
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import Augmentation, BatchTransform
-from distvit.devices import to_device
-from distvit.distill import load_teacher
-from distvit.ema import ModelEma, decay_for_run
+from distvit.data.devices import to_device
+from distvit.engine.teacher import load_teacher
+from distvit.engine.ema import ModelEma, decay_for_run
 from distvit.errors import CheckpointError, ConfigError, DataError, PeerFailure, RunFinished
-from distvit.evaluate import EvalResult, evaluate_models
-from distvit.export import export_model
-from distvit.features import cache_blockers, compute_features
+from distvit.engine.evaluation import EvalResult, evaluate_models
+from distvit.model.export import export_model
+from distvit.engine.features import cache_blockers, compute_features
 from distvit.fileio import atomic_write_bytes
-from distvit.losses import distillation_loss, label_loss
-from distvit.mixing import apply_mix, mixed_targets, sample_mix
-from distvit.optim import build_optimizer, build_scheduler, lr_multiplier
-from distvit.rundir import CONFUSION_NAME, STOPPED_NAME, TRACE_DIR, init_run_dir, write_summary
-from distvit.runtime import (
-    PeerMonitor, check_same_model_everywhere, compile_supported, ddp_options, is_peer_failure, make_accelerator,
-    rng_state, set_fused_attention, step_seed,
-)
-from distvit.stopping import StopRequests
-from distvit.surgery import SurgeryRecord, build_model
-from distvit.timing import PhaseTimer
-from distvit.tracking import RunTracker
+from distvit.engine.losses import distillation_loss, label_loss
+from distvit.engine.mixing import apply_mix, mixed_targets, sample_mix
+from distvit.engine.optim import build_optimizer, build_scheduler, lr_multiplier
+from distvit.run.rundir import CONFUSION_NAME, STOPPED_NAME, TRACE_DIR, init_run_dir, write_summary
+from distvit.engine.runtime import PeerMonitor, check_same_model_everywhere, compile_supported, ddp_options, is_peer_failure, make_accelerator, rng_state, step_seed
+from distvit.model.build import set_fused_attention
+from distvit.engine.stopping import StopRequests
+from distvit.model.build import build_model
+from distvit.model.record import SurgeryRecord
+from distvit.engine.timing import PhaseTimer
+from distvit.run.tracking import RunTracker
 
 PLANNED_STOP = "train.stop_at_step"
 
@@ -105,7 +101,7 @@ class Trainer:
         resume = load_checkpoint(self.resume_path) if self.resume_path else None
 
         set_seed(cfg.train.seed)  # same initial weights on every rank
-        model, self.record = build_model(cfg, manifest.num_classes)
+        model, self.record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
         check_same_model_everywhere(self.record)
         if resume:  # before anything in the run directory changes
             self._check_resumable(resume, str(self.resume_path))
@@ -233,7 +229,7 @@ class Trainer:
 
     def _cache_features(self, model: torch.nn.Module) -> bool:
         """Replace the training data by the frozen backbone's features when train.cache_features allows
-        and the run is head-only (see distvit.features); returns whether it did."""
+        and the run is head-only (see distvit.engine.features); returns whether it did."""
         cfg = self.cfg
         if cfg.train.cache_features is False:
             return False
@@ -641,7 +637,7 @@ class Trainer:
 
     def _write_outputs(self, finished: bool, summary: dict[str, Any]) -> None:
         """Main process, at the end or at a stop: export, plots, summary.json or stopped.json."""
-        from distvit.report import write_report
+        from distvit.run.report import write_report
 
         if finished and self.cfg.checkpoint.export:
             last = self.state.last_eval

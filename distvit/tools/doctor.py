@@ -158,7 +158,7 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
         torch.cuda.set_device(local_rank)
         report.facts["gpu"] = torch.cuda.get_device_name(local_rank)
     report.facts["versions"] = versions()
-    from distvit.tracking import wandb_mode
+    from distvit.run.tracking import wandb_mode
 
     report.facts["wandb"] = "%s (%s)" % wandb_mode("auto")
     if world == 1:

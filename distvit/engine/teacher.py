@@ -48,7 +48,7 @@ def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device) -
     source = os.path.expanduser(cfg.teacher)
     num_classes = len(classes)
     if Path(source).exists():
-        from distvit.checkpoint import load_model
+        from distvit.run.checkpoint import load_model
 
         model, record, payload = load_model(source)
         img_size, mean, std = record.img_size, record.mean, record.std

@@ -24,7 +24,8 @@ import torch
 
 from distvit.errors import CheckpointError
 from distvit.fileio import atomic_open, atomic_write_bytes
-from distvit.surgery import SurgeryRecord, model_from_record
+from distvit.model.build import model_from_record
+from distvit.model.record import SurgeryRecord
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -157,6 +158,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], record:
         details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
         raise CheckpointError(
             f"{source} was written for a different model ({record.architecture()}): {details}. "
-            f"Rebuild the model from the checkpoint's surgery record (distvit.checkpoint.load_model)."
+            f"Rebuild the model from the checkpoint's surgery record (distvit.run.checkpoint.load_model)."
         )
     model.load_state_dict(state)

@@ -9,7 +9,7 @@ tokens per image, training FLOPs per image (counted by torch's FlopCounterMode o
 achieved FLOP/s and its share of the device's peak. On a GPU the warm-up steps after the first run in
 CUDA's sync-debug mode and count host synchronisations inside the step (there should be none).
 
-`--baseline lesson` then runs `distvit.lesson`'s loop on the same device, model and images; the
+`--baseline lesson` then runs `distvit.tools.lesson`'s loop on the same device, model and images; the
 ratio is what to quote, as it holds on a noisy machine. Compile and feature-cache time are reported
 apart and excluded from images/s.
 """
@@ -37,7 +37,7 @@ from distvit.data.manifest import Manifest, SplitInfo
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
 from distvit.errors import ConfigError, DataError
-from distvit.timing import PhaseTimer, synchronize
+from distvit.engine.timing import PhaseTimer, synchronize
 
 PHASES = ("data", "forward_backward", "optimizer")
 
@@ -222,12 +222,12 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
 
 def measure_lesson(cfg: Config, data: SplitTensors, num_classes: int, device: torch.device, steps: int, warmup: int,
                    flops_per_image: float, peak: float) -> Measurement:
-    """The lesson's loop (`distvit.lesson`) on the same model (surgery included), device and images."""
-    from distvit.lesson import LessonLoop, lesson_loader
-    from distvit.surgery import build_model
+    """The lesson's loop (`distvit.tools.lesson`) on the same model (surgery included), device and images."""
+    from distvit.tools.lesson import LessonLoop, lesson_loader
+    from distvit.model.build import build_model
 
     set_seed(cfg.train.seed)
-    model, record = build_model(cfg, num_classes)
+    model, record = build_model(cfg.model, cfg.surgery, num_classes)
     model.to(device)
     loader = lesson_loader(data, record.img_size, cfg.train.batch_size, record.mean, record.std)
     loop = LessonLoop(model, loader, device)
@@ -253,9 +253,9 @@ def check_fast_path(trainer, steps: int = 8) -> dict[str, Any]:
     """Train the configured model (precision, compile, fused kernels, device transforms) and an fp32 eager
     reference with the same initial weights, optimizer and schedule on the same batches; compare the
     first batch's logits and every step's loss. Run it before any other step, with no drop-path."""
-    from distvit.optim import build_optimizer, build_scheduler
-    from distvit.runtime import set_fused_attention
-    from distvit.surgery import build_model
+    from distvit.engine.optim import build_optimizer, build_scheduler
+    from distvit.model.build import set_fused_attention
+    from distvit.model.build import build_model
 
     cfg, device = trainer.cfg, trainer.accelerator.device
     if trainer.accelerator.num_processes > 1:
@@ -263,7 +263,7 @@ def check_fast_path(trainer, steps: int = 8) -> dict[str, Any]:
     if cfg.surgery.drop_path or trainer.features_cached or trainer.teacher is not None:
         raise ConfigError("--check compares full forward passes without drop-path or distillation: set surgery.drop_path=0.")
     set_seed(cfg.train.seed)
-    reference, _ = build_model(cfg, trainer.record.num_classes)
+    reference, _ = build_model(cfg.model, cfg.surgery, trainer.record.num_classes)
     reference.to(device)
     same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), trainer.raw_model.state_dict().values()))
     if not same:
@@ -328,7 +328,7 @@ def synthetic_splits(train_size: int, test_size: int, image_size: int = 32, num_
 def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 5, baseline: str | None = None,
                 splits: dict[str, SplitTensors] | None = None, check: bool = False) -> TrainBench:
     """Benchmark the configured training step (and the lesson's loop with baseline='lesson')."""
-    from distvit.engine import Trainer
+    from distvit.engine.trainer import Trainer
 
     cfg = dataclasses.replace(cfg)
     cfg.tracking = dataclasses.replace(cfg.tracking, backend="none")

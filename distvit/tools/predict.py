@@ -30,8 +30,8 @@ import timm.data
 import torch
 from PIL import Image
 
-from distvit.checkpoint import load_model
-from distvit.data.imagefolder import resize_and_crop, to_rgb
+from distvit.run.checkpoint import load_model
+from distvit.data.images import resize_and_crop, to_rgb
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
 

@@ -1,0 +1,1 @@
+"""Commands beside training: evaluate, predict, doctor, and the benchmarks against the lesson."""
