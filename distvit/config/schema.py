@@ -65,8 +65,8 @@ class SurgeryConfig:
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Stochastic depth rate."""
     lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
-    """Layer-wise lr decay: head and final norm train at optim.lr, block i of L at lr * decay^(L - i),
-    embeddings at lr * decay^(L + 1). 1.0: one lr for all."""
+    """Layer-wise lr decay (timm's grouping): the head trains at optim.lr, block i of L at lr * decay^(L - i)
+    (the final norm with the last block), embeddings at lr * decay^(L + 1). 1.0: one lr for all."""
 
 
 @dataclass

@@ -6,39 +6,30 @@ import math
 import warnings
 
 import torch
+from timm.optim._param_groups import param_groups_layer_decay
 
 from distvit.config import OptimConfig
 
 
-_EMBEDDINGS = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.")
-
-
-def layer_depth(name: str, num_blocks: int) -> int:
-    """0 for embeddings, i + 1 for block i, num_blocks + 1 for the final norm and the head(s)."""
-    if name.startswith(_EMBEDDINGS):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_blocks + 1
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_decay: float = 1.0) -> list[dict]:
-    """Groups by (depth, decay): no weight decay on norms, biases, position embeddings and tokens; with
-    `lr_decay` < 1 each depth gets lr * lr_decay^(top depth - depth). Frozen parameters are left out."""
+    """No weight decay on norms, biases, position embeddings and tokens; frozen parameters are left out.
+    With `lr_decay` < 1, timm's layer-wise grouping (it knows each timm model's stem, blocks and head from
+    its group_matcher) gives each layer lr * lr_decay^(layers above it). Groups are ordered by (lr, decay)
+    as distvit always ordered them, so optimizer states keep their layout."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    num_blocks = len(getattr(model, "blocks", []))
-    groups: dict[tuple[int, bool], dict] = {}
+    if lr_decay != 1.0:
+        groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=lr_decay)
+        for group in groups:
+            group["lr"] = lr * group.pop("lr_scale")
+        return sorted(groups, key=lambda group: (group["lr"], group["weight_decay"] > 0))
+    decays: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decays = not (param.ndim <= 1 or name in skip or name.endswith(".bias"))
-        depth = layer_depth(name, num_blocks) if lr_decay != 1.0 else 0
-        group = groups.setdefault((depth, decays), {
-            "params": [], "weight_decay": weight_decay if decays else 0.0,
-            "lr": lr * lr_decay ** (num_blocks + 1 - depth) if lr_decay != 1.0 else lr,
-        })
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
+        if param.requires_grad:
+            decays[not (param.ndim <= 1 or name in skip or name.endswith(".bias"))].append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr}
+        for decay, params in sorted(decays.items()) if params
+    ]
 
 
 def lr_multiplier(cfg: OptimConfig, global_batch: int) -> float:
