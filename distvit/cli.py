@@ -20,26 +20,23 @@ import os
 import sys
 from collections.abc import Callable
 
-from distvit.errors import ConfigError, DataError, DistvitError, PeerFailure, RunFinished
-
-
-def _is_local_leader() -> bool:
-    """One message per node: ranks started by a launcher share stderr."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+from distvit.errors import ConfigError, DistvitError, PeerFailure, RunFinished
+from distvit.tools import prepare
+from distvit.tools.preflight import is_local_leader, load_checked_config
 
 
 def run_guarded(action: Callable[[], int | None]) -> int:
     try:
         return action() or 0
     except RunFinished as done:  # a requeued job whose run already ended: success, nothing to redo
-        if _is_local_leader():
+        if is_local_leader():
             print(f"distvit: {done}", file=sys.stderr, flush=True)
         return 0
     except PeerFailure as err:  # every rank that notices says so: which one failed differs by rank
         print(f"distvit: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except DistvitError as err:
-        if _is_local_leader():
+        if is_local_leader():
             print(f"distvit: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
 
@@ -51,43 +48,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_checked_config(args: argparse.Namespace):
-    """Everything that can be checked without starting ranks: config, dataset manifest and shards (preflight),
-    model, run dir."""
-    from distvit.config import load_config
-    from distvit.data.manifest import read_manifest
-    from distvit.data.preflight import bad_shards_message, find_bad_shards
-    from distvit.data.remote import fetch_dataset
-    from distvit.run.rundir import check_run_dir
-    from distvit.model.build import check_model_config
-
-    cfg = load_config(args.config, args.overrides)
-    splits = [cfg.data.train_split, cfg.data.eval_split]
-    # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
-    # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
-    verify = cfg.data.verify if _is_local_leader() else "size"
-    if cfg.data.remote:
-        # fetching checks every local shard with the same rule and replaces the bad ones (or raises)
-        fetch_dataset(cfg.data.remote, cfg.data.path, splits, verify)
-    manifest = read_manifest(cfg.data.path)
-    for key, split in zip(("data.train_split", "data.eval_split"), splits):
-        manifest.split(split, cfg.data.path, key=key)
-    bad_shards = {} if cfg.data.remote else find_bad_shards(cfg.data.path, manifest, splits, verify)
-    if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        raise DataError(bad_shards_message(cfg.data.path, bad_shards))
-    train_size = manifest.split(cfg.data.train_split, cfg.data.path).num_samples
-    if cfg.data.train_subset > train_size:
-        raise ConfigError(
-            f"data.train_subset={cfg.data.train_subset} is larger than split '{cfg.data.train_split}' of "
-            f"{cfg.data.path} ({train_size} images); choose at most {train_size}, or 0 for all."
-        )
-    check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
-    check_run_dir(cfg)
-    return cfg, manifest, bad_shards
-
-
 def _train(args: argparse.Namespace) -> int:
-    cfg, manifest, bad_shards = _load_checked_config(args)
+    cfg, manifest, bad_shards = load_checked_config(args.config, args.overrides)
     from distvit.engine.trainer import PLANNED_STOP, run_training  # Accelerate starts here, after every input check passed
     from distvit.engine.stopping import EXIT_STOPPED
 
@@ -107,78 +69,14 @@ def _config(args: argparse.Namespace) -> int:
             raise ConfigError(f"--get {args.get}: not a config key (section.key, e.g. run.dir).")
         print(values[section][key])
         return 0
-    cfg, _, _ = _load_checked_config(args)
+    cfg, _, _ = load_checked_config(args.config, args.overrides)
     print(cfg.to_yaml(), end="")
-    return 0
-
-
-def _write_dataset(args: argparse.Namespace, name: str, write: Callable[[], object]) -> object:
-    """Shared by the prepare commands: common flag checks, OS errors as user errors, the summary line."""
-    if args.samples_per_shard < 1:
-        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
-    if not 0 <= args.seed < 2**32:
-        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DistvitError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
-    try:
-        result = write()
-    except OSError as err:
-        raise DistvitError(f"cannot read the source or write the dataset to --out {args.out}: {err}.") from None
-    manifest = getattr(result, "manifest", result)
-    counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
-    size = f"{manifest.image_size[0]}x{manifest.image_size[1]} px" if manifest.image_size else "sizes kept as found"
-    print(f"wrote {name} dataset to {args.out}: {counts}; {manifest.num_classes} classes, {size}")
-    return result
-
-
-def _prepare_synthetic(args: argparse.Namespace) -> int:
-    from distvit.data.synthetic import MAX_CLASSES, prepare_synthetic
-
-    if not 2 <= args.num_classes <= MAX_CLASSES:
-        raise DistvitError(f"--num-classes must be between 2 and {MAX_CLASSES}, got {args.num_classes}.")
-    for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
-        if value < args.num_classes:
-            raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
-    if args.image_size < 8:
-        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
-    _write_dataset(args, "synthetic", lambda: prepare_synthetic(
-        args.out, train_size=args.train_size, test_size=args.test_size, num_classes=args.num_classes,
-        image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
-    ))
-    return 0
-
-
-def _prepare_cifar10(args: argparse.Namespace) -> int:
-    from distvit.data.cifar10 import prepare_cifar10
-
-    _write_dataset(args, "CIFAR-10", lambda: prepare_cifar10(
-        args.out, source=args.source, skip_checksum=args.skip_checksum, seed=args.seed,
-        samples_per_shard=args.samples_per_shard,
-    ))
-    return 0
-
-
-def _prepare_imagefolder(args: argparse.Namespace) -> int:
-    from distvit.data.imagefolder import prepare_imagefolder
-
-    if args.image_size is not None and args.image_size < 8:
-        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
-    if args.workers is not None and args.workers < 1:
-        raise DistvitError(f"--workers must be at least 1, got {args.workers}.")
-    report = _write_dataset(args, "image-folder", lambda: prepare_imagefolder(
-        args.source, args.out, val_fraction=args.val_fraction, image_size=args.image_size, strict=args.strict,
-        seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
-    ))
-    for path, reason in report.skipped:
-        printable = str(path).encode("utf-8", "backslashreplace").decode()  # undecodable file names too
-        print(f"skipped {printable}: {reason}", file=sys.stderr)
-    print(f"{len(report.skipped)} file(s) skipped as not decodable, {len(report.ignored)} hidden file(s) ignored")
     return 0
 
 
 def _surgery(args: argparse.Namespace) -> int:
     """Build the configured model on the CPU and print its surgery plan; trains nothing."""
-    cfg, manifest, _ = _load_checked_config(args)
+    cfg, manifest, _ = load_checked_config(args.config, args.overrides)
     from distvit.model.build import build_model
     from distvit.model.report import plan_report
 
@@ -192,8 +90,8 @@ def _bench_data(args: argparse.Namespace) -> int:
 
     import torch
 
-    from distvit.tools.bench_data import bench_data, format_results, write_json
     from distvit.data.manifest import read_manifest
+    from distvit.tools.bench_data import bench_data, format_results, write_json
 
     for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--img-size", args.img_size)):
         if value < 1:
@@ -240,9 +138,9 @@ def _bench_train(args: argparse.Namespace) -> int:
         cfg.data.train_split, cfg.data.eval_split = "train", "test"
         check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     else:
-        cfg, manifest, _ = _load_checked_config(args)
+        cfg, manifest, _ = load_checked_config(args.config, args.overrides)
     result = bench_train(cfg, manifest, args.steps, args.warmup, args.baseline, splits, args.check)
-    if _is_local_leader() and int(os.environ.get("RANK", "0")) == 0:
+    if is_local_leader() and int(os.environ.get("RANK", "0")) == 0:
         print(format_train_bench(result), flush=True)
         if args.scaling_reference:
             print(scaling_line(result, args.scaling_reference), flush=True)
@@ -255,8 +153,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     """Exact evaluation of a checkpoint; run under `accelerate launch -m distvit.cli evaluate` for N ranks."""
     import json
 
-    from distvit.tools.evaluate import evaluate_checkpoint, evaluation_json, format_evaluation
     from distvit.fileio import atomic_write_bytes
+    from distvit.tools.evaluate import evaluate_checkpoint, evaluation_json, format_evaluation
 
     if args.batch_size < 1:
         raise DistvitError(f"--batch-size must be positive, got {args.batch_size}.")
@@ -302,12 +200,9 @@ def _doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.run_dir, args.timeout, args.bandwidth_mb, args.rendezvous)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distvit", description="Fine-tune Vision Transformers on 1..N GPUs or nodes.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    prepare = commands.add_parser("prepare", help="write a dataset as webdataset shards + manifest")
-    sources = prepare.add_subparsers(dest="source", required=True)
+def _add_prepare_commands(commands) -> None:
+    prepare_parser = commands.add_parser("prepare", help="write a dataset as webdataset shards + manifest")
+    sources = prepare_parser.add_subparsers(dest="source", required=True)
     synthetic = sources.add_parser("synthetic", help="learnable synthetic images in CIFAR-10's shape (offline)")
     synthetic.add_argument("--out", required=True, help="output dataset folder")
     synthetic.add_argument("--train-size", type=int, default=50_000)
@@ -316,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--image-size", type=int, default=32)
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--samples-per-shard", type=int, default=5000)
-    synthetic.set_defaults(action=_prepare_synthetic)
+    synthetic.set_defaults(action=prepare.synthetic_command)
     cifar10 = sources.add_parser("cifar10", help="CIFAR-10 (python version): download, local archive or folder")
     cifar10.add_argument("--out", required=True, help="output dataset folder")
     cifar10.add_argument(
@@ -326,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     cifar10.add_argument("--skip-checksum", action="store_true", help="use a source whose md5 is not the official one")
     cifar10.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
     cifar10.add_argument("--samples-per-shard", type=int, default=5000)
-    cifar10.set_defaults(action=_prepare_cifar10)
+    cifar10.set_defaults(action=prepare.cifar10_command)
     folder = sources.add_parser("imagefolder", help="a class_name/image.ext folder (optionally train/ val/ test/)")
     folder.add_argument("--source", required=True, help="folder of class folders (or of train/ and val/)")
     folder.add_argument("--out", required=True, help="output dataset folder")
@@ -336,13 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--seed", type=int, default=0, help="seed of the split and of the write order")
     folder.add_argument("--samples-per-shard", type=int, default=5000)
     folder.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
-    folder.set_defaults(action=_prepare_imagefolder)
+    folder.set_defaults(action=prepare.imagefolder_command)
 
+
+def _add_config_command(commands) -> None:
     config = commands.add_parser("config", help="validate a config and print it resolved")
     _add_config_arguments(config)
     config.add_argument("--get", default=None, metavar="SECTION.KEY", help="print only this resolved value")
     config.set_defaults(action=_config)
 
+
+def _add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks against the lesson's baseline, in the same process")
     benches = bench.add_subparsers(dest="bench", required=True)
     data = benches.add_parser("data", help="images/s delivered to the device: distvit readers vs the lesson's DataLoader")
@@ -380,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_bench.set_defaults(action=_bench_train)
 
+
+def _add_model_commands(commands) -> None:
+    """surgery (a config's model), evaluate and predict (a trained or timm model)."""
     surgery = commands.add_parser("surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory")
     _add_config_arguments(surgery)
     surgery.set_defaults(action=_surgery)
@@ -410,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(action=_predict)
 
+
+def _add_run_commands(commands) -> None:
+    """doctor (before a run), report (after one) and train."""
     doctor = commands.add_parser(
         "doctor", help="check ranks, rendezvous, all-reduce, run directory, versions, GPUs and W&B; run under the launcher",
     )
@@ -426,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train in this process (use accelerate launch for several)")
     _add_config_arguments(train)
     train.set_defaults(action=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distvit", description="Fine-tune Vision Transformers on 1..N GPUs or nodes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_prepare_commands(commands)  # the order of these calls is the order `distvit --help` lists the commands
+    _add_config_command(commands)
+    _add_bench_commands(commands)
+    _add_model_commands(commands)
+    _add_run_commands(commands)
     return parser
 
 

@@ -1,1 +1,2 @@
-"""Commands beside training: evaluate, predict, doctor, and the benchmarks against the lesson."""
+"""Commands beside training: dataset preparation, the preflight checks, evaluate, predict, doctor, and the
+benchmarks against the lesson."""

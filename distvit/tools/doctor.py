@@ -188,17 +188,7 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
         report.facts["allreduce_gbps"] = _bandwidth(dist, device, bandwidth_mb, world, timeout)
         # the gloo side group training uses for rank-0 waits and failure reports (its own sockets)
         gloo = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        nonce = [f"{os.getpid()}-{int(time.time())}" if rank == 0 else ""]
-        dist.broadcast_object_list(nonce, src=0, group=gloo)
-        problem, marker = check_run_dir(Path(run_dir), rank, nonce[0])
-        if problem:
-            report.problems.append(problem)
-        dist.barrier(group=gloo)  # every marker is written: each rank checks it sees all (shared run directory)
-        if marker is not None:
-            seen = {p.name for p in marker.parent.glob(f"{nonce[0]}-rank*.json")}
-            missing = [r for r in range(world) if f"{nonce[0]}-rank{r}.json" not in seen]
-            if missing:
-                report.problems.append(f"run directory {run_dir} is not shared: this host does not see the markers of rank(s) {missing}")
+        _check_shared_run_dir(dist, gloo, run_dir, report, world)
         reports: list[Any] = [None] * world
         dist.all_gather_object(reports, asdict(report), group=gloo)
     except Exception as err:  # a timeout or a broken peer: this rank's verdict, bounded by the timeout
@@ -209,6 +199,23 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
         if dist.is_initialized():
             dist.destroy_process_group()
     return _verdict([RankReport(**r) for r in reports], world) if rank == 0 else (EXIT_DOCTOR_FAILED if report.problems else 0)
+
+
+def _check_shared_run_dir(dist, gloo, run_dir: str, report: RankReport, world: int) -> None:
+    """Every rank writes its marker under one nonce (rank 0's), then checks that it sees every rank's:
+    the run directory must be one that all nodes share. Problems go to `report`."""
+    rank = report.rank
+    nonce = [f"{os.getpid()}-{int(time.time())}" if rank == 0 else ""]
+    dist.broadcast_object_list(nonce, src=0, group=gloo)
+    problem, marker = check_run_dir(Path(run_dir), rank, nonce[0])
+    if problem:
+        report.problems.append(problem)
+    dist.barrier(group=gloo)  # every marker is written: each rank checks it sees all (shared run directory)
+    if marker is not None:
+        seen = {p.name for p in marker.parent.glob(f"{nonce[0]}-rank*.json")}
+        missing = [r for r in range(world) if f"{nonce[0]}-rank{r}.json" not in seen]
+        if missing:
+            report.problems.append(f"run directory {run_dir} is not shared: this host does not see the markers of rank(s) {missing}")
 
 
 def _wait(work, timeout: float) -> None:

@@ -1,0 +1,49 @@
+"""The checks every config-driven command (train, config, surgery, bench train) runs before any rank
+starts: config, dataset manifest and shards, model, run directory. Input errors raise `DistvitError`s
+that the command prints as one message."""
+
+from __future__ import annotations
+
+import os
+
+from distvit.errors import ConfigError, DataError
+
+
+def is_local_leader() -> bool:
+    """One message per node: ranks started by a launcher share stderr."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def load_checked_config(config_file: str, overrides: list[str]):
+    """Everything that can be checked without starting ranks: config, dataset manifest and shards (preflight),
+    model, run dir."""
+    from distvit.config import load_config
+    from distvit.data.manifest import read_manifest
+    from distvit.data.preflight import bad_shards_message, find_bad_shards
+    from distvit.data.remote import fetch_dataset
+    from distvit.model.build import check_model_config
+    from distvit.run.rundir import check_run_dir
+
+    cfg = load_config(config_file, overrides)
+    splits = [cfg.data.train_split, cfg.data.eval_split]
+    # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
+    # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
+    verify = cfg.data.verify if is_local_leader() else "size"
+    if cfg.data.remote:
+        # fetching checks every local shard with the same rule and replaces the bad ones (or raises)
+        fetch_dataset(cfg.data.remote, cfg.data.path, splits, verify)
+    manifest = read_manifest(cfg.data.path)
+    for key, split in zip(("data.train_split", "data.eval_split"), splits):
+        manifest.split(split, cfg.data.path, key=key)
+    bad_shards = {} if cfg.data.remote else find_bad_shards(cfg.data.path, manifest, splits, verify)
+    if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DataError(bad_shards_message(cfg.data.path, bad_shards))
+    train_size = manifest.split(cfg.data.train_split, cfg.data.path).num_samples
+    if cfg.data.train_subset > train_size:
+        raise ConfigError(
+            f"data.train_subset={cfg.data.train_subset} is larger than split '{cfg.data.train_split}' of "
+            f"{cfg.data.path} ({train_size} images); choose at most {train_size}, or 0 for all."
+        )
+    check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
+    check_run_dir(cfg)
+    return cfg, manifest, bad_shards

@@ -1,0 +1,75 @@
+"""`distvit prepare synthetic|cifar10|imagefolder`: flag checks, the dataset write and its summary line.
+The importers themselves live in distvit.data (imported when a command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from distvit.errors import DistvitError
+
+
+def write_dataset(args: argparse.Namespace, name: str, write: Callable[[], object]) -> object:
+    """Shared by the prepare commands: common flag checks, OS errors as user errors, the summary line."""
+    if args.samples_per_shard < 1:
+        raise DistvitError(f"--samples-per-shard must be positive, got {args.samples_per_shard}.")
+    if not 0 <= args.seed < 2**32:
+        raise DistvitError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DistvitError(f"--out {args.out} is a file; pass a folder (it is created if missing).")
+    try:
+        result = write()
+    except OSError as err:
+        raise DistvitError(f"cannot read the source or write the dataset to --out {args.out}: {err}.") from None
+    manifest = getattr(result, "manifest", result)
+    counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
+    size = f"{manifest.image_size[0]}x{manifest.image_size[1]} px" if manifest.image_size else "sizes kept as found"
+    print(f"wrote {name} dataset to {args.out}: {counts}; {manifest.num_classes} classes, {size}")
+    return result
+
+
+def synthetic_command(args: argparse.Namespace) -> int:
+    from distvit.data.synthetic import MAX_CLASSES, prepare_synthetic
+
+    if not 2 <= args.num_classes <= MAX_CLASSES:
+        raise DistvitError(f"--num-classes must be between 2 and {MAX_CLASSES}, got {args.num_classes}.")
+    for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
+        if value < args.num_classes:
+            raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
+    if args.image_size < 8:
+        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    write_dataset(args, "synthetic", lambda: prepare_synthetic(
+        args.out, train_size=args.train_size, test_size=args.test_size, num_classes=args.num_classes,
+        image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
+    ))
+    return 0
+
+
+def cifar10_command(args: argparse.Namespace) -> int:
+    from distvit.data.cifar10 import prepare_cifar10
+
+    write_dataset(args, "CIFAR-10", lambda: prepare_cifar10(
+        args.out, source=args.source, skip_checksum=args.skip_checksum, seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    ))
+    return 0
+
+
+def imagefolder_command(args: argparse.Namespace) -> int:
+    from distvit.data.imagefolder import prepare_imagefolder
+
+    if args.image_size is not None and args.image_size < 8:
+        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    if args.workers is not None and args.workers < 1:
+        raise DistvitError(f"--workers must be at least 1, got {args.workers}.")
+    report = write_dataset(args, "image-folder", lambda: prepare_imagefolder(
+        args.source, args.out, val_fraction=args.val_fraction, image_size=args.image_size, strict=args.strict,
+        seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
+    ))
+    for path, reason in report.skipped:
+        printable = str(path).encode("utf-8", "backslashreplace").decode()  # undecodable file names too
+        print(f"skipped {printable}: {reason}", file=sys.stderr)
+    print(f"{len(report.skipped)} file(s) skipped as not decodable, {len(report.ignored)} hidden file(s) ignored")
+    return 0
