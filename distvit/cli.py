@@ -50,8 +50,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg, manifest, bad_shards = load_checked_config(args.config, args.overrides)
-    from distvit.engine.trainer import PLANNED_STOP, run_training  # Accelerate starts here, after every input check passed
-    from distvit.engine.stopping import EXIT_STOPPED
+    from distvit.engine.stopping import EXIT_STOPPED, PLANNED_STOP
+    from distvit.engine.trainer import run_training  # Accelerate starts here, after every input check passed
 
     summary = run_training(cfg, manifest, bad_shards)
     requested_stop = not summary["finished"] and summary["stop_reason"] != PLANNED_STOP

@@ -22,13 +22,16 @@ HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 SIGNAL_NAMES = tuple(signum.name for signum in HANDLED_SIGNALS)
 REASONS = (*SIGNAL_NAMES, f"{STOP_FILE} file")
 """What can ask for a stop, in the order that names an agreed stop when several did."""
+PLANNED_STOP = "train.stop_at_step"
+"""The reason of a planned stop (train.stop_at_step): the run exits 0, not EXIT_STOPPED."""
 
 
 class StopRequests:
-    def __init__(self, run_dir: Path, accelerator: Accelerator, every: int):
+    def __init__(self, run_dir: Path, accelerator: Accelerator, every: int, stop_at_step: int = 0):
         self.stop_file = run_dir / STOP_FILE
         self.accelerator = accelerator
         self.every = every
+        self.stop_at_step = stop_at_step
         self.received: str | None = None
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -54,6 +57,14 @@ class StopRequests:
             flags = summed.tolist()
         seen = [reason for reason, count in zip(REASONS, flags) if count]
         return seen[0] if seen else None
+
+    def reason(self, step: int, at_epoch_end: bool = False) -> str | None:
+        """Why to stop after `step`, if at all: a request (agreed by all ranks; it wins, so a signal at the
+        planned step still exits as stopped and a STOP file is consumed) or train.stop_at_step. At an
+        epoch's end requests are checked whatever the interval (all ranks reach it together)."""
+        requested = self.agreed(step, force=at_epoch_end)
+        planned = bool(self.stop_at_step) and step == self.stop_at_step
+        return requested or (PLANNED_STOP if planned else None)
 
     def consume_stop_file(self) -> None:
         """Main process: remove STOP so that the resumed run does not stop again at once."""

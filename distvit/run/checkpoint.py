@@ -1,11 +1,7 @@
-"""Checkpoint files: written atomically, read without executing code.
+"""Checkpoint files: written atomically, read without executing code, named and found in the run folder.
 
-A checkpoint is one `torch.save` file holding plain containers of tensors and primitives:
-
-    format_version, model (state dict), optimizer, scheduler, epoch, step, data (epoch position, seed,
-    manifest fingerprint), rng (torch RNG state of every rank), surgery (SurgeryRecord as dict), classes,
-    config (resolved, as dict), metrics (last evaluation)
-
+A checkpoint is one `torch.save` file of plain containers of tensors and primitives, with a
+`format_version`; what it holds (the schema) is written and read in one place, distvit.engine.checkpointer.
 `checkpoints/latest.json` names the newest one; `train.resume=auto` starts from it.
 
 It is written to `<name>.tmp` and renamed, so a crash while writing leaves the previous file intact; it

@@ -1,6 +1,6 @@
 """`distvit bench train`: the real training step, timed, against the lesson's loop in the same process.
 
-distvit's side is `Trainer.train_step` as training runs it (the config's data path, surgery, optimizer,
+distvit's side is the Trainer's `TrainStep` as training runs it (the config's data path, surgery, optimizer,
 precision, compile, cached features, DDP over every launched rank), on endless epochs of the training
 split, for `steps` steps after `warmup` steps. Reported: images/s (all ranks), milliseconds per step,
 where the step time goes (data fetch and device transforms, forward+backward, optimizer; on a GPU the
@@ -181,15 +181,15 @@ def _distvit_batches(trainer):
     """The training split's batches for this rank, epoch after epoch, as `train_epoch` plans them."""
     epoch = 0
     while True:
-        plan, local = trainer.epoch_plan(epoch)
-        for batch, images, labels in trainer.train_data.epoch(plan):
-            yield batch, images, labels, local, plan.global_batch
+        plan, local = trainer.sources.epoch_plan(epoch)
+        for batch, images, labels in trainer.sources.train.epoch(plan):
+            yield batch, images, labels, local, plan.global_batch, epoch
         epoch += 1
 
 
 def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, peak: float) -> Measurement:
     device, accelerator = trainer.accelerator.device, trainer.accelerator
-    trainer.model.train()
+    trainer.parts.trained.train()
     batches = _distvit_batches(trainer)
 
     def run(count: int, timer: PhaseTimer | None = None) -> tuple[int, torch.Tensor]:
@@ -197,8 +197,8 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
         for _ in range(count):
             if timer:
                 timer.start()
-            batch, imgs, labels, local, global_batch = next(batches)
-            loss_sum += trainer.train_step(batch, imgs, labels, local, global_batch, timer)
+            batch, imgs, labels, local, global_batch, epoch = next(batches)
+            loss_sum += trainer.step(batch, imgs, labels, local, global_batch, epoch, timer)
             images += batch.global_valid
         return images, loss_sum
 
@@ -260,47 +260,48 @@ def check_fast_path(trainer, steps: int = 8) -> dict[str, Any]:
     cfg, device = trainer.cfg, trainer.accelerator.device
     if trainer.accelerator.num_processes > 1:
         raise ConfigError("--check compares with a single-process fp32 reference: run it on one process.")
-    if cfg.surgery.drop_path or trainer.features_cached or trainer.teacher is not None:
+    parts = trainer.parts
+    if cfg.surgery.drop_path or parts.features_cached or parts.teacher is not None:
         raise ConfigError("--check compares full forward passes without drop-path or distillation: set surgery.drop_path=0.")
     set_seed(cfg.train.seed)
-    reference, _ = build_model(cfg.model, cfg.surgery, trainer.record.num_classes)
+    reference, _ = build_model(cfg.model, cfg.surgery, parts.record.num_classes)
     reference.to(device)
-    same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), trainer.raw_model.state_dict().values()))
+    same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), parts.model.state_dict().values()))
     if not same:
         raise RuntimeError("the fp32 reference does not start from the trainer's weights")
     set_fused_attention(reference, False)
     optimizer = build_optimizer(reference, dataclasses.replace(cfg.optim, fused=False), cfg.surgery.lr_decay, cfg.train.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, trainer.steps_per_epoch, cfg.train.epochs)
-    trainer.model.train()
+    scheduler = build_scheduler(optimizer, cfg.optim, trainer.sources.steps_per_epoch, cfg.train.epochs)
+    parts.trained.train()
     reference.train()
     start = {name: p.detach().float().clone() for name, p in reference.named_parameters() if p.requires_grad}
     batches = _distvit_batches(trainer)
     losses, logit_error = [], None
     for step in range(steps):
-        batch, images, labels, local, global_batch = next(batches)
-        x, soft, valid = trainer._step_inputs(batch, images, labels, local, global_batch)
+        batch, images, labels, local, global_batch, epoch = next(batches)
+        x, soft, valid = trainer.step.inputs(batch, images, labels, local, global_batch, epoch)
         with torch.autocast(device.type, enabled=False):
             output = reference(x.float())
         if step == 0:
-            fast = trainer.model(x).float().detach()  # with grad on, as in training: no extra compile
+            fast = parts.trained(x).float().detach()  # with grad on, as in training: no extra compile
             logit_error = ((fast - output.detach()).abs().max() / output.detach().abs().max()).item()
-        ref_loss = (trainer._loss(output.float(), labels, soft, None) * valid).sum() / batch.global_valid
+        ref_loss = (trainer.step.loss(output.float(), labels, soft, None) * valid).sum() / batch.global_valid
         ref_loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        fast_loss = trainer.train_step(batch, images, labels, local, global_batch).item() / batch.global_valid
+        fast_loss = trainer.step(batch, images, labels, local, global_batch, epoch).item() / batch.global_valid
         losses.append((fast_loss, ref_loss.item()))
     loss_error = max(abs(a - b) / abs(b) for a, b in losses)
     # the weight updates themselves: a fast path that applied wrong or no updates shows here even while
     # the losses still agree (a small lr, as in warmup)
-    fast = dict(trainer.raw_model.named_parameters())
+    fast = dict(parts.model.named_parameters())
     ref = dict(reference.named_parameters())
     moved = torch.stack([(ref[n].detach().float() - w0).norm() for n, w0 in start.items()]).norm()
     apart = torch.stack([(fast[n].detach().float() - ref[n].detach().float()).norm() for n in start]).norm()
     update_error = (apart / moved).item() if moved > 0 else float("inf")
     return {
-        "steps": steps, "precision": trainer.accelerator.mixed_precision, "compiled": trainer.compiled is not None,
+        "steps": steps, "precision": trainer.accelerator.mixed_precision, "compiled": parts.compiled,
         "logit_error": logit_error, "logit_tolerance": LOGIT_TOLERANCE,
         "loss_error": loss_error, "loss_tolerance": LOSS_TOLERANCE, "losses": losses,
         "update_error": update_error, "update_tolerance": UPDATE_TOLERANCE,
@@ -343,18 +344,19 @@ def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 
     precision = accelerator.mixed_precision
     checked = check_fast_path(trainer) if check else None
     peak, peak_source = device_peak_flops(device, precision)
-    size = trainer.record.img_size
+    parts = trainer.parts
+    size = parts.record.img_size
     images = torch.zeros(2, 3, size, size, device=device)
-    full_flops = train_flops_per_image(trainer.raw_model, images)
-    if trainer.features_cached:  # a step trains the classifier on stored features
-        flops = train_flops_per_image(trainer.raw_model.get_classifier(), trainer.train_data.data.images[:2])
+    full_flops = train_flops_per_image(parts.model, images)
+    if parts.features_cached:  # a step trains the classifier on stored features
+        flops = train_flops_per_image(parts.model.get_classifier(), trainer.sources.train.data.images[:2])
     else:
         flops = full_flops
     result = TrainBench(
         config=cfg.to_dict(), device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         world_size=accelerator.num_processes, mixed_precision=precision,
-        compile_seconds=trainer.state.compile_seconds, feature_cache_seconds=trainer.state.feature_seconds,
-        tokens_per_image=trainer.record.tokens_per_image, train_gflops_per_image=flops / 1e9,
+        compile_seconds=parts.compile_seconds, feature_cache_seconds=trainer.sources.feature_seconds or 0.0,
+        tokens_per_image=parts.record.tokens_per_image, train_gflops_per_image=flops / 1e9,
         peak_tflops=peak / 1e12, peak_source=peak_source, versions=_versions(), check=checked,
     )
     result.results.append(measure_distvit(trainer, steps, warmup, flops, peak))

@@ -1,0 +1,229 @@
+"""The checkpoint schema, written and read in this one file, and when checkpoints are written.
+
+A checkpoint (one `torch.save` file of plain containers, see distvit.run.checkpoint) holds:
+
+    format_version, model, optimizer, scheduler, scaler, ema, ema_state {updates, decay}, epoch, step,
+    data {epoch, samples_in_epoch, seed, manifest, split, global_batch, subset}, data_image_size,
+    rng (every rank's torch RNG state), surgery (SurgeryRecord), classes, config, metrics (last
+    evaluation), best_score, tracker {wandb_run_id}
+
+`Checkpointer` writes it (`to_payload`) and decides when; `Resume` finds, checks and restores it
+(`restore_payload`). All ranks call both: saving gathers every rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from distvit.config import CheckpointConfig, TrainConfig
+from distvit.engine.parts import TrainParts
+from distvit.engine.runtime import PeerMonitor, rng_state
+from distvit.engine.state import TrainState
+from distvit.errors import CheckpointError, RunFinished
+from distvit.model.record import SurgeryRecord
+from distvit.run import checkpoint as files
+from distvit.run.checkpoint import BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, step_name
+from distvit.run.tracking import RunTracker
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a checkpoint records about the data and settings a run's order and weights depend on."""
+    seed: int
+    manifest: str
+    """Fingerprint of the dataset manifest."""
+    split: str
+    global_batch: int
+    subset: int
+    classes: list[str]
+    data_image_size: list[int] | None
+    """The size images are stored at (checkpoints and exports keep it for `distvit predict`)."""
+    config: dict[str, Any]
+
+
+def to_payload(parts: TrainParts, state: TrainState, identity: RunIdentity, scaler: Any, rng: list[dict],
+               wandb_run_id: str | None) -> dict[str, Any]:
+    ema = parts.ema
+    counters = state.state_dict()
+    return {
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.module.state_dict() if ema else None,
+        "ema_state": {"updates": ema.updates, "decay": ema.decay} if ema else None,
+        "epoch": counters["epoch"],
+        "step": counters["step"],
+        "data": {
+            "epoch": counters["epoch"], "samples_in_epoch": counters["samples_in_epoch"], "seed": identity.seed,
+            "manifest": identity.manifest, "split": identity.split, "global_batch": identity.global_batch,
+            "subset": identity.subset,
+        },
+        "data_image_size": identity.data_image_size,
+        "rng": rng,
+        "surgery": parts.record.to_dict(),
+        "classes": list(identity.classes),
+        "config": identity.config,
+        "metrics": counters["metrics"],
+        "best_score": counters["best_score"],
+        "tracker": {"wandb_run_id": wandb_run_id},
+    }
+
+
+def restore_payload(payload: dict[str, Any], parts: TrainParts, state: TrainState, accelerator: Accelerator,
+                    seed: int) -> None:
+    """Optimizer, schedule, loss scale, EMA, counters and this rank's RNG (the model's weights were loaded
+    before anything was derived from them, see build_parts)."""
+    try:
+        parts.optimizer.load_state_dict(payload["optimizer"])
+    except ValueError as err:  # parameter groups of another layout (an earlier distvit's layer-wise lr decay)
+        raise CheckpointError(f"its optimizer state does not fit this run's parameter groups ({err}).") from None
+    parts.scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(payload["scaler"])
+    if parts.ema is not None:
+        parts.ema.module.load_state_dict(payload["ema"])
+        parts.ema.updates = int(payload["ema_state"]["updates"])
+        parts.ema.decay = float(payload["ema_state"]["decay"])  # sized to the run as first planned
+    state.load_state_dict({
+        "epoch": payload["epoch"], "step": payload["step"], "samples_in_epoch": payload["data"]["samples_in_epoch"],
+        "metrics": payload["metrics"], "best_score": payload.get("best_score", -math.inf),
+    })
+    rng, rank = payload["rng"], accelerator.process_index
+    if len(rng) == accelerator.num_processes:
+        torch.set_rng_state(rng[rank]["cpu"])
+        if "cuda" in rng[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[rank]["cuda"])
+    else:  # another world size: fresh, distinct streams (only drop-path draws from them)
+        set_seed(seed + state.step * 1000 + rank)
+
+
+class Checkpointer:
+    """Writes checkpoints (rank 0, after gathering every rank's RNG) and decides when they are due."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, accelerator: Accelerator, monitor: PeerMonitor,
+                 steps_per_epoch: int, parts: TrainParts, state: TrainState, identity: RunIdentity,
+                 tracker: RunTracker):
+        self.cfg, self.accelerator, self.monitor = cfg, accelerator, monitor
+        self.directory = run_dir / CHECKPOINT_DIR
+        self.steps_per_epoch = steps_per_epoch
+        self.parts, self.state, self.identity, self.tracker = parts, state, identity, tracker
+
+    def save(self, name: str, periodic: bool = False) -> None:
+        """All ranks call this; rank 0 writes `name`, then marks it latest (and prunes periodic ones)."""
+        rng_states = gather_object([rng_state()])
+        if self.accelerator.is_main_process:
+            payload = to_payload(self.parts, self.state, self.identity, self.accelerator.scaler, rng_states,
+                                 self.tracker.run_id)
+            files.save_checkpoint(self.directory / name, payload)
+            files.mark_latest(self.directory, name, self.state.step, self.state.epoch)
+            if periodic:
+                files.prune_periodic(self.directory, self.cfg.keep_last, self._checkpoint_step)
+        self.monitor.wait_for_main()  # not a training collective: a slow write is not a hung rank
+
+    def save_stopped(self) -> None:
+        self.save(step_name(self.state.step))
+
+    def save_final(self) -> None:
+        self.save(FINAL_NAME)
+
+    def save_if_due(self, at_epoch_end: bool) -> None:
+        """Periodic checkpoints: every checkpoint.every_epochs epochs (at an epoch's end), else every
+        checkpoint.every_steps optimizer steps."""
+        state, cfg = self.state, self.cfg
+        if at_epoch_end and cfg.every_epochs and state.epoch % cfg.every_epochs == 0:
+            self.save(f"epoch_{state.epoch:03d}.pt", periodic=True)
+        elif cfg.every_steps and state.step % cfg.every_steps == 0:
+            self.save(step_name(state.step), periodic=True)
+
+    def save_if_best(self, score: float) -> None:
+        if self.cfg.keep_best and score > self.state.best_score:
+            self.state.best_score = score
+            self.save(BEST_NAME)
+
+    def path_of(self, finished: bool) -> Path:
+        """The checkpoint a finished or stopped run ends with."""
+        return self.directory / (FINAL_NAME if finished else step_name(self.state.step))
+
+    def _checkpoint_step(self, name: str) -> int:
+        """Optimizer step of a periodic checkpoint, from its name (epoch_NNN.pt or step_NNNNNNNN.pt)."""
+        number = int(name.split("_")[1].split(".")[0])
+        return number * self.steps_per_epoch if name.startswith("epoch_") else number
+
+
+class Resume:
+    """The checkpoint a run continues from (train.resume: 'auto' = the run directory's newest, or a file)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        if cfg.resume == "auto":
+            self.path = files.latest_checkpoint(run_dir)
+        else:
+            self.path = Path(cfg.resume) if cfg.resume else None
+        self.payload = files.load_checkpoint(self.path) if self.path else None
+
+    def __bool__(self) -> bool:
+        return self.payload is not None
+
+    @property
+    def step(self) -> int | None:
+        return self.payload["step"] if self.payload else None
+
+    def own_tracker(self) -> dict[str, Any] | None:
+        """The W&B run a checkpoint of this run directory continues; another run's checkpoint seeds this
+        run's weights, not its W&B run."""
+        if not self.payload or not self.path.resolve().is_relative_to(self.run_dir.resolve()):
+            return None
+        return self.payload.get("tracker")
+
+    def check(self, record: SurgeryRecord, identity: RunIdentity, ema_enabled: bool) -> None:
+        """Refuse a checkpoint this run cannot continue exactly (before anything in the run dir changes)."""
+        payload, source, cfg = self.payload, str(self.path), self.cfg
+        if payload["epoch"] >= cfg.epochs:
+            raise RunFinished(
+                f"{source} already completed {payload['epoch']} of train.epochs={cfg.epochs} epochs; "
+                f"nothing to resume (the run directory is unchanged). Raise train.epochs to train longer."
+            )
+        saved = SurgeryRecord.from_dict(payload["surgery"])
+        if saved.architecture() != record.architecture():
+            raise CheckpointError(
+                f"cannot resume from {source}: it was written for {saved.architecture()}, the config builds "
+                f"{record.architecture()}. Resume with the run's own config (RUN_DIR/config.yaml)."
+            )
+        data = payload["data"]
+        if data["manifest"] != identity.manifest or data["split"] != identity.split:
+            data_path = identity.config["data"]["path"]
+            raise CheckpointError(
+                f"cannot resume from {source}: it trained on another dataset or split than data.path="
+                f"{data_path} / data.train_split={identity.split} (manifest fingerprint differs)."
+            )
+        if data["seed"] != identity.seed or data.get("subset", 0) != identity.subset:
+            raise CheckpointError(
+                f"cannot resume from {source} with train.seed={identity.seed}, data.train_subset={identity.subset}: "
+                f"it used seed {data['seed']}, subset {data.get('subset', 0)}, and the epoch order depends on them."
+            )
+        if data.get("global_batch") not in (None, identity.global_batch):
+            warnings.warn(
+                f"resuming {source} with train.batch_size={identity.global_batch} (it trained with "
+                f"{data['global_batch']}): every sample is still seen once per epoch, but the lr schedule "
+                f"is re-planned in steps of the new batch."
+            )
+        if (payload.get("ema") is not None) != ema_enabled:
+            raise CheckpointError(
+                f"cannot resume from {source} with ema.enabled={ema_enabled}: the checkpoint was written "
+                f"{'with' if payload.get('ema') is not None else 'without'} an EMA. Resume with the run's own config."
+            )
+
+    def restore(self, parts: TrainParts, state: TrainState, accelerator: Accelerator) -> None:
+        try:
+            restore_payload(self.payload, parts, state, accelerator, self.cfg.seed)
+        except CheckpointError as err:
+            raise CheckpointError(f"cannot resume from {self.path}: {err}") from None
