@@ -104,15 +104,28 @@ def _bench_data(args: argparse.Namespace) -> int:
         raise DistvitError(f"--device {args.device}: no CUDA device is available here.")
     split = read_manifest(args.data).split(args.split, args.data, key="--split")
     if args.batch_size > split.num_samples:
-        raise DistvitError(f"--batch-size {args.batch_size} is larger than split '{args.split}' ({split.num_samples} images).")
-    results = bench_data(args.data, args.split, args.batch_size, args.steps, args.warmup, args.workers, args.img_size, args.device)
+        raise DistvitError(
+            f"--batch-size {args.batch_size} is larger than split '{args.split}' ({split.num_samples} images)."
+        )
+    results = bench_data(
+        args.data, args.split, args.batch_size, args.steps, args.warmup, args.workers, args.img_size, args.device
+    )
     context = {
-        "data": args.data, "split": args.split, "batch_size": args.batch_size, "img_size": args.img_size,
-        "steps": args.steps, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "data": args.data,
+        "split": args.split,
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "steps": args.steps,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "device": torch.cuda.get_device_name() if results and "cuda" in results[1].name else "cpu",
     }
-    print(format_results(results, f"distvit bench data: {context['device']}, batch {args.batch_size}, "
-                                  f"{args.img_size} px model input, {args.steps} timed batches each"))
+    print(
+        format_results(
+            results,
+            f"distvit bench data: {context['device']}, batch {args.batch_size}, "
+            f"{args.img_size} px model input, {args.steps} timed batches each",
+        )
+    )
     if args.json:
         write_json(args.json, results, context)
     return 0
@@ -121,7 +134,13 @@ def _bench_data(args: argparse.Namespace) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     """The training step against the lesson's loop; under `accelerate launch -m distvit.cli bench train`
     on N ranks (without --baseline) it measures DDP."""
-    from distvit.tools.bench_train import bench_train, format_train_bench, scaling_line, synthetic_splits, write_bench_json
+    from distvit.tools.bench_train import (
+        bench_train,
+        format_train_bench,
+        scaling_line,
+        synthetic_splits,
+        write_bench_json,
+    )
 
     if args.steps < 1 or args.warmup < 1:
         raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
@@ -172,12 +191,19 @@ def _predict(args: argparse.Namespace) -> int:
     from distvit.tools.predict import format_predictions, predict_checkpoint, predict_pretrained, predictions_to_json
 
     if bool(args.checkpoint) == bool(args.model):
-        raise DistvitError("pass either --checkpoint RUN_DIR_OR_FILE (a distvit model) or --model NAME --pretrained [PATH] (a timm model).")
+        raise DistvitError(
+            "pass either --checkpoint RUN_DIR_OR_FILE (a distvit model) "
+            "or --model NAME --pretrained [PATH] (a timm model)."
+        )
     if args.checkpoint:
-        predictions = predict_checkpoint(args.checkpoint, args.images, top_k=args.top_k, weights=args.weights, device=args.device)
+        predictions = predict_checkpoint(
+            args.checkpoint, args.images, top_k=args.top_k, weights=args.weights, device=args.device
+        )
     else:
         pretrained = True if args.pretrained in (None, "hub") else args.pretrained
-        predictions = predict_pretrained(args.model, args.images, pretrained=pretrained, top_k=args.top_k, device=args.device)
+        predictions = predict_pretrained(
+            args.model, args.images, pretrained=pretrained, top_k=args.top_k, device=args.device
+        )
     print(json.dumps(predictions_to_json(predictions), indent=1) if args.json else format_predictions(predictions))
     return 0
 
@@ -215,7 +241,8 @@ def _add_prepare_commands(commands) -> None:
     cifar10 = sources.add_parser("cifar10", help="CIFAR-10 (python version): download, local archive or folder")
     cifar10.add_argument("--out", required=True, help="output dataset folder")
     cifar10.add_argument(
-        "--source", default=None,
+        "--source",
+        default=None,
         help="cifar-10-python.tar.gz path or URL, or an extracted cifar-10-batches-py/ folder (default: download)",
     )
     cifar10.add_argument("--skip-checksum", action="store_true", help="use a source whose md5 is not the official one")
@@ -225,8 +252,12 @@ def _add_prepare_commands(commands) -> None:
     folder = sources.add_parser("imagefolder", help="a class_name/image.ext folder (optionally train/ val/ test/)")
     folder.add_argument("--source", required=True, help="folder of class folders (or of train/ and val/)")
     folder.add_argument("--out", required=True, help="output dataset folder")
-    folder.add_argument("--val-fraction", type=float, default=0.1, help="held-out share per class without val/ (default 0.1)")
-    folder.add_argument("--image-size", type=int, default=None, help="resize + centre-crop to S x S (default: keep sizes)")
+    folder.add_argument(
+        "--val-fraction", type=float, default=0.1, help="held-out share per class without val/ (default 0.1)"
+    )
+    folder.add_argument(
+        "--image-size", type=int, default=None, help="resize + centre-crop to S x S (default: keep sizes)"
+    )
     folder.add_argument("--strict", action="store_true", help="a file that is not a decodable image is an error")
     folder.add_argument("--seed", type=int, default=0, help="seed of the split and of the write order")
     folder.add_argument("--samples-per-shard", type=int, default=5000)
@@ -244,7 +275,9 @@ def _add_config_command(commands) -> None:
 def _add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks against the lesson's baseline, in the same process")
     benches = bench.add_subparsers(dest="bench", required=True)
-    data = benches.add_parser("data", help="images/s delivered to the device: distvit readers vs the lesson's DataLoader")
+    data = benches.add_parser(
+        "data", help="images/s delivered to the device: distvit readers vs the lesson's DataLoader"
+    )
     data.add_argument("--data", required=True, help="dataset folder (distvit prepare ...)")
     data.add_argument("--split", default="train")
     data.add_argument("--batch-size", type=int, default=256)
@@ -257,24 +290,35 @@ def _add_bench_commands(commands) -> None:
     data.set_defaults(action=_bench_data)
 
     train_bench = benches.add_parser(
-        "train", help="the training step's images/s, time breakdown, memory and FLOP/s; with --baseline lesson, the ratio",
+        "train",
+        help="the training step's images/s, time breakdown, memory and FLOP/s; with --baseline lesson, the ratio",
     )
     _add_config_arguments(train_bench)
-    train_bench.add_argument("--baseline", choices=["lesson"], default=None, help="also run the lesson's loop (one process)")
-    train_bench.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
-    train_bench.add_argument("--warmup", type=int, default=5, help="untimed steps first (the host-sync check runs on them)")
     train_bench.add_argument(
-        "--synthetic", type=int, default=0, metavar="N",
+        "--baseline", choices=["lesson"], default=None, help="also run the lesson's loop (one process)"
+    )
+    train_bench.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
+    train_bench.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps first (the host-sync check runs on them)"
+    )
+    train_bench.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
         help="train on N synthetic CIFAR-format images generated in memory instead of data.path",
     )
     train_bench.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="first train the configured fast path and an fp32 eager reference side by side; exit 1 if they disagree",
     )
     train_bench.add_argument("--run-dir", default="runs/bench", help="scratch run directory (replaced)")
     train_bench.add_argument("--json", default=None, help="also write the results as JSON here")
     train_bench.add_argument(
-        "--scaling-reference", default=None, metavar="JSON",
+        "--scaling-reference",
+        default=None,
+        metavar="JSON",
         help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
     )
     train_bench.set_defaults(action=_bench_train)
@@ -282,12 +326,15 @@ def _add_bench_commands(commands) -> None:
 
 def _add_model_commands(commands) -> None:
     """surgery (a config's model), evaluate and predict (a trained or timm model)."""
-    surgery = commands.add_parser("surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory")
+    surgery = commands.add_parser(
+        "surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory"
+    )
     _add_config_arguments(surgery)
     surgery.set_defaults(action=_surgery)
 
     evaluate = commands.add_parser(
-        "evaluate", help="exact top-1/top-5, per-class accuracy and confusion matrix of a checkpoint (1..N ranks)",
+        "evaluate",
+        help="exact top-1/top-5, per-class accuracy and confusion matrix of a checkpoint (1..N ranks)",
     )
     evaluate.add_argument("source", help="a run directory (its final checkpoint) or a checkpoint file")
     evaluate.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
@@ -303,7 +350,10 @@ def _add_model_commands(commands) -> None:
     predict.add_argument("--checkpoint", default=None, help="a distvit run directory or checkpoint")
     predict.add_argument("--model", default=None, help="a timm model name (ImageNet classes), instead of --checkpoint")
     predict.add_argument(
-        "--pretrained", nargs="?", const="hub", default=None,
+        "--pretrained",
+        nargs="?",
+        const="hub",
+        default=None,
         help="with --model: hub weights (no value) or a local weights file",
     )
     predict.add_argument("--weights", default="model", help="with --checkpoint: model (default) or ema")
@@ -316,9 +366,12 @@ def _add_model_commands(commands) -> None:
 def _add_run_commands(commands) -> None:
     """doctor (before a run), report (after one) and train."""
     doctor = commands.add_parser(
-        "doctor", help="check ranks, rendezvous, all-reduce, run directory, versions, GPUs and W&B; run under the launcher",
+        "doctor",
+        help="check ranks, rendezvous, all-reduce, run directory, versions, GPUs and W&B; run under the launcher",
     )
-    doctor.add_argument("--run-dir", default="runs/doctor", help="the run directory training will use (shared by all nodes)")
+    doctor.add_argument(
+        "--run-dir", default="runs/doctor", help="the run directory training will use (shared by all nodes)"
+    )
     doctor.add_argument("--timeout", type=float, default=60.0, help="seconds for the rendezvous and each collective")
     doctor.add_argument("--bandwidth-mb", type=int, default=16, help="all-reduce size for the bandwidth estimate")
     doctor.add_argument("--rendezvous", default=None, help="HOST:PORT instead of MASTER_ADDR / MASTER_PORT")

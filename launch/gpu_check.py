@@ -51,26 +51,50 @@ def run_case(name: str, overrides: list[str], flags: list[str], out: Path, scrat
     slug = name.replace(" ", "_").replace("/", "_")
     result_file = out / f"{slug}.json"
     result_file.unlink(missing_ok=True)  # never report an earlier run's numbers
-    sizes = ["--synthetic", "200", "--steps", "2", "--warmup", "1"] if quick else ["--synthetic", "20000", "--steps", "40", "--warmup", "8"]
+    sizes = (
+        ["--synthetic", "200", "--steps", "2", "--warmup", "1"]
+        if quick
+        else ["--synthetic", "20000", "--steps", "40", "--warmup", "8"]
+    )
     command = [
-        sys.executable, "-m", "distvit.cli", "bench", "train", "--config", "configs/demo.yaml", "--baseline", "lesson",
-        "--run-dir", str(scratch / slug), "--json", str(result_file), *sizes, *flags,
-        *overrides, *(QUICK if quick else []),
+        sys.executable,
+        "-m",
+        "distvit.cli",
+        "bench",
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        "--baseline",
+        "lesson",
+        "--run-dir",
+        str(scratch / slug),
+        "--json",
+        str(result_file),
+        *sizes,
+        *flags,
+        *overrides,
+        *(QUICK if quick else []),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     try:
         completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
-        completed = subprocess.CompletedProcess(command, "timeout", _text(err.stdout), _text(err.stderr) + f"\ntimed out after {CASE_TIMEOUT_S} s")
+        completed = subprocess.CompletedProcess(
+            command, "timeout", _text(err.stdout), _text(err.stderr) + f"\ntimed out after {CASE_TIMEOUT_S} s"
+        )
     with open(out / "gpu_check.log", "a") as log:
         log.write(f"$ {' '.join(command)}\n{completed.stdout}{completed.stderr}\n")
     print(completed.stdout, flush=True)
     if not result_file.exists():
         last = completed.stderr.strip().splitlines()[-1:] or [""]
         return {"name": name, "error": f"exit {completed.returncode}: {last[0][:200]}"}
-    return {"name": name, "wall_s": time.perf_counter() - start, "exit": completed.returncode,
-            **json.loads(result_file.read_text())}
+    return {
+        "name": name,
+        "wall_s": time.perf_counter() - start,
+        "exit": completed.returncode,
+        **json.loads(result_file.read_text()),
+    }
 
 
 def _text(output: bytes | str | None) -> str:
@@ -87,7 +111,9 @@ def verdicts(case: dict) -> list[str]:
     if rate_target:
         marks.append(f"{'met' if distvit['images_per_sec'] >= rate_target else 'MISSED'}: >= {rate_target:,} img/s")
     if ratio_target:
-        marks.append(f"{'met' if distvit['ratio_to_lesson'] >= ratio_target else 'MISSED'}: >= {ratio_target:g}x lesson")
+        marks.append(
+            f"{'met' if distvit['ratio_to_lesson'] >= ratio_target else 'MISSED'}: >= {ratio_target:g}x lesson"
+        )
     if rate_target:
         data = distvit["phase_fractions"]["data"]
         marks.append(f"{'met' if data < MAX_DATA_FRACTION else 'MISSED'}: data < {MAX_DATA_FRACTION:.0%}")
@@ -99,9 +125,14 @@ def markdown(cases: list[dict]) -> str:
     header = ["# distvit GPU check", ""]
     if first:
         versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
-        header += [f"Device: {first['device']}; {versions}.", f"Peak used for the FLOP/s share: {first['peak_source']}.", ""]
+        header += [
+            f"Device: {first['device']}; {versions}.",
+            f"Peak used for the FLOP/s share: {first['peak_source']}.",
+            "",
+        ]
     rows = [
-        "| case | loop | precision | batch | images/s | x lesson | ms/step | data | fwd+bwd | optim | peak mem | TFLOP/s | of peak | host syncs/step | compile s | targets |",
+        "| case | loop | precision | batch | images/s | x lesson | ms/step | data | fwd+bwd | optim | "
+        "peak mem | TFLOP/s | of peak | host syncs/step | compile s | targets |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     checks = []
@@ -113,19 +144,23 @@ def markdown(cases: list[dict]) -> str:
             f = m["phase_fractions"]
             lesson = m["name"] == "lesson"
             rows.append(
-                f"| {case['name']} | {m['name']} | {'fp32' if lesson else case['mixed_precision']} | {m['batch_size']} | "
+                f"| {case['name']} | {m['name']} | {'fp32' if lesson else case['mixed_precision']} | "
+                f"{m['batch_size']} | "
                 f"{m['images_per_sec']:,.0f} | {m['ratio_to_lesson']:.1f}x | {m['step_ms']:.1f} | {f['data']:.1%} | "
                 f"{f['forward_backward']:.1%} | {f['optimizer']:.1%} | "
                 f"{m['peak_memory_bytes'] / 2**30:.2f} GiB | {m['achieved_tflops']:.1f} | {m['peak_fraction']:.1%} | "
                 f"{'-' if m['host_syncs_per_step'] is None else format(m['host_syncs_per_step'], '.1f')} | "
-                f"{'-' if lesson else format(case['compile_seconds'], '.1f')} | {'-' if lesson else '; '.join(verdicts(case))} |"
+                f"{'-' if lesson else format(case['compile_seconds'], '.1f')} | "
+                f"{'-' if lesson else '; '.join(verdicts(case))} |"
             )
         if case.get("check"):
             c = case["check"]
             checks.append(
-                f"- {case['name']}: fast path ({c['precision']}, compiled={c['compiled']}) vs fp32 eager reference over "
+                f"- {case['name']}: fast path ({c['precision']}, compiled={c['compiled']}) "
+                "vs fp32 eager reference over "
                 f"{c['steps']} steps on the same batches: logits within {c['logit_error']:.2%} (tolerance "
-                f"{c['logit_tolerance']:.0%}), losses within {c['loss_error']:.2%} (tolerance {c['loss_tolerance']:.0%}), "
+                f"{c['logit_tolerance']:.0%}), losses within {c['loss_error']:.2%} "
+                f"(tolerance {c['loss_tolerance']:.0%}), "
                 f"weight updates within {c['update_error']:.1%} (tolerance {c['update_tolerance']:.0%}): "
                 f"**{'PASS' if c['passed'] else 'FAIL'}**"
             )

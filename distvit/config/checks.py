@@ -55,10 +55,14 @@ def _check_schedule(cfg: Config, source: str) -> None:
     if list(o.step_epochs) != sorted(o.step_epochs):
         raise ConfigError(f"{source}: optim.step_epochs={list(o.step_epochs)} must be in increasing order.")
     if o.step_epochs and o.schedule != "step":
-        raise ConfigError(f"{source}: optim.step_epochs is set but optim.schedule={o.schedule}; set optim.schedule=step or remove step_epochs.")
+        raise ConfigError(
+            f"{source}: optim.step_epochs is set but optim.schedule={o.schedule}; "
+            "set optim.schedule=step or remove step_epochs."
+        )
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(
-            f"{source}: train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}; "
+            f"{source}: train.batch_size={t.batch_size} is not divisible by "
+            f"train.grad_accum_steps={t.grad_accum_steps}; "
             f"the global batch is split into that many micro-batches."
         )
 
@@ -67,7 +71,9 @@ def _check_distill(cfg: Config, source: str) -> None:
     d = cfg.distill
     if d.type == "none":
         if d.teacher:
-            raise ConfigError(f"{source}: distill.teacher is set but distill.type=none; choose distill.type=soft or hard.")
+            raise ConfigError(
+                f"{source}: distill.teacher is set but distill.type=none; choose distill.type=soft or hard."
+            )
         return
     if not d.teacher:
         raise ConfigError(
@@ -85,9 +91,15 @@ def _check_distill(cfg: Config, source: str) -> None:
                 f"model name{hint}."
             )
         if isinstance(d.teacher_weights, str) and not Path(os.path.expanduser(d.teacher_weights)).is_file():
-            raise ConfigError(f"{source}: distill.teacher_weights={d.teacher_weights!r} is not a weights file (or true for hub weights).")
+            raise ConfigError(
+                f"{source}: distill.teacher_weights={d.teacher_weights!r} is not a weights file "
+                "(or true for hub weights)."
+            )
         if d.teacher_weights is False:
-            raise ConfigError(f"{source}: distill.teacher_weights=false would distil from a random teacher; pass true or a weights file.")
+            raise ConfigError(
+                f"{source}: distill.teacher_weights=false would distil from a random teacher; "
+                "pass true or a weights file."
+            )
 
 
 def _check_data_path(cfg: Config, source: str) -> None:
@@ -96,13 +108,18 @@ def _check_data_path(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.path is required (the dataset folder with {MANIFEST_NAME}). {prepare_hint}")
     if cfg.data.remote:
         if Path(cfg.data.path).exists() and not Path(cfg.data.path).is_dir():
-            raise ConfigError(f"{source}: data.path={cfg.data.path!r} is a file; with data.remote it is the local folder the shards are fetched into.")
+            raise ConfigError(
+                f"{source}: data.path={cfg.data.path!r} is a file; "
+                "with data.remote it is the local folder the shards are fetched into."
+            )
         return  # the manifest may still be remote
     folder = Path(cfg.data.path)
     if not folder.exists():
         raise ConfigError(f"{source}: data.path={cfg.data.path!r} does not exist. {prepare_hint}")
     if not folder.is_dir():
-        raise ConfigError(f"{source}: data.path={cfg.data.path!r} is a file; it must be the dataset folder. {prepare_hint}")
+        raise ConfigError(
+            f"{source}: data.path={cfg.data.path!r} is a file; it must be the dataset folder. {prepare_hint}"
+        )
     if not (folder / MANIFEST_NAME).is_file():
         raise ConfigError(
             f"{source}: data.path={cfg.data.path!r} has no {MANIFEST_NAME}: it is not a distvit dataset, or "

@@ -28,7 +28,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_deca
             decays[not (param.ndim <= 1 or name in skip or name.endswith(".bias"))].append(param)
     return [
         {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr}
-        for decay, params in sorted(decays.items()) if params
+        for decay, params in sorted(decays.items())
+        if params
     ]
 
 
@@ -47,7 +48,10 @@ def _fused_supported(device: torch.device) -> bool:
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: OptimConfig, lr_decay: float = 1.0, global_batch: int | None = None,
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    lr_decay: float = 1.0,
+    global_batch: int | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters, with lr scaled for `global_batch` (optim.lr_scale).
     Build it after the model is on its device: the fused AdamW kernel is chosen per device."""
@@ -57,7 +61,10 @@ def build_optimizer(
         device = next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
         fused = cfg.fused if cfg.fused is not None else _fused_supported(device)
         if fused and not _fused_supported(device):
-            warnings.warn(f"optim.fused=true: no fused AdamW for {device.type} in torch {torch.__version__}; using the foreach kernel.")
+            warnings.warn(
+                f"optim.fused=true: no fused AdamW for {device.type} in torch {torch.__version__}; "
+                "using the foreach kernel."
+            )
             fused = False
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=fused or None)
     if cfg.name == "sgd":
@@ -66,8 +73,13 @@ def build_optimizer(
 
 
 def lr_factor(
-    step: int, total_steps: int, warmup_steps: int, schedule: str, min_factor: float,
-    milestones: tuple[int, ...] = (), gamma: float = 0.1,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    min_factor: float,
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
 ) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule
     (cosine to min_factor; step: gamma^(milestones passed); constant)."""

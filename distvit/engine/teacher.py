@@ -54,7 +54,8 @@ def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device) -
         img_size, mean, std = record.img_size, record.mean, record.std
         if list(payload.get("classes", [])) != list(classes):
             raise ConfigError(
-                f"distill.teacher={cfg.teacher!r} was trained on the classes {list(payload.get('classes', []))[:5]}..., "
+                f"distill.teacher={cfg.teacher!r} was trained on the classes "
+                f"{list(payload.get('classes', []))[:5]}..., "
                 f"the dataset has {list(classes)[:5]}...: a teacher must predict the same classes in the same order."
             )
     else:
@@ -74,12 +75,15 @@ def _timm_teacher(cfg: DistillConfig, num_classes: int) -> torch.nn.Module:
     try:
         if isinstance(weights, str):
             overlay = {"file": os.path.expanduser(weights), "num_classes": num_classes}
-            model = timm.create_model(cfg.teacher, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
+            model = timm.create_model(
+                cfg.teacher, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+            )
         else:
             model = timm.create_model(cfg.teacher, pretrained=True)
     except Exception as err:  # hub download failure, unreadable file or a head of another size
         raise ConfigError(
-            f"distill.teacher={cfg.teacher!r}: its weights could not be loaded ({type(err).__name__}: {str(err)[:300]}). "
+            f"distill.teacher={cfg.teacher!r}: its weights could not be loaded "
+            f"({type(err).__name__}: {str(err)[:300]}). "
             f"Pass distill.teacher_weights=PATH (a file whose head has {num_classes} classes) or a distvit checkpoint."
         ) from None
     if model.num_classes != num_classes:

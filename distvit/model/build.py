@@ -7,7 +7,6 @@ size (timm resamples pos_embed and the patch kernel from the original pretrained
 dataset's classes, drop-path.
 """
 
-
 from __future__ import annotations
 
 import difflib
@@ -34,7 +33,8 @@ def native_geometry(model_name: str) -> tuple[int, int, int]:
         raise ConfigError(
             f"model.name={model_name!r} is a {type(model).__name__}"
             f"{' without absolute position embeddings' if isinstance(model, VisionTransformer) else ''}; distvit "
-            f"supports timm VisionTransformer models with absolute position embeddings (e.g. deit_tiny_patch16_224, deit_small_patch16_224, "
+            f"supports timm VisionTransformer models with absolute position embeddings "
+            "(e.g. deit_tiny_patch16_224, deit_small_patch16_224, "
             f"deit_base_patch16_224, their _distilled_ variants, vit_*_patch16_224)."
         )
     return model.patch_embed.img_size[0], model.patch_embed.patch_size[0], model.num_classes
@@ -72,7 +72,9 @@ def _pretrained_kwargs(model_cfg: ModelConfig) -> tuple[dict[str, Any], str]:
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}, str(path)
 
 
-def build_model(model_cfg: ModelConfig, surgery_cfg: SurgeryConfig, num_classes: int) -> tuple[torch.nn.Module, SurgeryRecord]:
+def build_model(
+    model_cfg: ModelConfig, surgery_cfg: SurgeryConfig, num_classes: int
+) -> tuple[torch.nn.Module, SurgeryRecord]:
     """Create the configured model for `num_classes` classes, deterministic given the torch seed.
 
     Pretrained weights: created at their native geometry, then the surgery (geometry, position embeddings)
@@ -83,7 +85,11 @@ def build_model(model_cfg: ModelConfig, surgery_cfg: SurgeryConfig, num_classes:
     head_classes = {"num_classes": num_classes} if surgery_cfg.head == "reinit" else {}
     geometry = {"dynamic_img_size": True} if surgery_cfg.pos_embed == "dynamic" else {}
     if pretrained_source == "none" and surgery_cfg.pos_embed != "dynamic":
-        geometry = {key: value for key, value in (("img_size", surgery_cfg.img_size), ("patch_size", surgery_cfg.patch_size)) if value}
+        geometry = {
+            key: value
+            for key, value in (("img_size", surgery_cfg.img_size), ("patch_size", surgery_cfg.patch_size))
+            if value
+        }
     try:
         model = timm.create_model(
             model_cfg.name, **pretrained_kwargs, **head_classes, **geometry, drop_path_rate=surgery_cfg.drop_path
@@ -111,7 +117,10 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool | None) -> bool:
     None keeps timm's choice. Returns whether fused attention is in use."""
     modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
     if enabled and not hasattr(F, "scaled_dot_product_attention"):
-        warnings.warn(f"model.fused_attn=true: torch {torch.__version__} has no scaled_dot_product_attention; using plain attention.")
+        warnings.warn(
+            f"model.fused_attn=true: torch {torch.__version__} has no scaled_dot_product_attention; "
+            "using plain attention."
+        )
         enabled = False
     if enabled is not None:
         for module in modules:
@@ -133,16 +142,20 @@ def _check_file_covers_model(path: str, model: VisionTransformer, reinit_head: b
     try:
         state = timm.models.load_state_dict(path)
     except Exception as err:
-        raise _unusable_weights(path, model.default_cfg.get("architecture", "the model"), f"{type(err).__name__}: {err}") from None
+        raise _unusable_weights(
+            path, model.default_cfg.get("architecture", "the model"), f"{type(err).__name__}: {err}"
+        ) from None
     classifier = model.pretrained_cfg.get("classifier", "head")
     head_prefixes = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
     missing = [
-        name for name in model.state_dict()
+        name
+        for name in model.state_dict()
         if name not in state and not (reinit_head and name.startswith(head_prefixes))
     ]
     if missing:
         raise _unusable_weights(
-            path, type(model).__name__,
+            path,
+            type(model).__name__,
             f"the file lacks {len(missing)} of the model's {len(model.state_dict())} tensors, e.g. "
             f"{', '.join(missing[:3])}; its keys start with {', '.join(sorted(state)[:3])}",
         )
@@ -157,6 +170,8 @@ def model_from_record(record: SurgeryRecord) -> torch.nn.Module:
         drop_path_rate=record.drop_path,
         **({"dynamic_img_size": True} if record.pos_embed == "dynamic" else {}),
     )
-    apply_geometry(model, record.img_size, record.patch_size, "interpolate" if record.pos_embed != "dynamic" else "dynamic")
+    apply_geometry(
+        model, record.img_size, record.patch_size, "interpolate" if record.pos_embed != "dynamic" else "dynamic"
+    )
     apply_freeze(model, record.freeze, record.freeze_embeddings)
     return model

@@ -19,16 +19,20 @@ def plan_report(model: VisionTransformer, record: SurgeryRecord, global_batch: i
     # stored activations per image and block, bf16: ~16 token x dim tensors plus two attention maps
     activation_bytes = len(model.blocks) * (16 * tokens * model.embed_dim + 2 * heads * tokens * tokens) * 2
     lines = [
-        f"model            {record.model_name} ({'random init' if record.pretrained == 'none' else record.pretrained + ' weights'}), "
+        f"model            {record.model_name} "
+        f"({'random init' if record.pretrained == 'none' else record.pretrained + ' weights'}), "
         f"head {record.head} -> {record.num_classes} classes",
-        f"input            {record.img_size} px, patch {record.patch_size}: grid {record.grid_size[0]}x{record.grid_size[1]}, "
+        f"input            {record.img_size} px, patch {record.patch_size}: "
+        f"grid {record.grid_size[0]}x{record.grid_size[1]}, "
         f"{tokens} tokens per image ({record.num_prefix_tokens} prefix)",
         f"position embed   {record.pos_embed}",
         f"parameters       {params:,} total, {trainable:,} trainable (freeze={record.freeze}"
         f"{', embeddings frozen' if record.freeze_embeddings else ''})",
-        f"FLOPs per image  {record.flops_per_image / 1e9:.3f} GFLOP forward, ~{3 * record.flops_per_image / 1e9:.3f} forward+backward",
-        f"memory estimate  {state_bytes / 2**20:.0f} MiB weights+grads+AdamW state; ~{activation_bytes / 2**20:.1f} MiB "
-        f"activations per image in bf16 ({global_batch} images: ~{activation_bytes * global_batch / 2**30:.2f} GiB over all ranks)",
+        f"FLOPs per image  {record.flops_per_image / 1e9:.3f} GFLOP forward, "
+        f"~{3 * record.flops_per_image / 1e9:.3f} forward+backward",
+        f"memory estimate  {state_bytes / 2**20:.0f} MiB weights+grads+AdamW state; "
+        f"~{activation_bytes / 2**20:.1f} MiB activations per image in bf16 "
+        f"({global_batch} images: ~{activation_bytes * global_batch / 2**30:.2f} GiB over all ranks)",
         f"fingerprint      {record.fingerprint}",
     ]
     for warning in plan_warnings(record):

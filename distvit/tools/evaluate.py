@@ -16,7 +16,12 @@ from distvit.run.checkpoint import load_model, resolve_checkpoint
 
 
 def evaluate_checkpoint(
-    source: str, data_path: str | None, split: str, weights: str, global_batch: int, mode: str = "auto",
+    source: str,
+    data_path: str | None,
+    split: str,
+    weights: str,
+    global_batch: int,
+    mode: str = "auto",
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Evaluate a checkpoint (or a run directory's final one) on a dataset split, on every rank this
     process group has; returns the result and what was evaluated (for the report)."""
@@ -32,15 +37,22 @@ def evaluate_checkpoint(
         )
     accelerator = Accelerator(cpu=cpu_processes())
     if global_batch % accelerator.num_processes:
-        raise ConfigError(f"--batch-size {global_batch} must be divisible by the number of processes ({accelerator.num_processes}).")
+        raise ConfigError(
+            f"--batch-size {global_batch} must be divisible by the number of processes ({accelerator.num_processes})."
+        )
     model.to(accelerator.device)
     data = open_batches(data_path, manifest, split, mode, 2, accelerator.device, record.img_size)
     transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
     result = evaluate(model, data, transform, global_batch, accelerator, record.num_classes)
     about = {
-        "checkpoint": str(path), "weights": weights, "data": str(data_path), "split": split,
-        "num_samples_in_split": split_info.num_samples, "classes": list(payload["classes"]),
-        "world_size": accelerator.num_processes, "step": payload["step"],
+        "checkpoint": str(path),
+        "weights": weights,
+        "data": str(data_path),
+        "split": split,
+        "num_samples_in_split": split_info.num_samples,
+        "classes": list(payload["classes"]),
+        "world_size": accelerator.num_processes,
+        "step": payload["step"],
     }
     return result, about
 
@@ -50,7 +62,8 @@ def format_evaluation(result: EvalResult, about: dict[str, Any]) -> str:
     lines = [
         f"{about['checkpoint']} ({about['weights']} weights, step {about['step']}) on {about['data']} "
         f"split '{about['split']}', {about['world_size']} process(es):",
-        f"  top-1 {result.accuracy:.4f} ({result.correct}/{result.num_samples})  top-5 {result.top5:.4f}  loss {result.loss:.4f}",
+        f"  top-1 {result.accuracy:.4f} ({result.correct}/{result.num_samples})  "
+        f"top-5 {result.top5:.4f}  loss {result.loss:.4f}",
         "  per-class accuracy:",
     ]
     width = max(len(name) for name in classes)
@@ -59,13 +72,21 @@ def format_evaluation(result: EvalResult, about: dict[str, Any]) -> str:
         lines.append(f"    {name:<{width}}  {shown}  ({sum(row)} images)")
     if len(classes) <= 20:
         lines.append("  confusion matrix (rows: true class, columns: predicted):")
-        lines += ["    " + " ".join(f"{count:5d}" for count in row) + f"  {name}" for name, row in zip(classes, result.confusion)]
+        lines += [
+            "    " + " ".join(f"{count:5d}" for count in row) + f"  {name}"
+            for name, row in zip(classes, result.confusion)
+        ]
     return "\n".join(lines)
 
 
 def evaluation_json(result: EvalResult, about: dict[str, Any]) -> dict[str, Any]:
     return {
-        **about, "accuracy": result.accuracy, "top5": result.top5, "loss": result.loss, "correct": result.correct,
-        "num_samples": result.num_samples, "per_class_accuracy": result.per_class_accuracy(),
+        **about,
+        "accuracy": result.accuracy,
+        "top5": result.top5,
+        "loss": result.loss,
+        "correct": result.correct,
+        "num_samples": result.num_samples,
+        "per_class_accuracy": result.per_class_accuracy(),
         "confusion": result.confusion,
     }

@@ -48,12 +48,21 @@ def fitting_batch(batch_size: int, img_size: int, workers: int = LESSON_WORKERS)
     while fitting > 8 and (2 * workers + 1) * fitting * per_image > 0.8 * free:
         fitting //= 2
     if fitting != batch_size:
-        warnings.warn(f"/dev/shm has {free / 2**20:.0f} MB free: the lesson's DataLoader uses batch {fitting} instead of {batch_size}.")
+        warnings.warn(
+            f"/dev/shm has {free / 2**20:.0f} MB free: "
+            f"the lesson's DataLoader uses batch {fitting} instead of {batch_size}."
+        )
     return fitting
 
 
-def lesson_loader(data: SplitTensors, img_size: int, batch_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  workers: int = LESSON_WORKERS) -> torch.utils.data.DataLoader:
+def lesson_loader(
+    data: SplitTensors,
+    img_size: int,
+    batch_size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    workers: int = LESSON_WORKERS,
+) -> torch.utils.data.DataLoader:
     """The lesson's DataLoader (at a smaller batch where /dev/shm cannot hold the requested one)."""
     from torchvision import transforms
 
@@ -62,7 +71,11 @@ def lesson_loader(data: SplitTensors, img_size: int, batch_size: int, mean=IMAGE
     resize = [transforms.Resize(img_size)] if img_size != data.images.shape[1] else []
     transform = transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
     return torch.utils.data.DataLoader(
-        LessonCIFAR(data, transform), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        LessonCIFAR(data, transform),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
         persistent_workers=workers > 0,
     )
 
@@ -75,7 +88,9 @@ def endless(loader: torch.utils.data.DataLoader) -> Iterator:
 class LessonLoop:
     """The lesson's training loop, one `step()` at a time."""
 
-    def __init__(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, lr: float = 0.01):
+    def __init__(
+        self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, lr: float = 0.01
+    ):
         self.model = model.train()
         self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         self.criterion = torch.nn.CrossEntropyLoss()
