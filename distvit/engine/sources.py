@@ -8,6 +8,7 @@ sample is seen once per epoch, also across a resume with another world size.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -17,7 +18,7 @@ from distvit.config import DataConfig, TrainConfig
 from distvit.data.loader import MemoryBatches, open_batches
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
-from distvit.data.plan import EpochPlan, epoch_order, num_steps, sequential_order, subset_indices
+from distvit.data.plan import EpochPlan, RankBatch, epoch_order, num_steps, sequential_order, subset_indices
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import BatchTransform
 from distvit.engine.features import compute_features
@@ -32,22 +33,32 @@ def agree_on_bad_shards(cfg: DataConfig, manifest: Manifest, bad: dict[str, str]
         return manifest
     if cfg.bad_shards == "error":
         raise DataError(bad_shards_message(cfg.path, union))
-    accelerator.print(f"distvit: leaving out {len(union)} bad shard(s) (data.bad_shards=skip): {describe(cfg.path, union)}")
+    accelerator.print(
+        f"distvit: leaving out {len(union)} bad shard(s) (data.bad_shards=skip): {describe(cfg.path, union)}"
+    )
     return without_shards(manifest, set(union), cfg.path)
 
 
 class DataSources:
     """Training and evaluation batches, the training subset and the epoch plan of this rank."""
 
-    def __init__(self, cfg: DataConfig, train_cfg: TrainConfig, manifest: Manifest, accelerator: Accelerator,
-                 img_size: int, splits: dict[str, SplitTensors] | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        train_cfg: TrainConfig,
+        manifest: Manifest,
+        accelerator: Accelerator,
+        img_size: int,
+        splits: dict[str, SplitTensors] | None = None,
+    ):
         """`splits`: in-memory data by split name instead of the shards of cfg.path (benchmarks)."""
         self.batch_size, self.seed = train_cfg.batch_size, train_cfg.seed
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         device = accelerator.device
         self.train, self.eval = (
-            MemoryBatches(splits[split].to(device)) if splits is not None else
-            open_batches(cfg.path, manifest, split, cfg.mode, cfg.num_workers, device, img_size)
+            MemoryBatches(splits[split].to(device))
+            if splits is not None
+            else open_batches(cfg.path, manifest, split, cfg.mode, cfg.num_workers, device, img_size)
             for split in (cfg.train_split, cfg.eval_split)
         )
         if not len(self.train):
@@ -74,8 +85,19 @@ class DataSources:
         plan = EpochPlan(self.epoch_order(epoch), self.batch_size, self.world, self.rank, start_sample=start_sample)
         return plan, slice(self.rank * plan.local_batch, (self.rank + 1) * plan.local_batch)
 
-    def use_features(self, model: torch.nn.Module, transform: BatchTransform, global_batch: int,
-                     accelerator: Accelerator) -> None:
+    def endless_batches(self) -> Iterator[tuple[RankBatch, torch.Tensor, torch.Tensor, slice, int, int]]:
+        """This rank's training batches epoch after epoch as training plans them (benchmarks): (batch,
+        images, labels, this rank's slice, global batch, epoch)."""
+        epoch = 0
+        while True:
+            plan, local = self.epoch_plan(epoch)
+            for batch, images, labels in self.train.epoch(plan):
+                yield batch, images, labels, local, plan.global_batch, epoch
+            epoch += 1
+
+    def use_features(
+        self, model: torch.nn.Module, transform: BatchTransform, global_batch: int, accelerator: Accelerator
+    ) -> None:
         """Replace the training images by the frozen backbone's features (see distvit.engine.features)."""
         start = time.perf_counter()
         indices = self.subset if self.subset is not None else sequential_order(self.train_size)

@@ -35,9 +35,9 @@ from accelerate.utils import set_seed
 from distvit.config import Config
 from distvit.data.manifest import Manifest, SplitInfo
 from distvit.data.memory import SplitTensors
-from distvit.data.plan import EpochPlan
-from distvit.errors import ConfigError, DataError
 from distvit.engine.timing import PhaseTimer, synchronize
+from distvit.errors import ConfigError, DataError
+from distvit.tools.fast_path import check_fast_path
 
 PHASES = ("data", "forward_backward", "optimizer")
 
@@ -100,7 +100,9 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
         name = torch.cuda.get_device_name(device)
         for pattern, tensor_core, fp32 in DEVICE_PEAKS:
             if re.search(pattern, name):
-                return (tensor_core if low_precision else fp32), f"{name} data sheet ({'bf16' if low_precision else 'fp32'}, dense)"
+                return (
+                    tensor_core if low_precision else fp32
+                ), f"{name} data sheet ({'bf16' if low_precision else 'fp32'}, dense)"
     dtype = torch.bfloat16 if low_precision else torch.float32
     size = 4096 if device.type == "cuda" else 1024
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
@@ -112,7 +114,7 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
             a @ b
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / 4)
-    return 2 * size ** 3 / best, f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul"
+    return 2 * size**3 / best, f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul"
 
 
 def train_flops_per_image(model: torch.nn.Module, inputs: torch.Tensor) -> float:
@@ -163,34 +165,41 @@ def _count_host_syncs(run_steps) -> float | None:
     return len(syncs) / steps if steps else None
 
 
-def _measurement(name: str, images: int, wall: float, steps: int, timer: PhaseTimer, device: torch.device,
-                 flops_per_image: float, peak: float, host_syncs: float | None) -> Measurement:
+def _measurement(
+    name: str,
+    images: int,
+    wall: float,
+    steps: int,
+    timer: PhaseTimer,
+    device: torch.device,
+    flops_per_image: float,
+    peak: float,
+    host_syncs: float | None,
+) -> Measurement:
     phases = timer.seconds()
     total = sum(phases.values())
     fractions = {phase: phases.get(phase, 0.0) / total for phase in PHASES}
     memory, memory_kind = _peak_memory(device)
     rate = images / wall
     return Measurement(
-        name=name, batch_size=images // steps, images_per_sec=rate, step_ms=1000 * wall / steps, steps=steps, phase_fractions=fractions,
-        peak_memory_bytes=memory, peak_memory_kind=memory_kind, achieved_tflops=rate * flops_per_image / 1e12,
-        peak_fraction=rate * flops_per_image / peak, host_syncs_per_step=host_syncs,
+        name=name,
+        batch_size=images // steps,
+        images_per_sec=rate,
+        step_ms=1000 * wall / steps,
+        steps=steps,
+        phase_fractions=fractions,
+        peak_memory_bytes=memory,
+        peak_memory_kind=memory_kind,
+        achieved_tflops=rate * flops_per_image / 1e12,
+        peak_fraction=rate * flops_per_image / peak,
+        host_syncs_per_step=host_syncs,
     )
-
-
-def _distvit_batches(trainer):
-    """The training split's batches for this rank, epoch after epoch, as `train_epoch` plans them."""
-    epoch = 0
-    while True:
-        plan, local = trainer.sources.epoch_plan(epoch)
-        for batch, images, labels in trainer.sources.train.epoch(plan):
-            yield batch, images, labels, local, plan.global_batch, epoch
-        epoch += 1
 
 
 def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, peak: float) -> Measurement:
     device, accelerator = trainer.accelerator.device, trainer.accelerator
     trainer.parts.trained.train()
-    batches = _distvit_batches(trainer)
+    batches = trainer.sources.endless_batches()
 
     def run(count: int, timer: PhaseTimer | None = None) -> tuple[int, torch.Tensor]:
         images, loss_sum = 0, torch.zeros((), device=device)
@@ -214,17 +223,28 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
     (images, loss_sum), wall, timer = _timed(lambda timer: run(steps, timer), device)
     if not torch.isfinite(loss_sum):
         raise DataError(f"the benchmark's training loss is {loss_sum.item()}: the configuration diverges.")
-    slowest = accelerator.gather(torch.tensor([wall], device=device)).max().item()  # all ranks' images in the slowest rank's time
+    slowest = (
+        accelerator.gather(torch.tensor([wall], device=device)).max().item()
+    )  # all ranks' images in the slowest rank's time
     # every rank has its own device (GPU, or its share of the CPU cores): the peak adds up
-    return _measurement("distvit", images, slowest, steps, timer, device, flops_per_image,
-                        peak * accelerator.num_processes, host_syncs)
+    return _measurement(
+        "distvit", images, slowest, steps, timer, device, flops_per_image, peak * accelerator.num_processes, host_syncs
+    )
 
 
-def measure_lesson(cfg: Config, data: SplitTensors, num_classes: int, device: torch.device, steps: int, warmup: int,
-                   flops_per_image: float, peak: float) -> Measurement:
+def measure_lesson(
+    cfg: Config,
+    data: SplitTensors,
+    num_classes: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    flops_per_image: float,
+    peak: float,
+) -> Measurement:
     """The lesson's loop (`distvit.tools.lesson`) on the same model (surgery included), device and images."""
-    from distvit.tools.lesson import LessonLoop, lesson_loader
     from distvit.model.build import build_model
+    from distvit.tools.lesson import LessonLoop, lesson_loader
 
     set_seed(cfg.train.seed)
     model, record = build_model(cfg.model, cfg.surgery, num_classes)
@@ -239,78 +259,9 @@ def measure_lesson(cfg: Config, data: SplitTensors, num_classes: int, device: to
     return _measurement("lesson", steps * loader.batch_size, wall, steps, timer, device, flops_per_image, peak, None)
 
 
-LOGIT_TOLERANCE = 0.05
-"""Largest logit difference allowed, as a share of the reference's largest logit (bf16 keeps 8 bits of
-mantissa; twelve blocks of rounding stay well inside 5%)."""
-LOSS_TOLERANCE = 0.02
-"""Largest relative difference of a step's training loss."""
-UPDATE_TOLERANCE = 0.25
-"""Largest distance between the two models' weights after the check's steps, relative to how far the
-reference's weights moved."""
-
-
-def check_fast_path(trainer, steps: int = 8) -> dict[str, Any]:
-    """Train the configured model (precision, compile, fused kernels, device transforms) and an fp32 eager
-    reference with the same initial weights, optimizer and schedule on the same batches; compare the
-    first batch's logits and every step's loss. Run it before any other step, with no drop-path."""
-    from distvit.engine.optim import build_optimizer, build_scheduler
-    from distvit.model.build import set_fused_attention
-    from distvit.model.build import build_model
-
-    cfg, device = trainer.cfg, trainer.accelerator.device
-    if trainer.accelerator.num_processes > 1:
-        raise ConfigError("--check compares with a single-process fp32 reference: run it on one process.")
-    parts = trainer.parts
-    if cfg.surgery.drop_path or parts.features_cached or parts.teacher is not None:
-        raise ConfigError("--check compares full forward passes without drop-path or distillation: set surgery.drop_path=0.")
-    set_seed(cfg.train.seed)
-    reference, _ = build_model(cfg.model, cfg.surgery, parts.record.num_classes)
-    reference.to(device)
-    same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), parts.model.state_dict().values()))
-    if not same:
-        raise RuntimeError("the fp32 reference does not start from the trainer's weights")
-    set_fused_attention(reference, False)
-    optimizer = build_optimizer(reference, dataclasses.replace(cfg.optim, fused=False), cfg.surgery.lr_decay, cfg.train.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, trainer.sources.steps_per_epoch, cfg.train.epochs)
-    parts.trained.train()
-    reference.train()
-    start = {name: p.detach().float().clone() for name, p in reference.named_parameters() if p.requires_grad}
-    batches = _distvit_batches(trainer)
-    losses, logit_error = [], None
-    for step in range(steps):
-        batch, images, labels, local, global_batch, epoch = next(batches)
-        x, soft, valid = trainer.step.inputs(batch, images, labels, local, global_batch, epoch)
-        with torch.autocast(device.type, enabled=False):
-            output = reference(x.float())
-        if step == 0:
-            fast = parts.trained(x).float().detach()  # with grad on, as in training: no extra compile
-            logit_error = ((fast - output.detach()).abs().max() / output.detach().abs().max()).item()
-        ref_loss = (trainer.step.loss(output.float(), labels, soft, None) * valid).sum() / batch.global_valid
-        ref_loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        fast_loss = trainer.step(batch, images, labels, local, global_batch, epoch).item() / batch.global_valid
-        losses.append((fast_loss, ref_loss.item()))
-    loss_error = max(abs(a - b) / abs(b) for a, b in losses)
-    # the weight updates themselves: a fast path that applied wrong or no updates shows here even while
-    # the losses still agree (a small lr, as in warmup)
-    fast = dict(parts.model.named_parameters())
-    ref = dict(reference.named_parameters())
-    moved = torch.stack([(ref[n].detach().float() - w0).norm() for n, w0 in start.items()]).norm()
-    apart = torch.stack([(fast[n].detach().float() - ref[n].detach().float()).norm() for n in start]).norm()
-    update_error = (apart / moved).item() if moved > 0 else float("inf")
-    return {
-        "steps": steps, "precision": trainer.accelerator.mixed_precision, "compiled": parts.compiled,
-        "logit_error": logit_error, "logit_tolerance": LOGIT_TOLERANCE,
-        "loss_error": loss_error, "loss_tolerance": LOSS_TOLERANCE, "losses": losses,
-        "update_error": update_error, "update_tolerance": UPDATE_TOLERANCE,
-        "passed": logit_error <= LOGIT_TOLERANCE and loss_error <= LOSS_TOLERANCE and update_error <= UPDATE_TOLERANCE,
-    }
-
-
-def synthetic_splits(train_size: int, test_size: int, image_size: int = 32, num_classes: int = 10,
-                     seed: int = 0) -> tuple[Manifest, dict[str, SplitTensors]]:
+def synthetic_splits(
+    train_size: int, test_size: int, image_size: int = 32, num_classes: int = 10, seed: int = 0
+) -> tuple[Manifest, dict[str, SplitTensors]]:
     """The built-in synthetic CIFAR-format data, generated in memory (no shards, no webdataset)."""
     from distvit.data.synthetic import CLASS_NAMES, generate
 
@@ -319,15 +270,25 @@ def synthetic_splits(train_size: int, test_size: int, image_size: int = 32, num_
         images, labels = generate(size, num_classes, image_size, seed=seed * 2 + offset)
         splits[name] = SplitTensors(torch.from_numpy(images), torch.from_numpy(labels))
     manifest = Manifest(
-        dataset="synthetic (in memory)", classes=list(CLASS_NAMES[:num_classes]), image_size=(image_size, image_size),
-        channels=3, splits={name: SplitInfo(name, len(split), []) for name, split in splits.items()},
+        dataset="synthetic (in memory)",
+        classes=list(CLASS_NAMES[:num_classes]),
+        image_size=(image_size, image_size),
+        channels=3,
+        splits={name: SplitInfo(name, len(split), []) for name, split in splits.items()},
         source={"generator": "distvit.data.synthetic", "seed": seed},
     )
     return manifest, splits
 
 
-def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 5, baseline: str | None = None,
-                splits: dict[str, SplitTensors] | None = None, check: bool = False) -> TrainBench:
+def bench_train(
+    cfg: Config,
+    manifest: Manifest,
+    steps: int = 30,
+    warmup: int = 5,
+    baseline: str | None = None,
+    splits: dict[str, SplitTensors] | None = None,
+    check: bool = False,
+) -> TrainBench:
     """Benchmark the configured training step (and the lesson's loop with baseline='lesson')."""
     from distvit.engine.trainer import Trainer
 
@@ -353,11 +314,20 @@ def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 
     else:
         flops = full_flops
     result = TrainBench(
-        config=cfg.to_dict(), device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        world_size=accelerator.num_processes, mixed_precision=precision,
-        compile_seconds=parts.compile_seconds, feature_cache_seconds=trainer.sources.feature_seconds or 0.0,
-        tokens_per_image=parts.record.tokens_per_image, train_gflops_per_image=flops / 1e9,
-        peak_tflops=peak / 1e12, peak_source=peak_source, versions=_versions(), check=checked,
+        config=cfg.to_dict(),
+        device=torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        world_size=accelerator.num_processes,
+        mixed_precision=precision,
+        compile_seconds=parts.compile_seconds,
+        feature_cache_seconds=trainer.sources.feature_seconds or 0.0,
+        tokens_per_image=parts.record.tokens_per_image,
+        train_gflops_per_image=flops / 1e9,
+        peak_tflops=peak / 1e12,
+        peak_source=peak_source,
+        versions=_versions(),
+        check=checked,
     )
     result.results.append(measure_distvit(trainer, steps, warmup, flops, peak))
     accelerator.end_training()
@@ -372,7 +342,9 @@ def bench_train(cfg: Config, manifest: Manifest, steps: int = 30, warmup: int = 
             from distvit.data.memory import load_split
 
             if manifest.image_size is None:
-                raise DataError(f"{cfg.data.path}: the lesson baseline needs images stored at one size (prepare with --image-size).")
+                raise DataError(
+                    f"{cfg.data.path}: the lesson baseline needs images stored at one size (prepare with --image-size)."
+                )
             lesson_data = load_split(cfg.data.path, manifest, cfg.data.train_split)
         fp32_peak = peak if precision == "no" else device_peak_flops(device, "no")[0]  # the lesson computes in fp32
         lesson = measure_lesson(cfg, lesson_data, manifest.num_classes, device, steps, warmup, full_flops, fp32_peak)
@@ -386,8 +358,12 @@ def _versions() -> dict[str, str]:
     import accelerate
     import timm
 
-    versions = {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-                "python": platform.python_version()}
+    versions = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         versions["cuda"] = str(torch.version.cuda)
     return versions
@@ -398,19 +374,28 @@ def format_train_bench(bench: TrainBench) -> str:
     head = (
         f"distvit bench train: {cfg['model']['name']} at {cfg['surgery']['img_size'] or 'native'} px, "
         f"{bench.tokens_per_image} tokens/image, {bench.train_gflops_per_image:.3g} GFLOP/image (forward+backward); "
-        f"batch {cfg['train']['batch_size']}, {bench.world_size} process(es) on {bench.device}, precision {bench.mixed_precision}"
+        f"batch {cfg['train']['batch_size']}, {bench.world_size} process(es) on {bench.device}, "
+        f"precision {bench.mixed_precision}"
         + (f"; compiled in {bench.compile_seconds:.1f} s (excluded)" if bench.compile_seconds else "")
-        + (f"; features cached in {bench.feature_cache_seconds:.1f} s (excluded)" if bench.feature_cache_seconds else "")
+        + (
+            f"; features cached in {bench.feature_cache_seconds:.1f} s (excluded)"
+            if bench.feature_cache_seconds
+            else ""
+        )
         + f"\npeak {bench.peak_tflops:.1f} TFLOP/s ({bench.peak_source})"
     )
-    columns = f"{'loop':<8} {'images/s':>10} {'ms/step':>8} {'data':>6} {'fwd+bwd':>8} {'optim':>6} {'peak mem':>10} {'TFLOP/s':>8} {'of peak':>8} {'syncs':>6} {'x lesson':>9}"
+    columns = (
+        f"{'loop':<8} {'images/s':>10} {'ms/step':>8} {'data':>6} {'fwd+bwd':>8} {'optim':>6} "
+        f"{'peak mem':>10} {'TFLOP/s':>8} {'of peak':>8} {'syncs':>6} {'x lesson':>9}"
+    )
     rows = []
     for m in bench.results:
         f = m.phase_fractions
         syncs = f"{m.host_syncs_per_step:>6.1f}" if m.host_syncs_per_step is not None else f"{'-':>6}"
         ratio = f"{m.ratio_to_lesson:>8.2f}x" if m.ratio_to_lesson is not None else f"{'-':>9}"
         rows.append(
-            f"{m.name:<8} {m.images_per_sec:>10.0f} {m.step_ms:>8.1f} {100 * f['data']:>5.1f}% {100 * f['forward_backward']:>7.1f}% "
+            f"{m.name:<8} {m.images_per_sec:>10.0f} {m.step_ms:>8.1f} "
+            f"{100 * f['data']:>5.1f}% {100 * f['forward_backward']:>7.1f}% "
             f"{100 * f['optimizer']:>5.1f}% {m.peak_memory_bytes / 2**20:>8.0f}MB {m.achieved_tflops:>8.3f} "
             f"{100 * m.peak_fraction:>7.2f}% {syncs} {ratio}"
         )
@@ -419,10 +404,12 @@ def format_train_bench(bench: TrainBench) -> str:
     if bench.check:
         c = bench.check
         lines.append(
-            f"fast path vs fp32 reference ({c['precision']}, compiled={c['compiled']}, {c['steps']} steps): logits within "
+            f"fast path vs fp32 reference ({c['precision']}, compiled={c['compiled']}, {c['steps']} steps): "
+            "logits within "
             f"{100 * c['logit_error']:.2f}% (tolerance {100 * c['logit_tolerance']:.0f}%), losses within "
             f"{100 * c['loss_error']:.2f}% (tolerance {100 * c['loss_tolerance']:.0f}%), weight updates within "
-            f"{100 * c['update_error']:.1f}% (tolerance {100 * c['update_tolerance']:.0f}%): {'PASS' if c['passed'] else 'FAIL'}"
+            f"{100 * c['update_error']:.1f}% (tolerance {100 * c['update_tolerance']:.0f}%): "
+            f"{'PASS' if c['passed'] else 'FAIL'}"
         )
     return "\n".join(lines)
 
@@ -434,7 +421,9 @@ def scaling_line(bench: TrainBench, reference_path: str | Path) -> str:
         reference = json.loads(Path(reference_path).read_text())
         ref_rate, ref_world = reference["results"][0]["images_per_sec"], reference["world_size"]
     except (OSError, ValueError, KeyError, IndexError) as err:
-        raise DataError(f"--scaling-reference {reference_path}: not a `distvit bench train --json` result ({err}).") from None
+        raise DataError(
+            f"--scaling-reference {reference_path}: not a `distvit bench train --json` result ({err})."
+        ) from None
     rate, world = bench.results[0].images_per_sec, bench.world_size
     efficiency = (rate / world) / (ref_rate / ref_world)
     return (
