@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 
 from distvit.errors import ConfigError, DistvitError, PeerFailure, RunFinished
-from distvit.tools import prepare
+from distvit.tools import bench_commands, prepare
 from distvit.tools.preflight import is_local_leader, load_checked_config
 
 
@@ -83,89 +83,6 @@ def _surgery(args: argparse.Namespace) -> int:
     model, record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
     print(plan_report(model, record, cfg.train.batch_size))
     return 0
-
-
-def _bench_data(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    from distvit.data.manifest import read_manifest
-    from distvit.tools.bench_data import bench_data, format_results, write_json
-
-    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--img-size", args.img_size)):
-        if value < 1:
-            raise DistvitError(f"{flag} must be positive, got {value}.")
-    if args.workers < 0 or args.warmup < 0:
-        raise DistvitError("--workers and --warmup must be 0 or more.")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise DistvitError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DistvitError(f"--device {args.device}: no CUDA device is available here.")
-    split = read_manifest(args.data).split(args.split, args.data, key="--split")
-    if args.batch_size > split.num_samples:
-        raise DistvitError(
-            f"--batch-size {args.batch_size} is larger than split '{args.split}' ({split.num_samples} images)."
-        )
-    results = bench_data(
-        args.data, args.split, args.batch_size, args.steps, args.warmup, args.workers, args.img_size, args.device
-    )
-    context = {
-        "data": args.data,
-        "split": args.split,
-        "batch_size": args.batch_size,
-        "img_size": args.img_size,
-        "steps": args.steps,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "device": torch.cuda.get_device_name() if results and "cuda" in results[1].name else "cpu",
-    }
-    print(
-        format_results(
-            results,
-            f"distvit bench data: {context['device']}, batch {args.batch_size}, "
-            f"{args.img_size} px model input, {args.steps} timed batches each",
-        )
-    )
-    if args.json:
-        write_json(args.json, results, context)
-    return 0
-
-
-def _bench_train(args: argparse.Namespace) -> int:
-    """The training step against the lesson's loop; under `accelerate launch -m distvit.cli bench train`
-    on N ranks (without --baseline) it measures DDP."""
-    from distvit.tools.bench_train import (
-        bench_train,
-        format_train_bench,
-        scaling_line,
-        synthetic_splits,
-        write_bench_json,
-    )
-
-    if args.steps < 1 or args.warmup < 1:
-        raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
-    args.overrides = [*args.overrides, f"run.dir={args.run_dir}", "run.overwrite=true"]  # a scratch directory
-    splits = None
-    if args.synthetic:
-        from distvit.config import load_config
-        from distvit.model.build import check_model_config
-
-        if args.synthetic < 20:
-            raise DistvitError(f"--synthetic needs at least 20 training images, got {args.synthetic}.")
-        cfg = load_config(args.config, args.overrides, check_data=False)
-        manifest, splits = synthetic_splits(args.synthetic, max(args.synthetic // 5, 10))
-        cfg.data.train_split, cfg.data.eval_split = "train", "test"
-        check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
-    else:
-        cfg, manifest, _ = load_checked_config(args.config, args.overrides)
-    result = bench_train(cfg, manifest, args.steps, args.warmup, args.baseline, splits, args.check)
-    if is_local_leader() and int(os.environ.get("RANK", "0")) == 0:
-        print(format_train_bench(result), flush=True)
-        if args.scaling_reference:
-            print(scaling_line(result, args.scaling_reference), flush=True)
-        if args.json:
-            write_bench_json(args.json, result)
-    return 1 if result.check and not result.check["passed"] else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -287,7 +204,7 @@ def _add_bench_commands(commands) -> None:
     data.add_argument("--img-size", type=int, default=32, help="model input size (the lesson resizes with PIL)")
     data.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     data.add_argument("--json", default=None, help="also write the results as JSON here")
-    data.set_defaults(action=_bench_data)
+    data.set_defaults(action=bench_commands.data_command)
 
     train_bench = benches.add_parser(
         "train",
@@ -321,7 +238,7 @@ def _add_bench_commands(commands) -> None:
         metavar="JSON",
         help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
     )
-    train_bench.set_defaults(action=_bench_train)
+    train_bench.set_defaults(action=bench_commands.train_command)
 
 
 def _add_model_commands(commands) -> None:
@@ -333,8 +250,7 @@ def _add_model_commands(commands) -> None:
     surgery.set_defaults(action=_surgery)
 
     evaluate = commands.add_parser(
-        "evaluate",
-        help="exact top-1/top-5, per-class accuracy and confusion matrix of a checkpoint (1..N ranks)",
+        "evaluate", help="exact top-1/top-5, per-class accuracy and confusion matrix of a checkpoint (1..N ranks)"
     )
     evaluate.add_argument("source", help="a run directory (its final checkpoint) or a checkpoint file")
     evaluate.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")

@@ -6,12 +6,35 @@ rules that span several keys or the file system (`checks`).
 
 from distvit.config.loading import all_keys, build_config, load_config, parse_overrides, parse_yaml, read_yaml_config
 from distvit.config.schema import (
-    CheckpointConfig, Config, DataConfig, DistillConfig, EmaConfig, ModelConfig, OptimConfig, RunConfig, SurgeryConfig,
-    TrackingConfig, TrainConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DistillConfig,
+    EmaConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SurgeryConfig,
+    TrackingConfig,
+    TrainConfig,
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "DistillConfig", "EmaConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "SurgeryConfig", "TrackingConfig", "TrainConfig", "all_keys", "build_config", "load_config", "parse_overrides",
-    "parse_yaml", "read_yaml_config",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "DistillConfig",
+    "EmaConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "SurgeryConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "all_keys",
+    "build_config",
+    "load_config",
+    "parse_overrides",
+    "parse_yaml",
+    "read_yaml_config",
 ]

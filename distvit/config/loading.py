@@ -40,7 +40,9 @@ _YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 _YamlLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 _YamlLoader.add_implicit_resolver(
@@ -83,13 +85,14 @@ def _check_known_keys(raw: dict[str, Any], source: str) -> None:
     sections = _section_types()
     for section, body in raw.items():
         if not isinstance(section, str):
-            raise ConfigError(f"{source}: config section names must be text, got {section!r}. Valid sections: {', '.join(sections)}.")
+            raise ConfigError(
+                f"{source}: config section names must be text, got {section!r}. Valid sections: {', '.join(sections)}."
+            )
         if section not in sections:
             close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                f"{source}: unknown config section '{section}'{hint}. "
-                f"Valid sections: {', '.join(sections)}."
+                f"{source}: unknown config section '{section}'{hint}. Valid sections: {', '.join(sections)}."
             )
         if body is None:
             raw[section] = {}
@@ -213,7 +216,7 @@ def _unvalidated(raw: dict[str, Any]) -> Config:
 
 
 def build_config(
-    raw: dict[str, Any], source: str = "config", default_run_name: str = "run", check_data: bool = True,
+    raw: dict[str, Any], source: str = "config", default_run_name: str = "run", check_data: bool = True
 ) -> Config:
     """Validate a nested dict (from YAML plus overrides) into a `Config`; raises `ConfigError`.
     `check_data=False` skips the data.path checks (benchmarks on in-memory synthetic data)."""

@@ -18,6 +18,7 @@ except ImportError:  # `launch/gpu_check.py` runs where only torch, torchvision,
     def Field(**constraints: Any) -> tuple:  # noqa: N802 - stands in for pydantic.Field (hashable, as typing needs)
         return tuple(sorted(constraints.items()))
 
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -140,6 +141,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: PositiveInt = 1
+    """Passes over the training split (or data.train_subset), every image once per epoch."""
     batch_size: PositiveInt = 128
     """Global batch size: split evenly over the ranks, so results do not depend on the world size."""
     eval_batch_size: PositiveInt = 512
@@ -207,6 +209,7 @@ class DistillConfig:
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
     """Loss = (1 - alpha) x label loss + alpha x distillation loss."""
     tau: PositiveFloat = 1.0
+    """Temperature of the soft distillation term."""
 
 
 @dataclass

@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from distvit.config import CheckpointConfig, TrainConfig
+from distvit.config import CheckpointConfig, Config, TrainConfig
+from distvit.data.manifest import Manifest
 from distvit.engine.parts import TrainParts
 from distvit.engine.runtime import PeerMonitor, rng_state
 from distvit.engine.state import TrainState
@@ -37,6 +38,7 @@ from distvit.run.tracking import RunTracker
 @dataclass(frozen=True)
 class RunIdentity:
     """What a checkpoint records about the data and settings a run's order and weights depend on."""
+
     seed: int
     manifest: str
     """Fingerprint of the dataset manifest."""
@@ -48,9 +50,24 @@ class RunIdentity:
     """The size images are stored at (checkpoints and exports keep it for `distvit predict`)."""
     config: dict[str, Any]
 
+    @classmethod
+    def of(cls, cfg: Config, manifest: Manifest) -> RunIdentity:
+        size = list(manifest.image_size) if manifest.image_size else None
+        return cls(
+            seed=cfg.train.seed,
+            manifest=manifest.fingerprint(),
+            split=cfg.data.train_split,
+            global_batch=cfg.train.batch_size,
+            subset=cfg.data.train_subset,
+            classes=list(manifest.classes),
+            data_image_size=size,
+            config=cfg.to_dict(),
+        )
 
-def to_payload(parts: TrainParts, state: TrainState, identity: RunIdentity, scaler: Any, rng: list[dict],
-               wandb_run_id: str | None) -> dict[str, Any]:
+
+def to_payload(
+    parts: TrainParts, state: TrainState, identity: RunIdentity, scaler: Any, rng: list[dict], wandb_run_id: str | None
+) -> dict[str, Any]:
     ema = parts.ema
     counters = state.state_dict()
     return {
@@ -63,8 +80,12 @@ def to_payload(parts: TrainParts, state: TrainState, identity: RunIdentity, scal
         "epoch": counters["epoch"],
         "step": counters["step"],
         "data": {
-            "epoch": counters["epoch"], "samples_in_epoch": counters["samples_in_epoch"], "seed": identity.seed,
-            "manifest": identity.manifest, "split": identity.split, "global_batch": identity.global_batch,
+            "epoch": counters["epoch"],
+            "samples_in_epoch": counters["samples_in_epoch"],
+            "seed": identity.seed,
+            "manifest": identity.manifest,
+            "split": identity.split,
+            "global_batch": identity.global_batch,
             "subset": identity.subset,
         },
         "data_image_size": identity.data_image_size,
@@ -78,8 +99,9 @@ def to_payload(parts: TrainParts, state: TrainState, identity: RunIdentity, scal
     }
 
 
-def restore_payload(payload: dict[str, Any], parts: TrainParts, state: TrainState, accelerator: Accelerator,
-                    seed: int) -> None:
+def restore_payload(
+    payload: dict[str, Any], parts: TrainParts, state: TrainState, accelerator: Accelerator, seed: int
+) -> None:
     """Optimizer, schedule, loss scale, EMA, counters and this rank's RNG (the model's weights were loaded
     before anything was derived from them, see build_parts)."""
     try:
@@ -93,10 +115,15 @@ def restore_payload(payload: dict[str, Any], parts: TrainParts, state: TrainStat
         parts.ema.module.load_state_dict(payload["ema"])
         parts.ema.updates = int(payload["ema_state"]["updates"])
         parts.ema.decay = float(payload["ema_state"]["decay"])  # sized to the run as first planned
-    state.load_state_dict({
-        "epoch": payload["epoch"], "step": payload["step"], "samples_in_epoch": payload["data"]["samples_in_epoch"],
-        "metrics": payload["metrics"], "best_score": payload.get("best_score", -math.inf),
-    })
+    state.load_state_dict(
+        {
+            "epoch": payload["epoch"],
+            "step": payload["step"],
+            "samples_in_epoch": payload["data"]["samples_in_epoch"],
+            "metrics": payload["metrics"],
+            "best_score": payload.get("best_score", -math.inf),
+        }
+    )
     rng, rank = payload["rng"], accelerator.process_index
     if len(rng) == accelerator.num_processes:
         torch.set_rng_state(rng[rank]["cpu"])
@@ -109,9 +136,18 @@ def restore_payload(payload: dict[str, Any], parts: TrainParts, state: TrainStat
 class Checkpointer:
     """Writes checkpoints (rank 0, after gathering every rank's RNG) and decides when they are due."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, accelerator: Accelerator, monitor: PeerMonitor,
-                 steps_per_epoch: int, parts: TrainParts, state: TrainState, identity: RunIdentity,
-                 tracker: RunTracker):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path,
+        accelerator: Accelerator,
+        monitor: PeerMonitor,
+        steps_per_epoch: int,
+        parts: TrainParts,
+        state: TrainState,
+        identity: RunIdentity,
+        tracker: RunTracker,
+    ):
         self.cfg, self.accelerator, self.monitor = cfg, accelerator, monitor
         self.directory = run_dir / CHECKPOINT_DIR
         self.steps_per_epoch = steps_per_epoch
@@ -121,8 +157,9 @@ class Checkpointer:
         """All ranks call this; rank 0 writes `name`, then marks it latest (and prunes periodic ones)."""
         rng_states = gather_object([rng_state()])
         if self.accelerator.is_main_process:
-            payload = to_payload(self.parts, self.state, self.identity, self.accelerator.scaler, rng_states,
-                                 self.tracker.run_id)
+            payload = to_payload(
+                self.parts, self.state, self.identity, self.accelerator.scaler, rng_states, self.tracker.run_id
+            )
             files.save_checkpoint(self.directory / name, payload)
             files.mark_latest(self.directory, name, self.state.step, self.state.epoch)
             if periodic:
@@ -172,6 +209,10 @@ class Resume:
 
     def __bool__(self) -> bool:
         return self.payload is not None
+
+    def weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The model weights to start from (None: not resuming) and where they come from."""
+        return (self.payload["model"] if self.payload else None), str(self.path)
 
     @property
     def step(self) -> int | None:

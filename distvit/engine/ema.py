@@ -34,7 +34,8 @@ class ModelEma:
         self.updates = 0
         # Only trainable tensors change; frozen ones stay equal to the model's without work.
         self._pairs = [
-            (name, ema_param) for (name, param), ema_param in zip(model.named_parameters(), self.module.parameters())
+            (name, ema_param)
+            for (name, param), ema_param in zip(model.named_parameters(), self.module.parameters())
             if param.requires_grad
         ]
 

@@ -52,8 +52,11 @@ class EvalResult:
     def record(self, prefix: str = "") -> dict[str, Any]:
         """The metrics.jsonl fields of this result, keys prefixed (e.g. 'ema_')."""
         return {
-            f"{prefix}accuracy": self.accuracy, f"{prefix}top5": self.top5, f"{prefix}loss": self.loss,
-            f"{prefix}correct": self.correct, f"{prefix}per_class_accuracy": self.per_class_accuracy(),
+            f"{prefix}accuracy": self.accuracy,
+            f"{prefix}top5": self.top5,
+            f"{prefix}loss": self.loss,
+            f"{prefix}correct": self.correct,
+            f"{prefix}per_class_accuracy": self.per_class_accuracy(),
         }
 
 
@@ -86,11 +89,15 @@ def evaluate_models(
             predicted = logits.argmax(dim=1)
             in_top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
             losses = F.cross_entropy(logits, labels, reduction="none")
-            totals[name] += torch.stack([
-                ((predicted == labels) & valid).sum().double(), valid.sum().double(),
-                (losses * valid).sum().double(), (in_top5 & valid).sum().double(),
-            ])
-            confusion[name] += torch.bincount((labels * num_classes + predicted)[valid], minlength=num_classes ** 2)
+            totals[name] += torch.stack(
+                [
+                    ((predicted == labels) & valid).sum().double(),
+                    valid.sum().double(),
+                    (losses * valid).sum().double(),
+                    (in_top5 & valid).sum().double(),
+                ]
+            )
+            confusion[name] += torch.bincount((labels * num_classes + predicted)[valid], minlength=num_classes**2)
             if accelerator.is_main_process and not samples[name]:
                 count = min(NUM_SAMPLE_IMAGES, int(valid.sum()))
                 samples[name] = [
@@ -103,14 +110,22 @@ def evaluate_models(
         matrix = accelerator.reduce(confusion[name], reduction="sum").view(num_classes, num_classes).tolist()
         model.train(modes[name])
         results[name] = EvalResult(
-            correct=int(summed[0]), num_samples=int(summed[1]), loss_sum=float(summed[2]),
-            top5_correct=int(summed[3]), confusion=matrix, samples=samples[name],
+            correct=int(summed[0]),
+            num_samples=int(summed[1]),
+            loss_sum=float(summed[2]),
+            top5_correct=int(summed[3]),
+            confusion=matrix,
+            samples=samples[name],
         )
     return results
 
 
 def evaluate(
-    model: torch.nn.Module, data: MemoryBatches | StreamBatches, transform: BatchTransform, global_batch: int,
-    accelerator: Accelerator, num_classes: int,
+    model: torch.nn.Module,
+    data: MemoryBatches | StreamBatches,
+    transform: BatchTransform,
+    global_batch: int,
+    accelerator: Accelerator,
+    num_classes: int,
 ) -> EvalResult:
     return evaluate_models({"model": model}, data, transform, global_batch, accelerator, num_classes)["model"]

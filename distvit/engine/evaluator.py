@@ -19,8 +19,17 @@ from distvit.run.tracking import RunTracker
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainConfig, split: str, data, transform: BatchTransform, classes: list[str],
-                 accelerator: Accelerator, tracker: RunTracker, run_dir: Path):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        split: str,
+        data,
+        transform: BatchTransform,
+        classes: list[str],
+        accelerator: Accelerator,
+        tracker: RunTracker,
+        run_dir: Path,
+    ):
         self.cfg, self.split, self.data, self.transform = cfg, split, data, transform
         self.classes, self.accelerator, self.tracker, self.run_dir = classes, accelerator, tracker, run_dir
 
@@ -31,8 +40,9 @@ class Evaluator:
 
     def evaluate(self, models: dict[str, torch.nn.Module]) -> dict[str, EvalResult]:
         """Exact results of each model on the evaluation split, the same on every rank."""
-        return evaluate_models(models, self.data, self.transform, self.cfg.eval_batch_size, self.accelerator,
-                               len(self.classes))
+        return evaluate_models(
+            models, self.data, self.transform, self.cfg.eval_batch_size, self.accelerator, len(self.classes)
+        )
 
     def run(self, models: dict[str, torch.nn.Module], state: TrainState) -> float:
         """Evaluate, record (state.last_eval, the tracker, the confusion file), print; the score the best
@@ -40,15 +50,23 @@ class Evaluator:
         results = self.evaluate(models)
         raw, ema = results["model"], results.get("ema")
         state.last_eval = {
-            "split": self.split, "epoch": state.epoch, "step": state.step,
-            "num_samples": raw.num_samples, **raw.record(), **(ema.record("ema_") if ema else {}),
+            "split": self.split,
+            "epoch": state.epoch,
+            "step": state.step,
+            "num_samples": raw.num_samples,
+            **raw.record(),
+            **(ema.record("ema_") if ema else {}),
         }
         self.tracker.log(state.last_eval)
         self.tracker.log_images(f"{self.split}/predictions", raw.samples, state.step)
         if self.accelerator.is_main_process:
             confusion = {
-                "classes": list(self.classes), "split": self.split, "epoch": state.epoch,
-                "step": state.step, "model": raw.confusion, **({"ema": ema.confusion} if ema else {}),
+                "classes": list(self.classes),
+                "split": self.split,
+                "epoch": state.epoch,
+                "step": state.step,
+                "model": raw.confusion,
+                **({"ema": ema.confusion} if ema else {}),
             }
             (self.run_dir / CONFUSION_NAME).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / CONFUSION_NAME, json.dumps(confusion).encode())

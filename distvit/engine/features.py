@@ -13,10 +13,10 @@ import torch
 from accelerate import Accelerator
 
 from distvit.config import Config
+from distvit.data.devices import to_device
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
 from distvit.data.transforms import BatchTransform
-from distvit.data.devices import to_device
 from distvit.engine.mixing import mixing_enabled
 
 
@@ -47,7 +47,11 @@ def _head_prefix(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def compute_features(
-    model: torch.nn.Module, data, indices: torch.Tensor, transform: BatchTransform, global_batch: int,
+    model: torch.nn.Module,
+    data,
+    indices: torch.Tensor,
+    transform: BatchTransform,
+    global_batch: int,
     accelerator: Accelerator,
 ) -> SplitTensors:
     """The classifier inputs for the samples `indices` of `data`, computed once across all ranks (each
@@ -63,7 +67,9 @@ def compute_features(
         with accelerator.autocast():
             local = model.forward_head(model.forward_features(transform(images)), pre_logits=True).float()
         gathered = accelerator.gather(local)
-        slots = torch.stack([to_device(batch.indices, device), to_device(batch.valid, device).long(), batch_labels], dim=1)
+        slots = torch.stack(
+            [to_device(batch.indices, device), to_device(batch.valid, device).long(), batch_labels], dim=1
+        )
         index, valid, label = accelerator.gather(slots).unbind(1)
         keep = valid.bool()
         if features is None:

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def label_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, soft_targets: torch.Tensor | None) -> torch.Tensor:
+def label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float, soft_targets: torch.Tensor | None
+) -> torch.Tensor:
     """Cross-entropy per sample, against hard labels (with label smoothing) or mixed soft targets."""
     if soft_targets is None:
         return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)

@@ -56,11 +56,19 @@ class MetricsMeter:
         mean_loss = self.accelerator.reduce(self.loss_sum, reduction="sum").item() / self.images
         elapsed = time.perf_counter() - self.window_start
         world = self.accelerator.num_processes
-        self.tracker.log({
-            "split": "train", "epoch": state.epoch + 1, "step": state.step, "loss": mean_loss,
-            "lr": lr, "images_per_sec": self.images / elapsed, "images_per_sec_per_rank": self.images / elapsed / world,
-            "data_wait_fraction": self.wait / elapsed, **extra,
-        })
+        self.tracker.log(
+            {
+                "split": "train",
+                "epoch": state.epoch + 1,
+                "step": state.step,
+                "loss": mean_loss,
+                "lr": lr,
+                "images_per_sec": self.images / elapsed,
+                "images_per_sec_per_rank": self.images / elapsed / world,
+                "data_wait_fraction": self.wait / elapsed,
+                **extra,
+            }
+        )
         self.train_seconds += elapsed
         self.images_seen += self.images
         self._start_window()

@@ -48,10 +48,7 @@ def _fused_supported(device: torch.device) -> bool:
 
 
 def build_optimizer(
-    model: torch.nn.Module,
-    cfg: OptimConfig,
-    lr_decay: float = 1.0,
-    global_batch: int | None = None,
+    model: torch.nn.Module, cfg: OptimConfig, lr_decay: float = 1.0, global_batch: int | None = None
 ) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters, with lr scaled for `global_batch` (optim.lr_scale).
     Build it after the model is on its device: the fused AdamW kernel is chosen per device."""

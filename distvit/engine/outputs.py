@@ -25,8 +25,15 @@ from distvit.run.tracking import RunTracker
 
 
 class RunOutputs:
-    def __init__(self, cfg: Config, run_dir: Path, accelerator: Accelerator, parts: TrainParts, classes: list[str],
-                 data_image_size: list[int] | None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        accelerator: Accelerator,
+        parts: TrainParts,
+        classes: list[str],
+        data_image_size: list[int] | None,
+    ):
         self.cfg, self.run_dir, self.accelerator, self.parts = cfg, run_dir, accelerator, parts
         self.classes, self.data_image_size = classes, data_image_size
 
@@ -55,11 +62,23 @@ class RunOutputs:
     def tracked_config(self) -> dict[str, Any]:
         """What W&B's config gets beside the resolved config."""
         ema = self.parts.ema
-        return {"surgery": self.parts.record.to_dict(), "world_size": self.accelerator.num_processes,
-                "effective_lr": self.effective_lr(), "ema_decay": ema.decay if ema else None}
+        return {
+            "surgery": self.parts.record.to_dict(),
+            "world_size": self.accelerator.num_processes,
+            "effective_lr": self.effective_lr(),
+            "ema_decay": ema.decay if ema else None,
+        }
 
-    def summary(self, finished: bool, stop_reason: str | None, checkpoint: Path, state: TrainState, step: TrainStep,
-                meter: MetricsMeter, feature_seconds: float | None) -> dict[str, Any]:
+    def summary(
+        self,
+        finished: bool,
+        stop_reason: str | None,
+        checkpoint: Path,
+        state: TrainState,
+        step: TrainStep,
+        meter: MetricsMeter,
+        feature_seconds: float | None,
+    ) -> dict[str, Any]:
         accelerator, parts = self.accelerator, self.parts
         return {
             "finished": finished,
@@ -96,9 +115,17 @@ class RunOutputs:
         if finished:
             write_summary(self.run_dir, summary)
         else:
-            atomic_write_bytes(self.run_dir / STOPPED_NAME, json.dumps({
-                "step": state.step, "epoch": state.epoch, "reason": stop_reason, "checkpoint": summary["checkpoint"],
-            }).encode())
+            atomic_write_bytes(
+                self.run_dir / STOPPED_NAME,
+                json.dumps(
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "reason": stop_reason,
+                        "checkpoint": summary["checkpoint"],
+                    }
+                ).encode(),
+            )
         if stop_reason and stop_reason != PLANNED_STOP:
             stops.consume_stop_file()
 
@@ -108,7 +135,10 @@ class RunOutputs:
         use_ema = ema is not None and last_eval.get("ema_accuracy", -1) >= last_eval.get("accuracy", 0)
         weights = (ema.module if use_ema else self.parts.model).state_dict()
         about = {"weights": "ema" if use_ema else "model"}
-        paths = export_model(self.run_dir, weights, self.parts.record, {
-            **about, "classes": list(self.classes), "data_image_size": self.data_image_size, "metrics": last_eval,
-        })
+        paths = export_model(
+            self.run_dir,
+            weights,
+            self.parts.record,
+            {**about, "classes": list(self.classes), "data_image_size": self.data_image_size, "metrics": last_eval},
+        )
         return {**about, "files": [str(p) for p in paths]}

@@ -49,9 +49,17 @@ class TrainParts:
     features_cached: bool = False
 
 
-def build_parts(cfg: Config, model: torch.nn.Module, record: SurgeryRecord, sources: DataSources,
-                accelerator: Accelerator, stored_size: tuple[int, int] | None, classes: list[str],
-                resume_weights: dict[str, torch.Tensor] | None = None, resume_source: str = "") -> TrainParts:
+def build_parts(
+    cfg: Config,
+    model: torch.nn.Module,
+    record: SurgeryRecord,
+    sources: DataSources,
+    accelerator: Accelerator,
+    stored_size: tuple[int, int] | None,
+    classes: list[str],
+    resume_weights: dict[str, torch.Tensor] | None = None,
+    resume_source: str = "",
+) -> TrainParts:
     """Everything around `model` that a step needs, in the order that keeps ranks and resumes exact:
     device and optimizer first, then the checkpoint's weights, then what is derived from them (cached
     features, the EMA's copy, the compiled graph), and DDP last."""
@@ -74,21 +82,34 @@ def build_parts(cfg: Config, model: torch.nn.Module, record: SurgeryRecord, sour
     compiled, compile_seconds = None, 0.0
     if want_compile and not features_cached:
         micro = cfg.train.batch_size // accelerator.num_processes // cfg.train.grad_accum_steps
-        compiled, compile_seconds = compile_model(model, transform, stored_size or (record.img_size,) * 2, micro, accelerator)
+        compiled, compile_seconds = compile_model(
+            model, transform, stored_size or (record.img_size,) * 2, micro, accelerator
+        )
     # On cached features only the classifier runs in a training step (and DDP syncs only its gradients).
     trained = model.get_classifier() if features_cached else model
     fused_fp16 = accelerator.scaler is not None and bool(optimizer.defaults.get("fused"))
     trained, optimizer = accelerator.prepare(trained if compiled is None else compiled, optimizer)
     return TrainParts(
-        model=model, record=record, transform=transform, optimizer=optimizer, scheduler=scheduler, ema=ema,
-        teacher=teacher, trained=trained, lr_multiplier=lr_multiplier(cfg.optim, cfg.train.batch_size),
-        fused_attn=fused_attn, fused_fp16=fused_fp16, compiled=compiled is not None, compile_seconds=compile_seconds,
+        model=model,
+        record=record,
+        transform=transform,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        teacher=teacher,
+        trained=trained,
+        lr_multiplier=lr_multiplier(cfg.optim, cfg.train.batch_size),
+        fused_attn=fused_attn,
+        fused_fp16=fused_fp16,
+        compiled=compiled is not None,
+        compile_seconds=compile_seconds,
         features_cached=features_cached,
     )
 
 
-def _cache_features(cfg: Config, model: torch.nn.Module, sources: DataSources, transform: BatchTransform,
-                    accelerator: Accelerator) -> bool:
+def _cache_features(
+    cfg: Config, model: torch.nn.Module, sources: DataSources, transform: BatchTransform, accelerator: Accelerator
+) -> bool:
     """Train the head on the frozen backbone's features when train.cache_features allows and the run is
     head-only (see distvit.engine.features); returns whether it does."""
     if cfg.train.cache_features is False:
@@ -105,8 +126,13 @@ def _cache_features(cfg: Config, model: torch.nn.Module, sources: DataSources, t
     return True
 
 
-def compile_model(model: torch.nn.Module, transform: BatchTransform, stored_size: tuple[int, int], micro_batch: int,
-                  accelerator: Accelerator) -> tuple[torch.nn.Module | None, float]:
+def compile_model(
+    model: torch.nn.Module,
+    transform: BatchTransform,
+    stored_size: tuple[int, int],
+    micro_batch: int,
+    accelerator: Accelerator,
+) -> tuple[torch.nn.Module | None, float]:
     """torch.compile the model and compile it now, with a forward and backward on a dummy micro-batch
     (before DDP wraps it and before the training RNG is seeded). All ranks agree: if compiling fails on
     any of them, every rank warns and trains eagerly, so no rank runs a step the others do not.

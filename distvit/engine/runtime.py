@@ -4,12 +4,10 @@ RNG state, fused attention and torch.compile with graceful fallbacks."""
 from __future__ import annotations
 
 import os
-import warnings
 from datetime import timedelta
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
@@ -165,6 +163,12 @@ def is_peer_failure(err: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(err).lower()
-    markers = ("timed out waiting", "watchdog caught collective operation timeout", "connection closed by peer",
-               "connection reset by peer", "nccl communicator was aborted", "failed to pass monitoredbarrier")
+    markers = (
+        "timed out waiting",
+        "watchdog caught collective operation timeout",
+        "connection closed by peer",
+        "connection reset by peer",
+        "nccl communicator was aborted",
+        "failed to pass monitoredbarrier",
+    )
     return isinstance(err, dist.DistError) or any(marker in text for marker in markers)

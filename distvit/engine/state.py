@@ -21,8 +21,11 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "step": self.step, "samples_in_epoch": self.samples_in_epoch,
-            "metrics": dict(self.last_eval), "best_score": self.best_score,
+            "epoch": self.epoch,
+            "step": self.step,
+            "samples_in_epoch": self.samples_in_epoch,
+            "metrics": dict(self.last_eval),
+            "best_score": self.best_score,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -25,8 +25,15 @@ from distvit.engine.timing import PhaseTimer
 
 
 class TrainStep:
-    def __init__(self, parts: TrainParts, train_cfg: TrainConfig, data_cfg: DataConfig, optim_cfg: OptimConfig,
-                 distill_cfg: DistillConfig, accelerator: Accelerator):
+    def __init__(
+        self,
+        parts: TrainParts,
+        train_cfg: TrainConfig,
+        data_cfg: DataConfig,
+        optim_cfg: OptimConfig,
+        distill_cfg: DistillConfig,
+        accelerator: Accelerator,
+    ):
         self.parts, self.accelerator = parts, accelerator
         self.train_cfg, self.data_cfg, self.distill_cfg = train_cfg, data_cfg, distill_cfg
         self.clip_grad_norm = optim_cfg.clip_grad_norm
@@ -36,8 +43,16 @@ class TrainStep:
         """dtype the classifier computed in, in the first training step: shows whether autocast was on
         (Accelerate casts the model's outputs back to float32, so the logits cannot tell)."""
 
-    def __call__(self, batch: RankBatch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int,
-                 epoch: int, timer: PhaseTimer | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        batch: RankBatch,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        local: slice,
+        global_batch: int,
+        epoch: int,
+        timer: PhaseTimer | None = None,
+    ) -> torch.Tensor:
         """One optimizer step; returns the summed loss (on device). `timer` (benchmarks) marks each phase."""
         x, soft, valid = self.inputs(batch, images, labels, local, global_batch, epoch)
         if timer:
@@ -50,8 +65,9 @@ class TrainStep:
             timer.mark("optimizer")
         return loss_sum
 
-    def inputs(self, batch: RankBatch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int,
-               epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def inputs(
+        self, batch: RankBatch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The model's input (augmented, resized, normalised, mixed), soft targets if mixed, valid mask.
         The augmentation is drawn for the whole global batch from a seed of (seed, epoch, position), so it
         is the same whatever the world size or a resume."""
@@ -72,8 +88,9 @@ class TrainStep:
             x = apply_mix(x, decision)
         return x, soft, valid
 
-    def loss(self, output: Any, labels: torch.Tensor, soft: torch.Tensor | None,
-             teacher: torch.Tensor | None) -> torch.Tensor:
+    def loss(
+        self, output: Any, labels: torch.Tensor, soft: torch.Tensor | None, teacher: torch.Tensor | None
+    ) -> torch.Tensor:
         """Per-sample loss: label loss (smoothing, mixing), plus DeiT's distillation term with a teacher."""
         head, distill_head = output if isinstance(output, tuple) else (output, output)
         loss = label_loss(head, labels, self.train_cfg.label_smoothing, soft)
@@ -82,8 +99,9 @@ class TrainStep:
         d = self.distill_cfg
         return (1 - d.alpha) * loss + d.alpha * distillation_loss(distill_head, teacher, d.type, d.tau)
 
-    def _forward_backward(self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None,
-                          valid: torch.Tensor, global_valid: int) -> torch.Tensor:
+    def _forward_backward(
+        self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, valid: torch.Tensor, global_valid: int
+    ) -> torch.Tensor:
         """Forward and backward over the micro-batches (DDP all-reduces on the last); the summed loss."""
         accelerator, micro, parts = self.accelerator, self.train_cfg.grad_accum_steps, self.parts
         size = x.shape[0] // micro
@@ -112,7 +130,9 @@ class TrainStep:
         # (reading the scale syncs with the device, so only where it is needed).
         scale = accelerator.scaler.get_scale() if parts.fused_fp16 else None
         parts.optimizer.step()
-        skipped = accelerator.optimizer_step_was_skipped or (parts.fused_fp16 and accelerator.scaler.get_scale() < scale)
+        skipped = accelerator.optimizer_step_was_skipped or (
+            parts.fused_fp16 and accelerator.scaler.get_scale() < scale
+        )
         if not skipped:
             parts.scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)

@@ -35,7 +35,11 @@ from distvit.engine.metrics import MetricsMeter, SampleTrace
 from distvit.engine.outputs import RunOutputs
 from distvit.engine.parts import build_parts
 from distvit.engine.runtime import (
-    PeerMonitor, check_same_model_everywhere, ddp_options, is_peer_failure, make_accelerator,
+    PeerMonitor,
+    check_same_model_everywhere,
+    ddp_options,
+    is_peer_failure,
+    make_accelerator,
 )
 from distvit.engine.sources import DataSources, agree_on_bad_shards
 from distvit.engine.state import TrainState
@@ -49,8 +53,13 @@ from distvit.run.tracking import RunTracker
 
 
 class Trainer:
-    def __init__(self, cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | None = None,
-                 splits: dict[str, SplitTensors] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        manifest: Manifest,
+        bad_shards: dict[str, str] | None = None,
+        splits: dict[str, SplitTensors] | None = None,
+    ):
         """`splits`: in-memory data by split name instead of the shards of cfg.data.path (benchmarks)."""
         self.cfg = cfg
         self.run_dir = run_dir = Path(cfg.run.dir)
@@ -65,11 +74,7 @@ class Trainer:
         set_seed(cfg.train.seed)  # same initial weights on every rank
         model, record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
         check_same_model_everywhere(record)
-        identity = RunIdentity(
-            seed=cfg.train.seed, manifest=manifest.fingerprint(), split=cfg.data.train_split,
-            global_batch=cfg.train.batch_size, subset=cfg.data.train_subset, classes=self.classes,
-            data_image_size=list(manifest.image_size) if manifest.image_size else None, config=cfg.to_dict(),
-        )
+        identity = RunIdentity.of(cfg, manifest)
         if self.resume:
             self.resume.check(record, identity, cfg.ema.enabled)
         # 3. Rank 0 prepares the run directory once every rank has passed (NCCL's init has no barrier).
@@ -80,8 +85,7 @@ class Trainer:
         # 4. Data, then everything a step needs (the checkpoint's weights load before anything derives from them).
         self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, splits)
         self.parts = parts = build_parts(
-            cfg, model, record, self.sources, accelerator, manifest.image_size, self.classes,
-            self.resume.payload["model"] if self.resume else None, str(self.resume.path),
+            cfg, model, record, self.sources, accelerator, manifest.image_size, self.classes, *self.resume.weights()
         )
         self.step = TrainStep(parts, cfg.train, cfg.data, cfg.optim, cfg.distill, accelerator)
         # 5. Counters and RNG: restored, or from here each rank's own random stream (drop-path).
@@ -90,19 +94,8 @@ class Trainer:
             self.resume.restore(parts, self.state, accelerator)
         else:
             set_seed(cfg.train.seed + accelerator.process_index)
-        # 6. The components that act during the run.
-        self.tracker = RunTracker(accelerator, cfg, run_dir, self.classes)
-        self.checkpointer = Checkpointer(cfg.checkpoint, run_dir, accelerator, self.monitor,
-                                         self.sources.steps_per_epoch, parts, self.state, identity, self.tracker)
-        self.evaluator = Evaluator(cfg.train, cfg.data.eval_split, self.sources.eval, parts.transform, self.classes,
-                                   accelerator, self.tracker, run_dir)
-        self.meter = MetricsMeter(cfg.train.log_every, accelerator, self.tracker)
-        self.trace = SampleTrace(run_dir, accelerator.process_index, cfg.data.trace_samples)
-        self.stops = StopRequests(run_dir, accelerator, cfg.checkpoint.stop_check_every, cfg.train.stop_at_step)
-        self.stop_reason: str | None = None
-        self.outputs = RunOutputs(cfg, run_dir, accelerator, parts, self.classes, identity.data_image_size)
-        static_graph = accelerator.num_processes > 1 and ddp_options(cfg)["static_graph"]
-        accelerator.print(self.outputs.start_line(self.sources, static_graph, self.resume.path, self.state.step))
+        # 6. The components that act during the run, then the start line.
+        self._add_run_components(identity)
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs with evaluation and checkpoints; returns the summary."""
@@ -120,7 +113,12 @@ class Trainer:
                 elif self._stop_or_checkpoint(at_epoch_end=True):
                     break
             summary = self.outputs.summary(
-                finished, self.stop_reason, self.checkpointer.path_of(finished), state, self.step, self.meter,
+                finished,
+                self.stop_reason,
+                self.checkpointer.path_of(finished),
+                state,
+                self.step,
+                self.meter,
                 self.sources.feature_seconds,
             )
             if accelerator.is_main_process:
@@ -148,8 +146,11 @@ class Trainer:
         self.parts.trained.train()
         self.meter.start_epoch()
         progress = tqdm(
-            total=len(plan), desc=f"epoch {state.epoch + 1}/{self.cfg.train.epochs}",
-            disable=not self.accelerator.is_main_process, dynamic_ncols=True, leave=False,
+            total=len(plan),
+            desc=f"epoch {state.epoch + 1}/{self.cfg.train.epochs}",
+            disable=not self.accelerator.is_main_process,
+            dynamic_ncols=True,
+            leave=False,
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         for batch, images, labels in self.meter.timed(self.sources.train.epoch(plan)):
@@ -174,6 +175,39 @@ class Trainer:
     def evaluate(self) -> dict[str, EvalResult]:
         """Exact results of the model (and the EMA) on the evaluation split."""
         return self.evaluator.evaluate(self._models())
+
+    def _add_run_components(self, identity: RunIdentity) -> None:
+        """Tracking, checkpoints, evaluation, metrics, stop requests and outputs, and the start line."""
+        cfg, run_dir, accelerator, parts = self.cfg, self.run_dir, self.accelerator, self.parts
+        self.tracker = RunTracker(accelerator, cfg, run_dir, self.classes)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            run_dir,
+            accelerator,
+            self.monitor,
+            self.sources.steps_per_epoch,
+            parts,
+            self.state,
+            identity,
+            self.tracker,
+        )
+        self.evaluator = Evaluator(
+            cfg.train,
+            cfg.data.eval_split,
+            self.sources.eval,
+            parts.transform,
+            self.classes,
+            accelerator,
+            self.tracker,
+            run_dir,
+        )
+        self.meter = MetricsMeter(cfg.train.log_every, accelerator, self.tracker)
+        self.trace = SampleTrace(run_dir, accelerator.process_index, cfg.data.trace_samples)
+        self.stops = StopRequests(run_dir, accelerator, cfg.checkpoint.stop_check_every, cfg.train.stop_at_step)
+        self.stop_reason: str | None = None
+        self.outputs = RunOutputs(cfg, run_dir, accelerator, parts, self.classes, identity.data_image_size)
+        static_graph = accelerator.num_processes > 1 and ddp_options(cfg)["static_graph"]
+        accelerator.print(self.outputs.start_line(self.sources, static_graph, self.resume.path, self.state.step))
 
     def _models(self) -> dict[str, Any]:
         models = {"model": self.parts.model}

@@ -41,7 +41,7 @@ def create_model_kwargs(record: SurgeryRecord, weights_file: str) -> dict[str, A
 
 
 def export_model(
-    run_dir: Path, state_dict: dict[str, torch.Tensor], record: SurgeryRecord, info: dict[str, Any],
+    run_dir: Path, state_dict: dict[str, torch.Tensor], record: SurgeryRecord, info: dict[str, Any]
 ) -> tuple[Path, Path]:
     """Write the weights (temp file + rename) and model.json describing them; returns both paths."""
     weights = run_dir / WEIGHTS_NAME

@@ -19,8 +19,17 @@ from distvit.errors import CheckpointError
 
 RECORD_VERSION = 2
 PLAN_FIELDS = (
-    "model_name", "num_classes", "img_size", "patch_size", "head", "pos_embed", "freeze", "freeze_embeddings",
-    "drop_path", "lr_decay", "pretrained",
+    "model_name",
+    "num_classes",
+    "img_size",
+    "patch_size",
+    "head",
+    "pos_embed",
+    "freeze",
+    "freeze_embeddings",
+    "drop_path",
+    "lr_decay",
+    "pretrained",
 )
 
 
@@ -111,15 +120,25 @@ def fingerprint(model: torch.nn.Module, plan: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def make_record(model: VisionTransformer, model_name: str, surgery: SurgeryConfig, pretrained_source: str) -> SurgeryRecord:
+def make_record(
+    model: VisionTransformer, model_name: str, surgery: SurgeryConfig, pretrained_source: str
+) -> SurgeryRecord:
     patch = model.patch_embed.patch_size[0]
     # dynamic models keep their native grid; the data pipeline still resizes to the configured size
-    img_size = surgery.img_size if surgery.pos_embed == "dynamic" and surgery.img_size else model.patch_embed.img_size[0]
+    img_size = (
+        surgery.img_size if surgery.pos_embed == "dynamic" and surgery.img_size else model.patch_embed.img_size[0]
+    )
     grid = (img_size // patch, img_size // patch)
     plan = {
-        "model_name": model_name, "num_classes": model.num_classes, "img_size": img_size,
-        "patch_size": patch, "head": surgery.head, "pos_embed": surgery.pos_embed,
-        "freeze": surgery.freeze, "freeze_embeddings": surgery.freeze_embeddings, "drop_path": surgery.drop_path,
+        "model_name": model_name,
+        "num_classes": model.num_classes,
+        "img_size": img_size,
+        "patch_size": patch,
+        "head": surgery.head,
+        "pos_embed": surgery.pos_embed,
+        "freeze": surgery.freeze,
+        "freeze_embeddings": surgery.freeze_embeddings,
+        "drop_path": surgery.drop_path,
         "lr_decay": surgery.lr_decay,
         "pretrained": pretrained_source,
     }

@@ -54,11 +54,17 @@ def apply_freeze(model: VisionTransformer, freeze: str, freeze_embeddings: bool)
     elif freeze.startswith("blocks:"):
         keep = int(freeze.split(":")[1])
         if keep > len(model.blocks):
-            raise ConfigError(f"surgery.freeze={freeze}: {model.default_cfg.get('architecture')} has only {len(model.blocks)} blocks.")
-        for module in list(model.blocks[len(model.blocks) - keep:]) + [model.norm, model.fc_norm]:
+            raise ConfigError(
+                f"surgery.freeze={freeze}: {model.default_cfg.get('architecture')} has only {len(model.blocks)} blocks."
+            )
+        for module in list(model.blocks[len(model.blocks) - keep :]) + [model.norm, model.fc_norm]:
             trainable |= {id(p) for p in module.parameters()}
     embeddings = {id(p) for p in model.patch_embed.parameters()}
-    embeddings |= {id(t) for t in (model.pos_embed, model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None}
+    embeddings |= {
+        id(t)
+        for t in (model.pos_embed, model.cls_token, getattr(model, "dist_token", None), model.reg_token)
+        if t is not None
+    }
     if freeze_embeddings or freeze != "none":
         trainable -= embeddings
     for param in model.parameters():

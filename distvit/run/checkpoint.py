@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,7 +122,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 WEIGHTS = ("model", "ema")
 
 
-def load_model(path: str | os.PathLike, weights: str = "model") -> tuple[torch.nn.Module, SurgeryRecord, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike, weights: str = "model"
+) -> tuple[torch.nn.Module, SurgeryRecord, dict[str, Any]]:
     """Rebuild the model of a checkpoint (or a run directory's final one) from its surgery record and load
     its weights: the trained model's, or (weights="ema") the EMA's."""
     if weights not in WEIGHTS:
@@ -151,7 +153,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], record:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if mismatched or missing or unexpected:
-        details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
+        details = "; ".join(
+            mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
+        )
         raise CheckpointError(
             f"{source} was written for a different model ({record.architecture()}): {details}. "
             f"Rebuild the model from the checkpoint's surgery record (distvit.run.checkpoint.load_model)."

@@ -156,9 +156,7 @@ def _valid_matrix(matrix: Any, size: int) -> bool:
     )
 
 
-def plot_confusion(
-    matrix: list[list[float]], classes: Sequence[str], title_prefix: str, path: Path
-) -> Path:
+def plot_confusion(matrix: list[list[float]], classes: Sequence[str], title_prefix: str, path: Path) -> Path:
     """Row-normalised heatmap (row = true class), raw counts written in the cells for small class counts."""
     import numpy as np
 

@@ -1,18 +1,18 @@
 """The run directory: what a run writes, where, and when a directory may be (re)used.
 
-    RUN_DIR/config.yaml        resolved configuration (written before the first step)
-    RUN_DIR/metrics.jsonl      one JSON object per line (training and evaluation)
-    RUN_DIR/checkpoints/       final.pt, epoch_NNN.pt, step_NNNNNNNN.pt, latest.json
-    RUN_DIR/checkpoints/best.pt  the best evaluation so far (checkpoint.keep_best)
-    RUN_DIR/eval/confusion.json  confusion matrix of the latest evaluation (raw and EMA)
-    RUN_DIR/plots/             loss, lr, accuracy and confusion PNGs (`distvit report RUN_DIR` redraws them)
-    RUN_DIR/model.safetensors  exported weights + model.json (timm.create_model arguments), at the end
-    RUN_DIR/summary.json       final results, written last: its presence marks a finished run
-    RUN_DIR/stopped.json       present while the run is stopped on request (signal, STOP file, stop_at_step)
-    RUN_DIR/STOP               create it to make a running job checkpoint and stop
-    RUN_DIR/tracker.json       the W&B run id, continued by resumed and requeued jobs
-    RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
-    RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)
+RUN_DIR/config.yaml        resolved configuration (written before the first step)
+RUN_DIR/metrics.jsonl      one JSON object per line (training and evaluation)
+RUN_DIR/checkpoints/       final.pt, epoch_NNN.pt, step_NNNNNNNN.pt, latest.json
+RUN_DIR/checkpoints/best.pt  the best evaluation so far (checkpoint.keep_best)
+RUN_DIR/eval/confusion.json  confusion matrix of the latest evaluation (raw and EMA)
+RUN_DIR/plots/             loss, lr, accuracy and confusion PNGs (`distvit report RUN_DIR` redraws them)
+RUN_DIR/model.safetensors  exported weights + model.json (timm.create_model arguments), at the end
+RUN_DIR/summary.json       final results, written last: its presence marks a finished run
+RUN_DIR/stopped.json       present while the run is stopped on request (signal, STOP file, stop_at_step)
+RUN_DIR/STOP               create it to make a running job checkpoint and stop
+RUN_DIR/tracker.json       the W&B run id, continued by resumed and requeued jobs
+RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
+RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distvit.run.checkpoint import CHECKPOINT_DIR
 from distvit.config import Config
 from distvit.errors import ConfigError
 from distvit.fileio import atomic_write_bytes
+from distvit.run.checkpoint import CHECKPOINT_DIR
 from distvit.run.tracking import METRICS_NAME, TRACKER_NAME
 
 CONFIG_NAME = "config.yaml"
@@ -56,7 +56,9 @@ def check_run_dir(cfg: Config) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"run.dir={cfg.run.dir!r} cannot be created ({err.strerror}). Choose another run.dir.") from None
+        raise ConfigError(
+            f"run.dir={cfg.run.dir!r} cannot be created ({err.strerror}). Choose another run.dir."
+        ) from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir={cfg.run.dir!r} is not writable by this user. Choose another run.dir.")
     return run_dir

@@ -75,7 +75,9 @@ class RunTracker:
         if accelerator.is_main_process:
             self._handle = open(self.metrics_path, "a", buffering=1)
 
-    def start(self, cfg: Config, extra_config: dict[str, Any], checkpoint_tracker: dict[str, Any] | None = None) -> None:
+    def start(
+        self, cfg: Config, extra_config: dict[str, Any], checkpoint_tracker: dict[str, Any] | None = None
+    ) -> None:
         """Start W&B on the main process, continuing the run id of `checkpoint_tracker` when resuming.
         Every rank must call this, as Accelerate expects."""
         if cfg.tracking.backend != "wandb":
@@ -121,7 +123,8 @@ class RunTracker:
         if self.use_wandb:
             split = record.get("split", "train")
             numbers = {
-                f"{split}/{k}": v for k, v in record.items()
+                f"{split}/{k}": v
+                for k, v in record.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step",)
             }
             for key, values in record.items():  # per-class lists: one chart per class
@@ -148,7 +151,9 @@ class RunTracker:
         import wandb
 
         images = [
-            wandb.Image(s["image"].numpy(), caption=f"{self._class_name(s['predicted'])} (true {self._class_name(s['label'])})")
+            wandb.Image(
+                s["image"].numpy(), caption=f"{self._class_name(s['predicted'])} (true {self._class_name(s['label'])})"
+            )
             for s in samples
         ]
         self._to_wandb({key: images}, step)

@@ -22,8 +22,8 @@ from distvit.data.manifest import read_manifest
 from distvit.data.memory import SplitTensors, load_split
 from distvit.data.plan import EpochPlan, epoch_order
 from distvit.data.transforms import Augmentation, BatchTransform
-from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
 from distvit.engine.timing import synchronize
+from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
 
 
 @dataclass
@@ -63,20 +63,46 @@ def _lesson_batches(data: SplitTensors, img_size: int, batch_size: int, device: 
 
 
 def bench_data(
-    dataset_dir: str, split: str = "train", batch_size: int = 256, steps: int = 40, warmup: int = 5,
-    workers: int = 2, img_size: int = 32, device: str = "auto",
+    dataset_dir: str,
+    split: str = "train",
+    batch_size: int = 256,
+    steps: int = 40,
+    warmup: int = 5,
+    workers: int = 2,
+    img_size: int = 32,
+    device: str = "auto",
 ) -> list[BenchResult]:
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    target = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     manifest = read_manifest(dataset_dir)
     data = load_split(dataset_dir, manifest, split)
     transform = BatchTransform((img_size, img_size), IMAGENET_MEAN, IMAGENET_STD)
     results = [
-        _timed(_lesson_batches(data, img_size, batch_size, target), warmup, steps, target, batch_size,
-               "lesson: torchvision-style dataset + PIL transforms, DataLoader(num_workers=2)"),
-        _timed(_distvit_batches(MemoryBatches(data.to(target)), transform, batch_size), warmup, steps, target,
-               batch_size, f"distvit memory: uint8 on {target.type}, batched crop/flip/resize/normalise"),
-        _timed(_distvit_batches(StreamBatches(dataset_dir, manifest, split, workers, target), transform, batch_size),
-               warmup, steps, target, batch_size, f"distvit stream: shards, {workers} decode workers, same transforms"),
+        _timed(
+            _lesson_batches(data, img_size, batch_size, target),
+            warmup,
+            steps,
+            target,
+            batch_size,
+            "lesson: torchvision-style dataset + PIL transforms, DataLoader(num_workers=2)",
+        ),
+        _timed(
+            _distvit_batches(MemoryBatches(data.to(target)), transform, batch_size),
+            warmup,
+            steps,
+            target,
+            batch_size,
+            f"distvit memory: uint8 on {target.type}, batched crop/flip/resize/normalise",
+        ),
+        _timed(
+            _distvit_batches(StreamBatches(dataset_dir, manifest, split, workers, target), transform, batch_size),
+            warmup,
+            steps,
+            target,
+            batch_size,
+            f"distvit stream: shards, {workers} decode workers, same transforms",
+        ),
     ]
     for result in results:
         result.ratio_to_lesson = result.images_per_sec / results[0].images_per_sec

@@ -21,10 +21,7 @@ import gc
 import json
 import os
 import platform
-import re
-import resource
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,21 +35,9 @@ from distvit.data.memory import SplitTensors
 from distvit.engine.timing import PhaseTimer, synchronize
 from distvit.errors import ConfigError, DataError
 from distvit.tools.fast_path import check_fast_path
+from distvit.tools.measure import count_host_syncs, device_peak_flops, peak_memory, train_flops_per_image
 
 PHASES = ("data", "forward_backward", "optimizer")
-
-# Dense peak FLOP/s from the vendors' data sheets: (device name pattern, bf16/fp16 tensor core, fp32
-# non-tensor), first match wins.
-DEVICE_PEAKS = (
-    (r"H100 NVL", 835e12, 60e12),
-    (r"H100 PCIe", 756e12, 51e12),
-    (r"\bH100\b", 989e12, 67e12),
-    (r"\b(GH|H)200\b", 989e12, 67e12),
-    (r"\bA100\b", 312e12, 19.5e12),
-    (r"\bL40S\b", 362e12, 91.6e12),
-    (r"\bL40\b", 181e12, 90.5e12),
-    (r"\bL4\b", 121e12, 30.3e12),
-)
 
 
 @dataclass
@@ -92,44 +77,6 @@ class TrainBench:
     """`--check`: the fast path against the fp32 eager reference (see `check_fast_path`)."""
 
 
-def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """The device's peak FLOP/s for the compute dtype: the data sheet's where known, else measured on a
-    large matmul (CPUs, unknown GPUs)."""
-    low_precision = precision in ("bf16", "fp16")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for pattern, tensor_core, fp32 in DEVICE_PEAKS:
-            if re.search(pattern, name):
-                return (
-                    tensor_core if low_precision else fp32
-                ), f"{name} data sheet ({'bf16' if low_precision else 'fp32'}, dense)"
-    dtype = torch.bfloat16 if low_precision else torch.float32
-    size = 4096 if device.type == "cuda" else 1024
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 4)
-    return 2 * size**3 / best, f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul"
-
-
-def train_flops_per_image(model: torch.nn.Module, inputs: torch.Tensor) -> float:
-    """FLOPs of one training forward+backward per image (matmuls, convolutions, attention), counted by
-    torch's FlopCounterMode; frozen parameters get no weight gradients, so they cost less."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        output = model(inputs)
-        sum(o.float().sum() for o in (output if isinstance(output, tuple) else (output,))).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / inputs.shape[0]
-
-
 def _timed(run, device: torch.device) -> tuple[Any, float, PhaseTimer]:
     """`run(timer)` from an idle device and a fresh peak-memory count: its result, wall seconds, timer."""
     synchronize(device)
@@ -140,29 +87,6 @@ def _timed(run, device: torch.device) -> tuple[Any, float, PhaseTimer]:
     result = run(timer)
     synchronize(device)
     return result, time.perf_counter() - start, timer
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "GPU memory allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (whole run)"
-
-
-def _count_host_syncs(run_steps) -> float | None:
-    """Run the callable's steps in CUDA's sync-debug mode; host synchronisations per step (None when
-    there is no GPU or no step was checked)."""
-    if not torch.cuda.is_available():
-        run_steps()
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            steps = run_steps()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    return len(syncs) / steps if steps else None
 
 
 def _measurement(
@@ -179,7 +103,7 @@ def _measurement(
     phases = timer.seconds()
     total = sum(phases.values())
     fractions = {phase: phases.get(phase, 0.0) / total for phase in PHASES}
-    memory, memory_kind = _peak_memory(device)
+    memory, memory_kind = peak_memory(device)
     rate = images / wall
     return Measurement(
         name=name,
@@ -218,7 +142,7 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
         return warmup - unchecked
 
     run(unchecked)
-    host_syncs = _count_host_syncs(checked_warmup)
+    host_syncs = count_host_syncs(checked_warmup)
     accelerator.wait_for_everyone()
     (images, loss_sum), wall, timer = _timed(lambda timer: run(steps, timer), device)
     if not torch.isfinite(loss_sum):

@@ -56,7 +56,9 @@ def rank_environment(rendezvous: str | None = None) -> tuple[dict[str, str], lis
         return env, [f"rank variables are not integers: {env}"]
     if not 0 <= rank < world:
         problems.append(f"RANK={rank} is outside WORLD_SIZE={world}")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
+    local_world = int(
+        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0
+    )
     if local_world and not 0 <= local < local_world:
         problems.append(f"LOCAL_RANK={local} is outside LOCAL_WORLD_SIZE={local_world}")
     if not 0 < port < 65536:
@@ -78,15 +80,19 @@ def check_rendezvous(env: dict[str, str], timeout: float) -> str | None:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.bind((address, 0))
         except OSError:
-            return (f"MASTER_ADDR={host} ({address}) is not an address of rank 0's host {socket.gethostname()}: "
-                    f"rank 0 hosts the rendezvous, so MASTER_ADDR must name its node")
+            return (
+                f"MASTER_ADDR={host} ({address}) is not an address of rank 0's host {socket.gethostname()}: "
+                f"rank 0 hosts the rendezvous, so MASTER_ADDR must name its node"
+            )
         return None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _listening(address, port):
             return None
         time.sleep(0.5)
-    return f"cannot connect to the rendezvous {host}:{port} ({address}) from {socket.gethostname()} within {timeout:.0f} s"
+    return (
+        f"cannot connect to the rendezvous {host}:{port} ({address}) from {socket.gethostname()} within {timeout:.0f} s"
+    )
 
 
 def _listening(address: str, port: int) -> bool:
@@ -119,8 +125,13 @@ def versions() -> dict[str, str]:
     import timm
     import torch
 
-    found = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-             "accelerate": accelerate.__version__, "cuda": str(torch.version.cuda)}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda": str(torch.version.cuda),
+    }
     if torch.cuda.is_available():
         found["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     return found
@@ -192,13 +203,19 @@ def run_doctor(run_dir: str, timeout: float, bandwidth_mb: int, rendezvous: str 
         reports: list[Any] = [None] * world
         dist.all_gather_object(reports, asdict(report), group=gloo)
     except Exception as err:  # a timeout or a broken peer: this rank's verdict, bounded by the timeout
-        report.problems.append(f"collective check failed after {timeout:.0f} s timeout or earlier: {type(err).__name__}: {str(err)[:300]}")
+        report.problems.append(
+            f"collective check failed after {timeout:.0f} s timeout or earlier: {type(err).__name__}: {str(err)[:300]}"
+        )
         _print_alone(report)
         return EXIT_DOCTOR_FAILED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return _verdict([RankReport(**r) for r in reports], world) if rank == 0 else (EXIT_DOCTOR_FAILED if report.problems else 0)
+    return (
+        _verdict([RankReport(**r) for r in reports], world)
+        if rank == 0
+        else (EXIT_DOCTOR_FAILED if report.problems else 0)
+    )
 
 
 def _check_shared_run_dir(dist, gloo, run_dir: str, report: RankReport, world: int) -> None:
@@ -215,7 +232,9 @@ def _check_shared_run_dir(dist, gloo, run_dir: str, report: RankReport, world: i
         seen = {p.name for p in marker.parent.glob(f"{nonce[0]}-rank*.json")}
         missing = [r for r in range(world) if f"{nonce[0]}-rank{r}.json" not in seen]
         if missing:
-            report.problems.append(f"run directory {run_dir} is not shared: this host does not see the markers of rank(s) {missing}")
+            report.problems.append(
+                f"run directory {run_dir} is not shared: this host does not see the markers of rank(s) {missing}"
+            )
 
 
 def _wait(work, timeout: float) -> None:
@@ -251,7 +270,9 @@ def _verdict(reports: list[RankReport], world: int) -> int:
     """Rank 0: the per-rank table, cross-rank comparisons, and the verdict."""
     reference = reports[0].facts.get("versions", {})
     for report in reports[1:]:
-        differing = {k: (v, reference.get(k)) for k, v in report.facts.get("versions", {}).items() if reference.get(k) != v}
+        differing = {
+            k: (v, reference.get(k)) for k, v in report.facts.get("versions", {}).items() if reference.get(k) != v
+        }
         if differing:
             report.problems.append(f"versions differ from rank 0: {differing}")
     envs = [r.facts["env"] for r in reports]

@@ -16,12 +16,7 @@ from distvit.run.checkpoint import load_model, resolve_checkpoint
 
 
 def evaluate_checkpoint(
-    source: str,
-    data_path: str | None,
-    split: str,
-    weights: str,
-    global_batch: int,
-    mode: str = "auto",
+    source: str, data_path: str | None, split: str, weights: str, global_batch: int, mode: str = "auto"
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Evaluate a checkpoint (or a run directory's final one) on a dataset split, on every rank this
     process group has; returns the result and what was evaluated (for the report)."""

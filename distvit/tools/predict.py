@@ -30,10 +30,10 @@ import timm.data
 import torch
 from PIL import Image
 
-from distvit.run.checkpoint import load_model
 from distvit.data.images import resize_and_crop, to_rgb
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
+from distvit.run.checkpoint import load_model
 
 BATCH_SIZE = 64
 
@@ -61,7 +61,14 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             with Image.open(path) as image:
                 image.seek(0)
                 return np.array(to_rgb(image))  # a writable copy, independent of the file
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as err:
         raise DistvitError(f"image {path} cannot be decoded ({type(err).__name__}: {err}).") from None
 
 
@@ -83,7 +90,7 @@ def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 def _batches(paths: list[str], batch_size: int) -> Iterator[list[str]]:
     for start in range(0, len(paths), batch_size):
-        yield paths[start:start + batch_size]
+        yield paths[start : start + batch_size]
 
 
 def fit_to_size(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -244,6 +251,9 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 def predictions_to_json(predictions: Sequence[Prediction]) -> list[dict[str, Any]]:
     return [
-        {"path": pred.path, "top": [{"class": name, "index": index, "probability": prob} for name, index, prob in pred.top]}
+        {
+            "path": pred.path,
+            "top": [{"class": name, "index": index, "probability": prob} for name, index, prob in pred.top],
+        }
         for pred in predictions
     ]

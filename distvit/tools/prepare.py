@@ -24,7 +24,9 @@ def write_dataset(args: argparse.Namespace, name: str, write: Callable[[], objec
     except OSError as err:
         raise DistvitError(f"cannot read the source or write the dataset to --out {args.out}: {err}.") from None
     manifest = getattr(result, "manifest", result)
-    counts = ", ".join(f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items())
+    counts = ", ".join(
+        f"{split} {info.num_samples} ({len(info.shards)} shards)" for split, info in manifest.splits.items()
+    )
     size = f"{manifest.image_size[0]}x{manifest.image_size[1]} px" if manifest.image_size else "sizes kept as found"
     print(f"wrote {name} dataset to {args.out}: {counts}; {manifest.num_classes} classes, {size}")
     return result
@@ -40,20 +42,23 @@ def synthetic_command(args: argparse.Namespace) -> int:
             raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
     if args.image_size < 8:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
-    write_dataset(args, "synthetic", lambda: prepare_synthetic(
-        args.out, train_size=args.train_size, test_size=args.test_size, num_classes=args.num_classes,
-        image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
-    ))
+    sizes = {"train_size": args.train_size, "test_size": args.test_size, "image_size": args.image_size}
+    write_dataset(
+        args, "synthetic", lambda: prepare_synthetic(args.out, num_classes=args.num_classes, **sizes, **_order(args))
+    )
     return 0
+
+
+def _order(args: argparse.Namespace) -> dict[str, int]:
+    """The flags every importer shares: the seed of the write order and the shard size."""
+    return {"seed": args.seed, "samples_per_shard": args.samples_per_shard}
 
 
 def cifar10_command(args: argparse.Namespace) -> int:
     from distvit.data.cifar10 import prepare_cifar10
 
-    write_dataset(args, "CIFAR-10", lambda: prepare_cifar10(
-        args.out, source=args.source, skip_checksum=args.skip_checksum, seed=args.seed,
-        samples_per_shard=args.samples_per_shard,
-    ))
+    source = {"source": args.source, "skip_checksum": args.skip_checksum}
+    write_dataset(args, "CIFAR-10", lambda: prepare_cifar10(args.out, **source, **_order(args)))
     return 0
 
 
@@ -64,10 +69,9 @@ def imagefolder_command(args: argparse.Namespace) -> int:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
     if args.workers is not None and args.workers < 1:
         raise DistvitError(f"--workers must be at least 1, got {args.workers}.")
-    report = write_dataset(args, "image-folder", lambda: prepare_imagefolder(
-        args.source, args.out, val_fraction=args.val_fraction, image_size=args.image_size, strict=args.strict,
-        seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
-    ))
+    options = {"val_fraction": args.val_fraction, "image_size": args.image_size, "strict": args.strict}
+    write = lambda: prepare_imagefolder(args.source, args.out, **options, workers=args.workers, **_order(args))  # noqa: E731
+    report = write_dataset(args, "image-folder", write)
     for path, reason in report.skipped:
         printable = str(path).encode("utf-8", "backslashreplace").decode()  # undecodable file names too
         print(f"skipped {printable}: {reason}", file=sys.stderr)
