@@ -1,10 +1,12 @@
-"""Shared fixtures: small synthetic datasets."""
+"""Shared fixtures: small synthetic datasets, a 'pretrained' weights file, the demo run, a Slurm cluster."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 
 from distvit.data.synthetic import prepare_synthetic
 
@@ -29,7 +31,7 @@ def demo_dataset(tmp_path_factory) -> Path:
 def demo_run(demo_dataset, tmp_path_factory):
     """The README's main job (configs/demo.yaml on 2 gloo ranks, W&B offline), run once and shared:
     (run_dir, overrides, the launch result)."""
-    from helpers import accelerate_launch
+    from tests.support.helpers import accelerate_launch
 
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
     overrides = [f"data.path={demo_dataset}", f"run.dir={run_dir}", "tracking.mode=offline"]
@@ -44,7 +46,7 @@ def slurm_cluster():
     cannot run (not installed, not root), except under CI=true, where that is a failure."""
     import os
 
-    from slurm_cluster import LocalCluster, slurm_available
+    from tests.support.slurm_cluster import LocalCluster, slurm_available
 
     reason = slurm_available()
     if reason is not None:
@@ -57,3 +59,12 @@ def slurm_cluster():
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A 'pretrained' file saved from a randomly initialised model (no downloads)."""
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("w") / "deit_tiny.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224").state_dict(), path)
+    return path

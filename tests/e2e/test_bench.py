@@ -1,0 +1,153 @@
+"""`distvit bench data` runs all pipelines and prints sane numbers and ratios (not a timing assertion)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.helpers import REPO, accelerate_launch, run_cli, subprocess_env
+
+
+def test_bench_data_smoke(small_dataset, tmp_path):
+    result = run_cli(["bench", "data", "--data", str(small_dataset), "--steps", "3", "--warmup", "1",
+                      "--batch-size", "32", "--json", str(tmp_path / "bench.json")])
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names[0].startswith("lesson") and names[1].startswith("distvit memory") and names[2].startswith("distvit stream")
+    for r in report["results"]:
+        assert r["images_per_sec"] > 0 and r["batches"] == 3
+        assert abs(r["ratio_to_lesson"] - r["images_per_sec"] / report["results"][0]["images_per_sec"]) < 1e-9
+    assert "x lesson" in result.stdout and report["batch_size"] == 32
+
+
+def test_bench_data_bad_split_is_clear(small_dataset):
+    result = run_cli(["bench", "data", "--data", str(small_dataset), "--split", "nope"])
+    assert result.returncode == 2 and "Available splits: train, test" in result.stderr
+
+
+def test_bench_batch_larger_than_split_is_refused(small_dataset):
+    result = run_cli(["bench", "data", "--data", str(small_dataset), "--split", "test", "--batch-size", "200"])
+    assert result.returncode == 2 and "larger than split 'test' (101 images)" in result.stderr
+
+
+def _bench_train_json(tmp_path, name, *extra, data=None, launcher_processes=0):
+    args = ["bench", "train", "--config", "configs/demo.yaml", "--steps", "3", "--warmup", "2",
+            "--run-dir", str(tmp_path / f"run-{name}"), "--json", str(tmp_path / f"{name}.json"),
+            *extra, *([f"data.path={data}"] if data else [])]  # flags first: overrides are the trailing positionals
+    if launcher_processes:
+        result = accelerate_launch(launcher_processes, ["-m", "distvit.cli", *args], script=None)
+    else:
+        result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((tmp_path / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_bench_train_with_the_lesson_baseline_on_the_real_data_path(small_dataset, tmp_path):
+    """The smoke test of `distvit bench train --baseline lesson`: every number produced and sane."""
+    result, report = _bench_train_json(tmp_path, "p16", "--baseline", "lesson", "train.batch_size=32", data=small_dataset)
+    distvit, lesson = report["results"]
+    assert (distvit["name"], lesson["name"]) == ("distvit", "lesson") and report["world_size"] == 1
+    assert report["tokens_per_image"] == 5 and report["mixed_precision"] == "no"  # CPU: auto is fp32
+    # deit_tiny's 5.5M weights x 5 tokens x 2 (multiply-add) x 3 (forward + two backward matmuls)
+    assert 0.12 < report["train_gflops_per_image"] < 0.2, report["train_gflops_per_image"]
+    for m in (distvit, lesson):
+        assert m["steps"] == 3 and m["images_per_sec"] > 0 and m["peak_memory_bytes"] > 0
+        assert m["step_ms"] == pytest.approx(1000 * 32 / m["images_per_sec"], rel=1e-6)
+        assert sum(m["phase_fractions"].values()) == pytest.approx(1.0)  # CPU: the phases are the step
+        assert m["achieved_tflops"] == pytest.approx(m["images_per_sec"] * report["train_gflops_per_image"] / 1000)
+        assert 0 < m["peak_fraction"] < 1.5
+    assert lesson["ratio_to_lesson"] == 1.0
+    assert distvit["ratio_to_lesson"] == pytest.approx(distvit["images_per_sec"] / lesson["images_per_sec"])
+    assert "x lesson" in result.stdout and "process peak RSS" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_counts_patch4_tokens_and_flops(tmp_path):
+    _, p4 = _bench_train_json(tmp_path, "p4", "--synthetic", "64", "surgery.patch_size=4", "train.batch_size=16")
+    assert p4["tokens_per_image"] == 65 and p4["config"]["data"]["path"] == "data/synthetic-demo"
+    assert 1.8 < p4["train_gflops_per_image"] < 2.6  # ~13x the 5-token model: 64 patches + class token
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_train_on_two_ranks_reports_scaling(tmp_path):
+    _bench_train_json(tmp_path, "one", "--synthetic", "400", "train.batch_size=32")
+    result, two = _bench_train_json(tmp_path, "two", "--synthetic", "400", "train.batch_size=64",
+                                    "--scaling-reference", str(tmp_path / "one.json"), launcher_processes=2)
+    assert two["world_size"] == 2 and two["results"][0]["steps"] == 3
+    assert "scaling: 2 process(es)" in result.stdout and "efficiency" in result.stdout
+
+
+def test_bench_train_lesson_baseline_needs_one_process(tmp_path, monkeypatch, capsys):
+    from distvit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status = main(["bench", "train", "--config", "configs/demo.yaml", "--synthetic", "40", "--baseline", "lesson",
+                   "--run-dir", str(tmp_path / "r")])
+    assert status == 2 and "--baseline lesson compares with the lesson's single-process loop" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_fast_path_check_fails_when_the_fast_path_trains_differently(small_dataset, tmp_path):
+    """`--check` is a real comparison: bf16 on this CPU passes; a fast path whose lr is off fails."""
+    from distvit.tools.bench_train import check_fast_path
+    from distvit.config import load_config
+    from distvit.data.manifest import read_manifest
+    from distvit.engine.trainer import Trainer
+
+    from accelerate.state import AcceleratorState
+
+    def check(tamper, *overrides):
+        AcceleratorState._reset_state(True)  # another precision than earlier tests' Accelerators in this process
+        cfg = load_config(REPO / "configs/demo.yaml", [
+            f"data.path={small_dataset}", f"run.dir={tmp_path}", "tracking.backend=none", "train.batch_size=32",
+            "optim.warmup_epochs=0", *overrides,
+        ])
+        trainer = Trainer(cfg, read_manifest(small_dataset))
+        try:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] *= tamper
+            return check_fast_path(trainer, steps=4)
+        finally:
+            trainer.stops.close()
+            AcceleratorState._reset_state(True)
+
+    bf16 = check(1, "train.mixed_precision=bf16")
+    assert bf16["passed"] and 0 < bf16["logit_error"] < bf16["logit_tolerance"], bf16
+    assert 0 < bf16["update_error"] < bf16["update_tolerance"], bf16
+    too_fast = check(30)
+    assert not too_fast["passed"] and too_fast["loss_error"] > too_fast["loss_tolerance"], too_fast
+    no_update = check(1e-6)  # the losses barely move apart in 4 steps; the weights do
+    assert not no_update["passed"] and no_update["update_error"] > no_update["update_tolerance"], no_update
+
+
+BLOCK_OPTIONAL = "import sys\nfor name in ('pydantic', 'webdataset', 'wandb'):\n    sys.modules[name] = None\n"
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_with_only_torch_timm_accelerate(tmp_path):
+    """launch/gpu_check.py at tiny size, with pydantic, webdataset and wandb made unimportable."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_OPTIONAL)
+    env = {**subprocess_env(), "PYTHONPATH": str(blocker)}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "launch/gpu_check.py", str(out), "--quick"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "pydantic is not installed" in (out / "gpu_check.log").read_text()  # the blocker did block
+    cases = json.loads((out / "gpu_check.json").read_text())
+    assert [c["name"] for c in cases] == ["deit_tiny 224/p16", "deit_tiny 32/p4", "deit_tiny 32/p16", "deit_small 224/p16"]
+    assert all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in cases)
+    assert cases[0]["check"]["passed"] and cases[1]["tokens_per_image"] == 65
+    table = (out / "gpu_check.md").read_text()
+    assert table.count("| distvit |") == 4 and table.count("| lesson |") == 4 and "**PASS**" in table
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["gpu_check.json", "gpu_check.md", "gpu_check.log", "deit_tiny_224_p16.json", "deit_tiny_32_p4.json",
+         "deit_tiny_32_p16.json", "deit_small_224_p16.json"])

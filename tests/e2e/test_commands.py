@@ -1,0 +1,79 @@
+"""`distvit evaluate`, `predict` and `report` on the trained demo model (the README's main job)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distvit.data.manifest import read_manifest
+from distvit.data.memory import load_split
+from tests.support.helpers import accelerate_launch, run_cli
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.mark.distributed
+def test_evaluate_gives_identical_counts_on_one_and_two_ranks(demo_run, tmp_path):
+    run_dir = demo_run[0]
+    results = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"eval{ranks}.json"
+        # 333: not a multiple of anything here, so the last batch is padded and masked on 2 ranks (uneven)
+        result = accelerate_launch(ranks, ["-m", "distvit.cli", "evaluate", str(run_dir), "--batch-size", "334",
+                                           "--json", str(out)], script=None)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[ranks] = json.loads(out.read_text())
+        assert f"{ranks} process(es)" in result.stdout and "confusion matrix" in result.stdout
+    one, two = results[1], results[2]
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    for key in ("correct", "num_samples", "confusion", "per_class_accuracy"):
+        assert one[key] == two[key], key
+    assert one["num_samples"] == 1000 and sum(map(sum, one["confusion"])) == 1000
+    assert one["top5"] >= one["accuracy"]
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert abs(one["correct"] - final["correct"]) <= 2  # training evaluated in batches of 500 on 2 ranks
+
+
+def test_predict_names_the_right_classes(demo_run, demo_dataset, tmp_path):
+    run_dir = demo_run[0]
+    manifest = read_manifest(demo_dataset)
+    test = load_split(demo_dataset, manifest, "test")
+    paths, labels = [], []
+    for index in range(0, 1000, 50):  # 20 images across the classes, as PNG files a user would have
+        path = tmp_path / f"image{index}.png"
+        Image.fromarray(test.images[index].numpy()).resize((96, 96), Image.NEAREST).save(path)  # not the stored size
+        paths.append(str(path))
+        labels.append(manifest.classes[int(test.labels[index])])
+    result = run_cli(["predict", "--checkpoint", str(run_dir), "--top-k", "3", "--json", *paths])
+    assert result.returncode == 0, result.stderr[-2000:]
+    predictions = json.loads(result.stdout)
+    assert [p["path"] for p in predictions] == paths
+    top1 = [p["top"][0]["class"] for p in predictions]
+    assert np.mean([a == b for a, b in zip(top1, labels)]) >= 0.85, list(zip(top1, labels))
+    assert all(len(p["top"]) == 3 and p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predictions)
+
+
+def test_report_redraws_the_plots(demo_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(demo_run[0], run_dir, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    shutil.rmtree(run_dir / "plots")
+    result = run_cli(["report", str(run_dir)])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png", "loss.png", "lr.png"]
+    missing = run_cli(["report", str(tmp_path / "nothing")])
+    assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_evaluate_and_predict_errors_are_actionable(demo_run, tmp_path):
+    run_dir = demo_run[0]
+    no_ema = run_cli(["evaluate", str(run_dir), "--weights", "ema"])
+    assert no_ema.returncode == 2 and "ema.enabled=false" in no_ema.stderr
+    unfinished = run_cli(["evaluate", str(tmp_path)])
+    assert unfinished.returncode == 2 and "has no checkpoints/final.pt" in unfinished.stderr
+    both = run_cli(["predict", "--checkpoint", str(run_dir), "--model", "deit_tiny_patch16_224", "x.png"])
+    assert both.returncode == 2 and "either --checkpoint" in both.stderr

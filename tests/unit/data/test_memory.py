@@ -1,0 +1,43 @@
+"""distvit.data.memory: shards checked against the manifest before they are read into memory."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from distvit.data.manifest import read_manifest, sha256_file
+from distvit.data.memory import load_split
+from distvit.data.synthetic import prepare_synthetic
+from distvit.errors import DataError
+
+
+def test_incomplete_or_damaged_dataset_is_refused(tmp_path):
+    prepare_synthetic(tmp_path / "ds", train_size=60, test_size=20, samples_per_shard=25)
+    manifest = read_manifest(tmp_path / "ds")
+    shard = tmp_path / "ds" / "train-00001.tar"
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 512)
+    with pytest.raises(DataError, match="train-00001.tar: .* bytes, the manifest says"):
+        load_split(tmp_path / "ds", manifest, "train")
+    shard.unlink()
+    with pytest.raises(DataError, match="train-00001.tar: missing"):
+        load_split(tmp_path / "ds", manifest, "train")
+    with pytest.raises(DataError, match="has no split 'validation'. Available splits: train, test"):
+        load_split(tmp_path / "ds", manifest, "validation")
+    (tmp_path / "ds" / "manifest.json").unlink()
+    with pytest.raises(DataError, match="prepare` did not finish"):
+        read_manifest(tmp_path / "ds")
+
+
+def test_shard_with_wrong_sample_count_is_refused(tmp_path):
+    prepare_synthetic(tmp_path / "a", train_size=30, test_size=20, seed=0)
+    prepare_synthetic(tmp_path / "b", train_size=40, test_size=20, seed=0)
+    # same file name, other content: fix size and hash in the manifest to reach the count check
+    shard = tmp_path / "a" / "train-00000.tar"
+    shutil.copy(tmp_path / "b" / "train-00000.tar", shard)
+    manifest = read_manifest(tmp_path / "a")
+    manifest.splits["train"].shards[0].num_bytes = shard.stat().st_size
+    manifest.splits["train"].shards[0].sha256 = sha256_file(shard)
+    with pytest.raises(DataError, match="holds more samples than its manifest entry"):
+        load_split(tmp_path / "a", manifest, "train")

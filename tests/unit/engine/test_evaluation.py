@@ -1,0 +1,37 @@
+"""distvit.engine.evaluation: exact counts, top-5 and confusion matrix."""
+
+from __future__ import annotations
+
+import torch
+
+
+def test_evaluation_counts_top5_and_confusion():
+    from accelerate import Accelerator
+
+    from distvit.data.memory import SplitTensors
+    from distvit.data.loader import MemoryBatches
+    from distvit.data.transforms import BatchTransform
+    from distvit.engine.evaluation import evaluate_models
+
+    class Fixed(torch.nn.Module):
+        """Predicts class (mean pixel value * 10), then class 0, then the others in index order."""
+
+        def forward(self, x):
+            target = (x.mean(dim=(1, 2, 3)) * 10).round().long().clamp(0, 9)
+            logits = -0.01 * torch.arange(10.0).expand(x.shape[0], 10).clone()
+            logits[torch.arange(x.shape[0]), target] = 2.0
+            logits[:, 0] += 1.0
+            return logits
+
+    values = torch.tensor([0.1, 0.2, 0.2, 0.5, 0.9, 0.3, 0.0, 0.1])
+    images = (values.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 4, 4, 3).contiguous()
+    labels = torch.tensor([1, 2, 3, 5, 9, 4, 0, 8])
+    data = MemoryBatches(SplitTensors(images=images, labels=labels))
+    transform = BatchTransform((4, 4), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    result = evaluate_models({"m": Fixed()}, data, transform, 3, Accelerator(cpu=True), 10)["m"]
+    assert (result.correct, result.num_samples) == (5, 8)  # 3 -> 2, 4 -> 3 and 8 -> 1 are wrong
+    assert result.confusion[3][2] == 1 and result.confusion[4][3] == 1 and result.confusion[8][1] == 1
+    assert sum(map(sum, result.confusion)) == 8
+    assert result.top5_correct == 7  # 3 and 4 are in their top 5 ({2, 0, 1, 3, 4}, {3, 0, 1, 2, 4}), 8 is not
+    assert result.per_class_accuracy()[3] == 0.0 and result.per_class_accuracy()[9] == 1.0
+    assert result.per_class_accuracy()[6] is None

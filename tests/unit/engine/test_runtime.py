@@ -1,0 +1,133 @@
+"""distvit.engine.runtime: per-step seeds, CPU ranks, mixed precision, DDP options, peer failures, compile."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from distvit.config import Config, load_config
+from distvit.engine.runtime import (
+    compile_supported,
+    cpu_processes,
+    ddp_options,
+    is_peer_failure,
+    resolve_mixed_precision,
+    step_seed,
+)
+from tests.support.helpers import REPO
+
+
+def test_precision_auto_and_ddp_options(monkeypatch):
+    from distvit.engine.runtime import ddp_options, resolve_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
+    assert resolve_mixed_precision("auto") == "fp16" and resolve_mixed_precision("no") == "no"
+    every = load_config(REPO / "configs/demo.yaml", check_data=False)
+    assert ddp_options(every) == {"static_graph": True, "gradient_as_bucket_view": True}
+    accumulating = load_config(REPO / "configs/demo.yaml", ["train.grad_accum_steps=2"], check_data=False)
+    assert ddp_options(accumulating) == {"static_graph": False, "gradient_as_bucket_view": True}  # pytorch#143580
+    for frozen in ("surgery.freeze=backbone", "surgery.freeze=blocks:2", "surgery.freeze_embeddings=true"):
+        cfg = load_config(REPO / "configs/demo.yaml", [frozen], check_data=False)
+        assert ddp_options(cfg) == {"static_graph": False, "gradient_as_bucket_view": False}
+
+
+def no_gpu(monkeypatch, cuda: bool = False) -> None:
+    """Make this machine look like one without (or with) a CUDA GPU, and without an XPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+
+
+def test_step_seed_depends_on_each_argument_only():
+    seed = step_seed(0, 1, 64)
+    assert seed == step_seed(0, 1, 64) == 3958615999  # pinned: resumed runs must redraw the same augmentation
+    assert isinstance(seed, int) and 0 <= seed < 2**32
+    others = [step_seed(1, 1, 64), step_seed(0, 2, 64), step_seed(0, 1, 65), step_seed(0, 64, 1)]
+    assert len({seed, *others}) == 5
+
+
+def test_cpu_processes_needs_several_ranks_and_no_gpu(monkeypatch):
+    no_gpu(monkeypatch)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cpu_processes() is False
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cpu_processes() is False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cpu_processes() is True  # accelerate launch --multi_gpu on a CPU machine: gloo
+    no_gpu(monkeypatch, cuda=True)
+    assert cpu_processes() is False
+
+
+def test_resolve_mixed_precision(monkeypatch):
+    no_gpu(monkeypatch)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert [resolve_mixed_precision(s) for s in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]  # explicit: as given
+    assert resolve_mixed_precision("auto") == "no"  # CPU: fp32
+    for launcher in ("bf16", "fp16"):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+        assert resolve_mixed_precision("auto") == launcher and resolve_mixed_precision("no") == "no"
+    for ignored in ("no", "fp8"):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", ignored)
+        assert resolve_mixed_precision("auto") == "no"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    no_gpu(monkeypatch, cuda=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    assert resolve_mixed_precision("auto") == "bf16"  # Ampere and later: native bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    assert resolve_mixed_precision("auto") == "no"  # emulated bf16 is slow: fp32
+
+
+def test_ddp_options_follow_freezing_and_accumulation():
+    def options(freeze="none", embeddings=False, accumulate=1):
+        cfg = Config()
+        cfg.surgery.freeze, cfg.surgery.freeze_embeddings, cfg.train.grad_accum_steps = freeze, embeddings, accumulate
+        return ddp_options(cfg)
+
+    assert options() == {"static_graph": True, "gradient_as_bucket_view": True}
+    assert options(accumulate=4) == {"static_graph": False, "gradient_as_bucket_view": True}
+    for frozen in (options("backbone"), options("blocks:2", accumulate=2), options(embeddings=True)):
+        assert frozen == {"static_graph": False, "gradient_as_bucket_view": False}
+
+
+PEER_FAILURES = [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 300000ms for recv operation",
+    "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE) ran for 300000 ms",
+    "recvBytes: Connection reset by peer",
+    "NCCL communicator was aborted on rank 1.",
+    "Rank 1 failed to pass monitoredBarrier in 15000 ms",
+]
+NOT_PEER_FAILURES = [
+    "CUDA out of memory. Tried to allocate 20.00 MiB",
+    "timeout while writing /shared/run/checkpoints/step_00000010.pt",
+    "[Errno 110] Connection timed out",
+    "[Errno 111] Connection refused",
+    "the read operation timed out",
+]
+
+
+def test_is_peer_failure():
+    assert [is_peer_failure(RuntimeError(m)) for m in PEER_FAILURES] == [True] * len(PEER_FAILURES)
+    assert [is_peer_failure(RuntimeError(m)) for m in NOT_PEER_FAILURES] == [False] * len(NOT_PEER_FAILURES)
+    assert not any(is_peer_failure(TimeoutError(m)) for m in NOT_PEER_FAILURES)
+    assert is_peer_failure(dist.DistError("any message"))  # torch.distributed's own error types
+    assert is_peer_failure(dist.DistNetworkError("any message"))
+
+
+def test_compile_supported_says_why_not(monkeypatch):
+    import torch._dynamo
+
+    supported, reason = compile_supported()
+    assert isinstance(supported, bool) and isinstance(reason, str) and (reason == "") is supported
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    assert compile_supported() == (False, "torch.compile is not supported on this Python/platform")
+
+    def broken():
+        raise RuntimeError("no dynamo here")
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", broken)
+    assert compile_supported() == (False, "torch.compile is unavailable (RuntimeError: no dynamo here)")
