@@ -96,7 +96,7 @@ def test_bench_train_lesson_baseline_needs_one_process(tmp_path, monkeypatch, ca
 @pytest.mark.slow
 def test_fast_path_check_fails_when_the_fast_path_trains_differently(small_dataset, tmp_path):
     """`--check` is a real comparison: bf16 on this CPU passes; a fast path whose lr is off fails."""
-    from distvit.tools.bench_train import check_fast_path
+    from distvit.tools.fast_path import check_fast_path
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
     from distvit.engine.trainer import Trainer
@@ -111,7 +111,7 @@ def test_fast_path_check_fails_when_the_fast_path_trains_differently(small_datas
         ])
         trainer = Trainer(cfg, read_manifest(small_dataset))
         try:
-            for group in trainer.optimizer.param_groups:
+            for group in trainer.parts.optimizer.param_groups:
                 group["lr"] *= tamper
             return check_fast_path(trainer, steps=4)
         finally:

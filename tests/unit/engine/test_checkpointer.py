@@ -1,0 +1,103 @@
+"""distvit.engine.checkpointer: the checkpoint schema written and read in one place, when checkpoints are
+due, and which checkpoints a run refuses to resume from."""
+
+from __future__ import annotations
+
+import math
+import pytest
+import torch
+
+from distvit.engine.checkpointer import Resume, restore_payload, to_payload
+from distvit.engine.state import TrainState
+from distvit.errors import CheckpointError, RunFinished
+from distvit.run.checkpoint import load_checkpoint, save_checkpoint
+from tests.support.trainers import make_trainer
+
+def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
+    trainer = make_trainer(small_dataset, tmp_path / "a")
+    try:
+        trainer.train_epoch()  # moves weights, Adam moments, schedule, EMA and counters
+        trainer.state.best_score, trainer.state.last_eval = 0.25, {"accuracy": 0.25}
+        payload = to_payload(trainer.parts, trainer.state, trainer.checkpointer.identity, None,
+                             [{"cpu": torch.get_rng_state()}], "abc123")
+    finally:
+        trainer.stops.close()
+    assert payload["step"] == 4 and payload["epoch"] == 1 and payload["data"]["samples_in_epoch"] == 0
+    assert payload["data"]["global_batch"] == 50 and payload["tracker"] == {"wandb_run_id": "abc123"}
+    assert payload["ema_state"]["updates"] == 4 and payload["classes"] == trainer.classes
+    save_checkpoint(tmp_path / "c.pt", payload)
+    fresh = make_trainer(small_dataset, tmp_path / "b")
+    try:
+        expected_rng = torch.get_rng_state()
+        torch.manual_seed(123)  # restore must bring back the saved stream
+        state = TrainState()
+        restore_payload(load_checkpoint(tmp_path / "c.pt"), fresh.parts, state, fresh.accelerator, seed=0)
+        assert torch.equal(torch.get_rng_state(), payload["rng"][0]["cpu"]) and payload["rng"][0]["cpu"] is not expected_rng
+        assert (state.epoch, state.step, state.best_score, state.last_eval) == (1, 4, 0.25, {"accuracy": 0.25})
+        saved_model = load_checkpoint(tmp_path / "c.pt")["model"]
+        # the model's weights are loaded by build_parts before anything derives from them, not here
+        assert not all(torch.equal(v, saved_model[k]) for k, v in fresh.parts.model.state_dict().items())
+        for name, tensor in trainer.parts.ema.module.state_dict().items():
+            assert torch.equal(tensor, fresh.parts.ema.module.state_dict()[name])
+        assert fresh.parts.ema.updates == 4
+        assert fresh.parts.scheduler.last_epoch == trainer.parts.scheduler.last_epoch == 4
+        old, new = trainer.parts.optimizer.state_dict(), fresh.parts.optimizer.state_dict()
+        assert old["param_groups"] == new["param_groups"]
+        for index, moments in old["state"].items():
+            assert torch.equal(moments["exp_avg"], new["state"][index]["exp_avg"])
+    finally:
+        fresh.stops.close()
+
+
+def test_checkpoints_are_written_when_due(small_dataset, tmp_path):
+    trainer = make_trainer(small_dataset, tmp_path / "r", "checkpoint.every_steps=3", "checkpoint.every_epochs=2",
+                           "checkpoint.keep_last=0")
+    try:
+        directory, state = trainer.checkpointer.directory, trainer.state
+        written = lambda: sorted(p.name for p in directory.glob("*.pt"))  # noqa: E731
+        state.step, state.epoch = 2, 0
+        trainer.checkpointer.save_if_due(at_epoch_end=False)
+        assert written() == []
+        state.step = 3
+        trainer.checkpointer.save_if_due(at_epoch_end=False)
+        assert written() == ["step_00000003.pt"]
+        state.step, state.epoch = 4, 2  # an epoch's end that is due: named by the epoch
+        trainer.checkpointer.save_if_due(at_epoch_end=True)
+        assert written() == ["epoch_002.pt", "step_00000003.pt"]
+        trainer.checkpointer.save_if_best(0.5)
+        trainer.checkpointer.save_if_best(0.4)  # not better: best.pt keeps the 0.5 checkpoint
+        assert state.best_score == 0.5 and load_checkpoint(directory / "best.pt")["best_score"] == 0.5
+        assert (directory / "latest.json").read_text().count("best.pt") == 1
+        assert trainer.checkpointer.path_of(finished=True).name == "final.pt"
+        assert trainer.checkpointer.path_of(finished=False).name == "step_00000004.pt"
+    finally:
+        trainer.stops.close()
+
+
+def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
+    trainer = make_trainer(small_dataset, tmp_path / "r")
+    try:
+        trainer.state.step, trainer.state.epoch = 4, 1
+        trainer.checkpointer.save("step_00000004.pt")
+        record, identity = trainer.parts.record, trainer.checkpointer.identity
+    finally:
+        trainer.stops.close()
+    cfg = trainer.cfg.train
+    resume = Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "r")
+    assert resume and resume.step == 4 and resume.path.name == "step_00000004.pt"
+    assert resume.own_tracker() == {"wandb_run_id": None}
+    resume.check(record, identity, ema_enabled=True)  # its own run: accepted
+    elsewhere = Resume(type(cfg)(**{**cfg.__dict__, "resume": str(resume.path)}), tmp_path / "other")
+    assert elsewhere.own_tracker() is None  # another run's checkpoint seeds weights, not the W&B run
+    with pytest.raises(CheckpointError, match="with ema.enabled=False: the checkpoint was written with an EMA"):
+        resume.check(record, identity, ema_enabled=False)
+    with pytest.raises(CheckpointError, match="with train.seed=1, data.train_subset=0: it used seed 0"):
+        resume.check(record, type(identity)(**{**identity.__dict__, "seed": 1}), ema_enabled=True)
+    with pytest.raises(CheckpointError, match="another dataset or split"):
+        resume.check(record, type(identity)(**{**identity.__dict__, "manifest": "0" * 64}), ema_enabled=True)
+    with pytest.raises(RunFinished, match="already completed 1 of train.epochs=1 epochs"):
+        Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": 1}), tmp_path / "r").check(record, identity, True)
+    with pytest.warns(UserWarning, match="the lr schedule is re-planned in steps of the new batch"):
+        resume.check(record, type(identity)(**{**identity.__dict__, "global_batch": 100}), ema_enabled=True)
+    assert not Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "empty")
+    assert math.isinf(TrainState().best_score)
