@@ -12,12 +12,30 @@ from tests.support.helpers import REPO, accelerate_launch, run_cli, subprocess_e
 
 
 def test_bench_data_smoke(small_dataset, tmp_path):
-    result = run_cli(["bench", "data", "--data", str(small_dataset), "--steps", "3", "--warmup", "1",
-                      "--batch-size", "32", "--json", str(tmp_path / "bench.json")])
+    result = run_cli(
+        [
+            "bench",
+            "data",
+            "--data",
+            str(small_dataset),
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "32",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ]
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in report["results"]]
-    assert names[0].startswith("lesson") and names[1].startswith("distvit memory") and names[2].startswith("distvit stream")
+    assert (
+        names[0].startswith("lesson")
+        and names[1].startswith("distvit memory")
+        and names[2].startswith("distvit stream")
+    )
     for r in report["results"]:
         assert r["images_per_sec"] > 0 and r["batches"] == 3
         assert abs(r["ratio_to_lesson"] - r["images_per_sec"] / report["results"][0]["images_per_sec"]) < 1e-9
@@ -35,9 +53,22 @@ def test_bench_batch_larger_than_split_is_refused(small_dataset):
 
 
 def _bench_train_json(tmp_path, name, *extra, data=None, launcher_processes=0):
-    args = ["bench", "train", "--config", "configs/demo.yaml", "--steps", "3", "--warmup", "2",
-            "--run-dir", str(tmp_path / f"run-{name}"), "--json", str(tmp_path / f"{name}.json"),
-            *extra, *([f"data.path={data}"] if data else [])]  # flags first: overrides are the trailing positionals
+    args = [
+        "bench",
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--run-dir",
+        str(tmp_path / f"run-{name}"),
+        "--json",
+        str(tmp_path / f"{name}.json"),
+        *extra,
+        *([f"data.path={data}"] if data else []),
+    ]  # flags first: overrides are the trailing positionals
     if launcher_processes:
         result = accelerate_launch(launcher_processes, ["-m", "distvit.cli", *args], script=None)
     else:
@@ -49,7 +80,9 @@ def _bench_train_json(tmp_path, name, *extra, data=None, launcher_processes=0):
 @pytest.mark.slow
 def test_bench_train_with_the_lesson_baseline_on_the_real_data_path(small_dataset, tmp_path):
     """The smoke test of `distvit bench train --baseline lesson`: every number produced and sane."""
-    result, report = _bench_train_json(tmp_path, "p16", "--baseline", "lesson", "train.batch_size=32", data=small_dataset)
+    result, report = _bench_train_json(
+        tmp_path, "p16", "--baseline", "lesson", "train.batch_size=32", data=small_dataset
+    )
     distvit, lesson = report["results"]
     assert (distvit["name"], lesson["name"]) == ("distvit", "lesson") and report["world_size"] == 1
     assert report["tokens_per_image"] == 5 and report["mixed_precision"] == "no"  # CPU: auto is fp32
@@ -77,8 +110,16 @@ def test_bench_train_counts_patch4_tokens_and_flops(tmp_path):
 @pytest.mark.distributed
 def test_bench_train_on_two_ranks_reports_scaling(tmp_path):
     _bench_train_json(tmp_path, "one", "--synthetic", "400", "train.batch_size=32")
-    result, two = _bench_train_json(tmp_path, "two", "--synthetic", "400", "train.batch_size=64",
-                                    "--scaling-reference", str(tmp_path / "one.json"), launcher_processes=2)
+    result, two = _bench_train_json(
+        tmp_path,
+        "two",
+        "--synthetic",
+        "400",
+        "train.batch_size=64",
+        "--scaling-reference",
+        str(tmp_path / "one.json"),
+        launcher_processes=2,
+    )
     assert two["world_size"] == 2 and two["results"][0]["steps"] == 3
     assert "scaling: 2 process(es)" in result.stdout and "efficiency" in result.stdout
 
@@ -87,8 +128,20 @@ def test_bench_train_lesson_baseline_needs_one_process(tmp_path, monkeypatch, ca
     from distvit.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    status = main(["bench", "train", "--config", "configs/demo.yaml", "--synthetic", "40", "--baseline", "lesson",
-                   "--run-dir", str(tmp_path / "r")])
+    status = main(
+        [
+            "bench",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "--synthetic",
+            "40",
+            "--baseline",
+            "lesson",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert status == 2 and "--baseline lesson compares with the lesson's single-process loop" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -96,19 +149,26 @@ def test_bench_train_lesson_baseline_needs_one_process(tmp_path, monkeypatch, ca
 @pytest.mark.slow
 def test_fast_path_check_fails_when_the_fast_path_trains_differently(small_dataset, tmp_path):
     """`--check` is a real comparison: bf16 on this CPU passes; a fast path whose lr is off fails."""
-    from distvit.tools.fast_path import check_fast_path
+    from accelerate.state import AcceleratorState
+
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
     from distvit.engine.trainer import Trainer
-
-    from accelerate.state import AcceleratorState
+    from distvit.tools.fast_path import check_fast_path
 
     def check(tamper, *overrides):
         AcceleratorState._reset_state(True)  # another precision than earlier tests' Accelerators in this process
-        cfg = load_config(REPO / "configs/demo.yaml", [
-            f"data.path={small_dataset}", f"run.dir={tmp_path}", "tracking.backend=none", "train.batch_size=32",
-            "optim.warmup_epochs=0", *overrides,
-        ])
+        cfg = load_config(
+            REPO / "configs/demo.yaml",
+            [
+                f"data.path={small_dataset}",
+                f"run.dir={tmp_path}",
+                "tracking.backend=none",
+                "train.batch_size=32",
+                "optim.warmup_epochs=0",
+                *overrides,
+            ],
+        )
         trainer = Trainer(cfg, read_manifest(small_dataset))
         try:
             for group in trainer.parts.optimizer.param_groups:
@@ -138,16 +198,35 @@ def test_gpu_check_script_runs_with_only_torch_timm_accelerate(tmp_path):
     (blocker / "sitecustomize.py").write_text(BLOCK_OPTIONAL)
     env = {**subprocess_env(), "PYTHONPATH": str(blocker)}
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "launch/gpu_check.py", str(out), "--quick"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "launch/gpu_check.py", str(out), "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "pydantic is not installed" in (out / "gpu_check.log").read_text()  # the blocker did block
     cases = json.loads((out / "gpu_check.json").read_text())
-    assert [c["name"] for c in cases] == ["deit_tiny 224/p16", "deit_tiny 32/p4", "deit_tiny 32/p16", "deit_small 224/p16"]
+    assert [c["name"] for c in cases] == [
+        "deit_tiny 224/p16",
+        "deit_tiny 32/p4",
+        "deit_tiny 32/p16",
+        "deit_small 224/p16",
+    ]
     assert all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in cases)
     assert cases[0]["check"]["passed"] and cases[1]["tokens_per_image"] == 65
     table = (out / "gpu_check.md").read_text()
     assert table.count("| distvit |") == 4 and table.count("| lesson |") == 4 and "**PASS**" in table
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["gpu_check.json", "gpu_check.md", "gpu_check.log", "deit_tiny_224_p16.json", "deit_tiny_32_p4.json",
-         "deit_tiny_32_p16.json", "deit_small_224_p16.json"])
+        [
+            "gpu_check.json",
+            "gpu_check.md",
+            "gpu_check.log",
+            "deit_tiny_224_p16.json",
+            "deit_tiny_32_p4.json",
+            "deit_tiny_32_p16.json",
+            "deit_small_224_p16.json",
+        ]
+    )

@@ -22,8 +22,11 @@ def test_evaluate_gives_identical_counts_on_one_and_two_ranks(demo_run, tmp_path
     for ranks in (1, 2):
         out = tmp_path / f"eval{ranks}.json"
         # 333: not a multiple of anything here, so the last batch is padded and masked on 2 ranks (uneven)
-        result = accelerate_launch(ranks, ["-m", "distvit.cli", "evaluate", str(run_dir), "--batch-size", "334",
-                                           "--json", str(out)], script=None)
+        result = accelerate_launch(
+            ranks,
+            ["-m", "distvit.cli", "evaluate", str(run_dir), "--batch-size", "334", "--json", str(out)],
+            script=None,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         results[ranks] = json.loads(out.read_text())
         assert f"{ranks} process(es)" in result.stdout and "confusion matrix" in result.stdout
@@ -64,7 +67,12 @@ def test_report_redraws_the_plots(demo_run, tmp_path):
     shutil.rmtree(run_dir / "plots")
     result = run_cli(["report", str(run_dir)])
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["accuracy.png", "confusion.png", "loss.png", "lr.png"]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
+        "accuracy.png",
+        "confusion.png",
+        "loss.png",
+        "lr.png",
+    ]
     missing = run_cli(["report", str(tmp_path / "nothing")])
     assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr and "Traceback" not in missing.stderr
 

@@ -16,8 +16,14 @@ import yaml
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launch_until_logged, subprocess_env, worker_pids
 
-SCRIPTS = [REPO / "slurm" / "common.sh", REPO / "slurm" / "single_node.sbatch", REPO / "slurm" / "multi_node.sbatch",
-           *sorted((REPO / "launch").glob("*.sh")), REPO / ".ci" / "run", REPO / ".ci" / "install-slurm.sh"]
+SCRIPTS = [
+    REPO / "slurm" / "common.sh",
+    REPO / "slurm" / "single_node.sbatch",
+    REPO / "slurm" / "multi_node.sbatch",
+    *sorted((REPO / "launch").glob("*.sh")),
+    REPO / ".ci" / "run",
+    REPO / ".ci" / "install-slurm.sh",
+]
 
 
 def test_scripts_pass_bash_n_and_shellcheck():
@@ -41,9 +47,18 @@ def test_accelerate_config_files_are_valid():
 @pytest.mark.distributed
 def test_sigkill_of_one_rank_stops_the_other_and_a_restart_finishes(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.epochs=6",
-            "train.batch_size=32", "train.log_every=1", "checkpoint.every_steps=2", "train.timeout_s=30",
-            "tracking.backend=none"]
+    args = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        f"run.dir={run_dir}",
+        "train.epochs=6",
+        "train.batch_size=32",
+        "train.log_every=1",
+        "checkpoint.every_steps=2",
+        "train.timeout_s=30",
+        "tracking.backend=none",
+    ]
     process = launch_until_logged(2, args, run_dir, lines=4)
     workers = worker_pids(process.pid)
     killed_at = time.time()
@@ -63,8 +78,17 @@ def test_sigkill_of_one_rank_stops_the_other_and_a_restart_finishes(small_datase
 @pytest.mark.distributed
 def test_a_hung_rank_is_named_within_the_timeout(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.epochs=20",
-            "train.batch_size=32", "train.log_every=1", "train.timeout_s=15", "tracking.backend=none"]
+    args = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        f"run.dir={run_dir}",
+        "train.epochs=20",
+        "train.batch_size=32",
+        "train.log_every=1",
+        "train.timeout_s=15",
+        "tracking.backend=none",
+    ]
     process = launch_until_logged(2, args, run_dir)
     workers = worker_pids(process.pid)
     stopped_at = time.time()
@@ -82,7 +106,9 @@ def test_a_hung_rank_is_named_within_the_timeout(small_dataset, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_doctor_passes_on_two_local_ranks(tmp_path):
-    result = accelerate_launch(2, ["-m", "distvit.cli", "doctor", "--run-dir", str(tmp_path / "run")], script=None, timeout=180)
+    result = accelerate_launch(
+        2, ["-m", "distvit.cli", "doctor", "--run-dir", str(tmp_path / "run")], script=None, timeout=180
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "distvit doctor: 2 rank(s)" in result.stdout and "distvit doctor: all ranks OK" in result.stdout
     assert result.stdout.count(": OK") == 2 and "GB/s" in result.stdout
@@ -96,7 +122,9 @@ def test_doctor_passes_on_two_local_ranks(tmp_path):
 def test_doctor_reports_an_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run directory's parent should be")
-    result = accelerate_launch(2, ["-m", "distvit.cli", "doctor", "--run-dir", str(blocker / "run")], script=None, timeout=180)
+    result = accelerate_launch(
+        2, ["-m", "distvit.cli", "doctor", "--run-dir", str(blocker / "run")], script=None, timeout=180
+    )
     assert result.returncode != 0
     assert "FAILED on rank(s) [0, 1]" in result.stdout
     assert f"run directory {blocker / 'run'} is not writable" in result.stdout
@@ -107,16 +135,39 @@ def test_doctor_reports_a_wrong_rendezvous_address(tmp_path):
     processes = []
     for rank in (0, 1):
         env = {**subprocess_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "distvit.cli", "doctor", "--rendezvous", "10.255.255.1:29999", "--timeout", "5",
-             "--run-dir", str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distvit.cli",
+                    "doctor",
+                    "--rendezvous",
+                    "10.255.255.1:29999",
+                    "--timeout",
+                    "5",
+                    "--run-dir",
+                    str(tmp_path),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     start = time.time()
     outputs = [p.communicate(timeout=60)[0] for p in processes]
     assert all(p.returncode == 1 for p in processes)
     assert time.time() - start < 40
-    assert "rank 0 on" in outputs[0] and "MASTER_ADDR=10.255.255.1 (10.255.255.1) is not an address of rank 0's host" in outputs[0]
-    assert "rank 1 on" in outputs[1] and ("rendezvous at 10.255.255.1:29999 failed" in outputs[1]
-                                          or "cannot connect to the rendezvous 10.255.255.1:29999" in outputs[1])
+    assert (
+        "rank 0 on" in outputs[0]
+        and "MASTER_ADDR=10.255.255.1 (10.255.255.1) is not an address of rank 0's host" in outputs[0]
+    )
+    assert "rank 1 on" in outputs[1] and (
+        "rendezvous at 10.255.255.1:29999 failed" in outputs[1]
+        or "cannot connect to the rendezvous 10.255.255.1:29999" in outputs[1]
+    )
 
 
 @pytest.mark.slow
@@ -125,16 +176,31 @@ def test_slow_rank0_checkpoint_writes_do_not_trip_the_collective_timeout(small_d
     """Rank 0 needs 15 s per checkpoint write, train.timeout_s is 10: the other rank waits for it outside
     the training collectives, and the run finishes."""
     run_dir = tmp_path / "run"
-    result = accelerate_launch(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
-                                   "train.epochs=1", "train.batch_size=50", "checkpoint.every_steps=2", "checkpoint.keep_best=false",
-                                   "train.timeout_s=10", "tracking.backend=none"],
-                               script=REPO / "tests" / "support" / "scripts" / "slow_checkpoint.py", timeout=300)
+    result = accelerate_launch(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.epochs=1",
+            "train.batch_size=50",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_best=false",
+            "train.timeout_s=10",
+            "tracking.backend=none",
+        ],
+        script=REPO / "tests" / "support" / "scripts" / "slow_checkpoint.py",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_summary(run_dir)["steps"] == 4
 
 
 def test_fingerprint_check_catches_a_perturbed_rank(small_dataset):
-    result = accelerate_launch(2, [str(small_dataset)], script=REPO / "tests" / "support" / "scripts" / "perturbed_rank.py", timeout=300)
+    result = accelerate_launch(
+        2, [str(small_dataset)], script=REPO / "tests" / "support" / "scripts" / "perturbed_rank.py", timeout=300
+    )
     assert result.returncode != 0
     assert "rank(s) [1] disagree with rank 0" in result.stdout
     assert "rank 0: the model after surgery differs between ranks" in result.stdout  # rank 0 stops too

@@ -18,10 +18,22 @@ from tests.support.wandb_records import summarize
 pytestmark = [pytest.mark.slow]
 
 ALL_FEATURES = [
-    "train.epochs=2", "train.batch_size=32", "train.eval_batch_size=64", "train.log_every=2",
-    "ema.enabled=true", "data.mixup_alpha=0.8", "data.cutmix_alpha=1.0", "train.label_smoothing=0.1",
-    "optim.clip_grad_norm=1.0", "train.grad_accum_steps=2", "surgery.drop_path=0.1", "optim.fused=true",
-    "checkpoint.every_steps=4", "checkpoint.keep_last=1", "checkpoint.stop_check_every=5", "run.overwrite=false",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.log_every=2",
+    "ema.enabled=true",
+    "data.mixup_alpha=0.8",
+    "data.cutmix_alpha=1.0",
+    "train.label_smoothing=0.1",
+    "optim.clip_grad_norm=1.0",
+    "train.grad_accum_steps=2",
+    "surgery.drop_path=0.1",
+    "optim.fused=true",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=1",
+    "checkpoint.stop_check_every=5",
+    "run.overwrite=false",
 ]
 
 
@@ -37,7 +49,14 @@ def test_stop_file_then_exact_resume_on_one_rank(small_dataset, tmp_path):
     """Every training feature on; a STOP file stops the run at the first check (step 5, mid-epoch); the
     resumed run ends bit-equal to an uninterrupted one: weights, EMA and optimizer moments. W&B (offline)
     continues the same run id."""
-    common = ["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", *ALL_FEATURES, "tracking.mode=offline"]
+    common = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        *ALL_FEATURES,
+        "tracking.mode=offline",
+    ]
     full = tmp_path / "full"
     assert run_cli([*common, f"run.dir={full}"]).returncode == 0
     cut = tmp_path / "cut"
@@ -58,13 +77,27 @@ def test_stop_file_then_exact_resume_on_one_rank(small_dataset, tmp_path):
     assert_same_state(a, b)
 
     # keep_last=1: one periodic checkpoint (step 12) besides best and final
-    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["best.pt", "final.pt", "latest.json", "step_00000012.pt"]
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
+        "best.pt",
+        "final.pt",
+        "latest.json",
+        "step_00000012.pt",
+    ]
     summary = read_summary(full)
     best = load_checkpoint(full / "checkpoints" / "best.pt")
-    assert best["best_score"] == summary["best_score"] == max(r["ema_accuracy"] for r in read_metrics(full) if r["split"] == "test")
+    assert (
+        best["best_score"]
+        == summary["best_score"]
+        == max(r["ema_accuracy"] for r in read_metrics(full) if r["split"] == "test")
+    )
     assert summary["export"]["weights"] in ("model", "ema") and (full / "model.safetensors").is_file()
     assert sorted(p.name for p in (full / "plots").iterdir()) == [
-        "accuracy.png", "confusion.png", "confusion_ema.png", "loss.png", "lr.png"]
+        "accuracy.png",
+        "confusion.png",
+        "confusion_ema.png",
+        "loss.png",
+        "lr.png",
+    ]
 
     # W&B: one offline run directory per job, both with the run id kept in tracker.json and the checkpoint
     run_id = json.loads((cut / "tracker.json").read_text())["wandb_run_id"]
@@ -82,9 +115,18 @@ def test_stop_file_then_exact_resume_on_one_rank(small_dataset, tmp_path):
 
 @pytest.mark.distributed
 def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path):
-    common = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", "train.epochs=6", "train.batch_size=32",
-              "train.eval_batch_size=64", "train.log_every=1", "ema.enabled=true", "checkpoint.stop_check_every=2",
-              "tracking.backend=none"]
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "train.epochs=6",
+        "train.batch_size=32",
+        "train.eval_batch_size=64",
+        "train.log_every=1",
+        "ema.enabled=true",
+        "checkpoint.stop_check_every=2",
+        "tracking.backend=none",
+    ]
     full = tmp_path / "full"
     result = accelerate_launch(2, [*common, f"run.dir={full}"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,8 +151,15 @@ def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path)
 
 def test_resuming_a_finished_run_changes_nothing(small_dataset, tmp_path):
     """A requeued job whose run already finished: exit 0, a message, the run directory untouched."""
-    args = ["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/r",
-            "train.batch_size=50", "tracking.backend=none"]
+    args = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        f"run.dir={tmp_path}/r",
+        "train.batch_size=50",
+        "tracking.backend=none",
+    ]
     assert run_cli(args).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
     again = run_cli([*args, "train.resume=auto"])
@@ -122,9 +171,20 @@ def test_stop_request_wins_over_a_planned_stop_at_the_same_step(small_dataset, t
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     (run_dir / "STOP").touch()
-    result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
-                      "run.overwrite=false", "train.batch_size=20", "train.stop_at_step=5",
-                      "checkpoint.stop_check_every=5", "tracking.backend=none"])
+    result = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "run.overwrite=false",
+            "train.batch_size=20",
+            "train.stop_at_step=5",
+            "checkpoint.stop_check_every=5",
+            "tracking.backend=none",
+        ]
+    )
     assert result.returncode == 3 and "stopped after step 5 (STOP file)" in result.stdout
     assert not (run_dir / "STOP").exists()  # consumed: the resumed run does not stop again at once
 
@@ -135,14 +195,28 @@ def test_resume_mid_epoch_with_same_or_other_world_size(small_dataset, tmp_path,
     """Stop after step 10 (3 steps into epoch 2 of 7-step epochs) on 2 ranks, resume on `resume_world`:
     every sample of each epoch trained on exactly once, and the final weights match an uninterrupted
     2-rank run (measured: bit-equal for 2 -> 2, 7.5e-9 for 2 -> 1)."""
-    common = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", "data.trace_samples=true",
-              "train.epochs=2", "train.batch_size=32", "train.eval_batch_size=64", "optim.name=sgd", "optim.lr=0.05",
-              "train.mixed_precision=no", "tracking.backend=none"]
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "data.trace_samples=true",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "train.eval_batch_size=64",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "train.mixed_precision=no",
+        "tracking.backend=none",
+    ]
     launch_ok(2, [*common, f"run.dir={tmp_path}/full"])
     cut = tmp_path / "cut"
     launch_ok(2, [*common, f"run.dir={cut}", "train.stop_at_step=10"])
     assert not (cut / "summary.json").exists()
-    assert json.loads((cut / "checkpoints" / "latest.json").read_text()) == {"file": "step_00000010.pt", "step": 10, "epoch": 1}
+    assert json.loads((cut / "checkpoints" / "latest.json").read_text()) == {
+        "file": "step_00000010.pt",
+        "step": 10,
+        "epoch": 1,
+    }
     assert sorted(len(v) for v in trace_ids(cut).values()) == [3 * 32, 200]  # epoch 2 stopped after 3 steps
 
     result = launch_ok(resume_world, [*common, f"run.dir={cut}", "train.resume=auto"])
@@ -159,8 +233,15 @@ def test_resume_mid_epoch_with_same_or_other_world_size(small_dataset, tmp_path,
 
 @pytest.mark.distributed
 def test_resume_refuses_a_checkpoint_of_another_run(small_dataset, tmp_path):
-    base = ["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/r",
-            "train.batch_size=50", "tracking.backend=none"]
+    base = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        f"run.dir={tmp_path}/r",
+        "train.batch_size=50",
+        "tracking.backend=none",
+    ]
     assert run_cli([*base, "train.stop_at_step=2"]).returncode == 0
     before = {name: (tmp_path / "r" / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
     result = run_cli([*base, "train.resume=auto", "train.seed=1"])

@@ -23,8 +23,11 @@ def submit(cluster, script: str, options: list[str], args: list[str], env: dict[
     """sbatch from the repository root; the batch output goes to OUTPUTS/<job>.out (job ids restart with
     every test cluster, so a shared folder would mix sessions)."""
     OUTPUTS.mkdir(parents=True, exist_ok=True)
-    return cluster.sbatch([*options, f"--output={OUTPUTS}/%j.out", f"slurm/{script}", *args],
-                          cwd=REPO, env=cluster.env({**subprocess_env(), **(env or {})}))
+    return cluster.sbatch(
+        [*options, f"--output={OUTPUTS}/%j.out", f"slurm/{script}", *args],
+        cwd=REPO,
+        env=cluster.env({**subprocess_env(), **(env or {})}),
+    )
 
 
 def finished(cluster, job: str, timeout: float) -> dict[str, str]:
@@ -38,9 +41,18 @@ def finished(cluster, job: str, timeout: float) -> dict[str, str]:
 
 def test_single_node_script_runs_the_demo_with_two_processes(slurm_cluster, demo_dataset, tmp_path):
     run_dir = tmp_path / "single"
-    job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"],
-                 ["configs/demo.yaml", f"data.path={demo_dataset}", f"run.dir={run_dir}", "train.epochs=2",
-                  "tracking.backend=none"])
+    job = submit(
+        slurm_cluster,
+        "single_node.sbatch",
+        ["-N1", "--ntasks-per-node=2"],
+        [
+            "configs/demo.yaml",
+            f"data.path={demo_dataset}",
+            f"run.dir={run_dir}",
+            "train.epochs=2",
+            "tracking.backend=none",
+        ],
+    )
     finished(slurm_cluster, job, timeout=600)
     summary = read_summary(run_dir)
     assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
@@ -49,9 +61,19 @@ def test_single_node_script_runs_the_demo_with_two_processes(slurm_cluster, demo
 
 def test_multi_node_script_runs_two_nodes_by_one_process(slurm_cluster, small_dataset, tmp_path):
     run_dir = tmp_path / "multi"
-    job = submit(slurm_cluster, "multi_node.sbatch", ["-N2", "--ntasks-per-node=1"],
-                 ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.epochs=2",
-                  "train.batch_size=32", "tracking.backend=none"])
+    job = submit(
+        slurm_cluster,
+        "multi_node.sbatch",
+        ["-N2", "--ntasks-per-node=1"],
+        [
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "tracking.backend=none",
+        ],
+    )
     info = finished(slurm_cluster, job, timeout=600)
     assert info["NodeList"] in ("n[1-2]", "n1,n2")
     summary = read_summary(run_dir)
@@ -64,9 +86,17 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, smal
     """USR1 to the batch shell mid-run: the ranks checkpoint at one step, the job requeues itself, resumes
     and finishes; every sample of every epoch trained on once, no step lost or repeated, the weights
     bit-equal to an uninterrupted run, the same W&B run id."""
-    common = ["configs/demo.yaml", f"data.path={small_dataset}", "train.epochs=6", "train.batch_size=32",
-              "train.log_every=1", "checkpoint.stop_check_every=2", "data.trace_samples=true", "ema.enabled=true",
-              "tracking.mode=offline"]
+    common = [
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "train.epochs=6",
+        "train.batch_size=32",
+        "train.log_every=1",
+        "checkpoint.stop_check_every=2",
+        "data.trace_samples=true",
+        "ema.enabled=true",
+        "tracking.mode=offline",
+    ]
     run_dir = tmp_path / "preempted"
     job = submit(slurm_cluster, "multi_node.sbatch", ["-N2", "--ntasks-per-node=1"], [*common, f"run.dir={run_dir}"])
     wait_for_lines(run_dir / "metrics.jsonl", 4)
@@ -77,9 +107,13 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, smal
     train_steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert train_steps == list(range(1, 6 * 7 + 1))  # no step lost or logged twice
     for epoch in range(1, 7):
-        ids = [i for path in (run_dir / "trace").glob("rank*.jsonl")
-               for line in path.read_text().splitlines() if json.loads(line)["epoch"] == epoch
-               for i in json.loads(line)["ids"]]
+        ids = [
+            i
+            for path in (run_dir / "trace").glob("rank*.jsonl")
+            for line in path.read_text().splitlines()
+            if json.loads(line)["epoch"] == epoch
+            for i in json.loads(line)["ids"]
+        ]
         assert sorted(ids) == list(range(200)), f"epoch {epoch}"
 
     direct = accelerate_launch(2, ["--config", *common, f"run.dir={tmp_path}/direct", "tracking.backend=none"])
@@ -95,9 +129,26 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, smal
 def test_doctor_passes_on_two_slurm_nodes(slurm_cluster, tmp_path):
     port = 21000 + int(time.time()) % 5000
     result = slurm_cluster.run(
-        ["srun", "-N2", "-n2", "python3", "-m", "distvit.cli", "doctor", "--run-dir", str(tmp_path / "run"),
-         "--rendezvous", f"n1:{port}", "--timeout", "60"],
-        timeout=180, check=False, cwd=REPO, env=slurm_cluster.env(subprocess_env()))
+        [
+            "srun",
+            "-N2",
+            "-n2",
+            "python3",
+            "-m",
+            "distvit.cli",
+            "doctor",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--rendezvous",
+            f"n1:{port}",
+            "--timeout",
+            "60",
+        ],
+        timeout=180,
+        check=False,
+        cwd=REPO,
+        env=slurm_cluster.env(subprocess_env()),
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "distvit doctor: 2 rank(s)" in result.stdout and "all ranks OK" in result.stdout
 
@@ -107,9 +158,19 @@ def test_a_stop_file_stops_without_requeue(slurm_cluster, small_dataset, tmp_pat
     run_dir = tmp_path / "stopped"
     run_dir.mkdir()
     (run_dir / "STOP").touch()  # created before the job starts: still honoured (step 2, the first agreement)
-    job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"],
-                 ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
-                  "checkpoint.stop_check_every=2", "tracking.backend=none"])
+    job = submit(
+        slurm_cluster,
+        "single_node.sbatch",
+        ["-N1", "--ntasks-per-node=2"],
+        [
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.batch_size=32",
+            "checkpoint.stop_check_every=2",
+            "tracking.backend=none",
+        ],
+    )
     assert slurm_cluster.wait(job, timeout=300) == "FAILED"
     info = slurm_cluster.job_info(job)
     assert info["ExitCode"].startswith("3:") and int(info.get("Restarts", 0)) == 0
@@ -121,10 +182,21 @@ def test_a_stop_file_stops_without_requeue(slurm_cluster, small_dataset, tmp_pat
 def test_requeues_are_bounded(slurm_cluster, small_dataset, tmp_path):
     """DISTVIT_MAX_REQUEUES=0: the time-limit warning stops the run, which is then not requeued."""
     run_dir = tmp_path / "bounded"
-    job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"],
-                 ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
-                  "train.log_every=1", "checkpoint.stop_check_every=2", "tracking.backend=none"],
-                 env={"DISTVIT_MAX_REQUEUES": "0"})
+    job = submit(
+        slurm_cluster,
+        "single_node.sbatch",
+        ["-N1", "--ntasks-per-node=2"],
+        [
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.batch_size=32",
+            "train.log_every=1",
+            "checkpoint.stop_check_every=2",
+            "tracking.backend=none",
+        ],
+        env={"DISTVIT_MAX_REQUEUES": "0"},
+    )
     wait_for_lines(run_dir / "metrics.jsonl", 3)
     slurm_cluster.scancel(["--signal=USR1", "--batch", job])
     assert slurm_cluster.wait(job, timeout=300) == "FAILED"
@@ -140,8 +212,15 @@ def test_scancel_on_one_node_checkpoints_without_requeue(slurm_cluster, small_da
     agree on a step and checkpoint within Slurm's KillWait; the job is not requeued, and resubmitting
     continues from that checkpoint."""
     run_dir = tmp_path / "cancelled"
-    args = ["configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}", "train.batch_size=32",
-            "train.log_every=1", "checkpoint.stop_check_every=2", "tracking.backend=none"]
+    args = [
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        f"run.dir={run_dir}",
+        "train.batch_size=32",
+        "train.log_every=1",
+        "checkpoint.stop_check_every=2",
+        "tracking.backend=none",
+    ]
     job = submit(slurm_cluster, "single_node.sbatch", ["-N1", "--ntasks-per-node=2"], args)
     wait_for_lines(run_dir / "metrics.jsonl", 3)
     slurm_cluster.scancel([job])

@@ -30,8 +30,9 @@ def _wait_for(path: Path, timeout: float, cluster: LocalCluster, job_id: str) ->
 
 
 def test_srun_places_one_task_per_node(cluster):
-    out = cluster.run(["srun", "-N2", "-n2", "bash", "-c", "echo $SLURM_NODEID $SLURM_PROCID $SLURMD_NODENAME"],
-                      timeout=30).stdout
+    out = cluster.run(
+        ["srun", "-N2", "-n2", "bash", "-c", "echo $SLURM_NODEID $SLURM_PROCID $SLURMD_NODENAME"], timeout=30
+    ).stdout
     assert sorted(out.split("\n")[:-1]) == ["0 0 n1", "1 1 n2"], out
     # Two tasks on one node fit as well (CPUs=2 per node).
     out = cluster.run(["srun", "-N1", "-n2", "bash", "-c", "echo $SLURM_NODEID $SLURM_PROCID"], timeout=30).stdout
@@ -59,6 +60,7 @@ echo "$SLURM_RESTART_COUNT" > second_run
     assert (tmp_path / "second_run").read_text().strip() == "1"
     runs = [line.split()[1] for line in (tmp_path / "job.out").read_text().splitlines() if line.startswith("run ")]
     assert runs == ["restart=0", "restart=1"], (tmp_path / "job.out").read_text()
+
 
 def test_scancel_signal_reaches_batch_shell_trap(cluster, tmp_path):
     script = tmp_path / "trap.sh"

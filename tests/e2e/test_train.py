@@ -7,17 +7,16 @@ import math
 
 import pytest
 import torch
-
 from accelerate.utils import set_seed
 
-from distvit.run.checkpoint import load_checkpoint, load_model
 from distvit.config import load_config
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.data.transforms import BatchTransform
+from distvit.model.build import build_model
+from distvit.run.checkpoint import load_checkpoint, load_model
 from distvit.run.report import read_metrics_lines
 from distvit.run.rundir import read_summary
-from distvit.model.build import build_model
 from distvit.run.tracking import read_metrics
 from tests.support.helpers import REPO, accelerate_launch, launch_ok, run_cli, trace_ids
 from tests.support.wandb_records import summarize
@@ -26,6 +25,7 @@ from tests.support.wandb_records import summarize
 def build(cfg, num_classes):
     """build_model from a whole Config (its model and surgery sections)."""
     return build_model(cfg.model, cfg.surgery, num_classes)
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -59,7 +59,9 @@ def offline_accuracy(run_dir, dataset):
     data = load_split(dataset, read_manifest(dataset), "test")
     transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
     with torch.no_grad():
-        predictions = torch.cat([model(transform(data.images[i:i + 250])).argmax(1) for i in range(0, len(data), 250)])
+        predictions = torch.cat(
+            [model(transform(data.images[i : i + 250])).argmax(1) for i in range(0, len(data), 250)]
+        )
     return int((predictions == data.labels).sum()), payload
 
 
@@ -94,8 +96,17 @@ def test_demo_on_two_gloo_ranks_learns_and_checkpoints(demo_run, demo_dataset):
 
 def test_single_rank_same_config(demo_dataset, tmp_path):
     run_dir = tmp_path / "one"
-    launch_ok(1, ["--config", "configs/demo.yaml", f"data.path={demo_dataset}", f"run.dir={run_dir}",
-                  "train.epochs=2", "tracking.backend=none"])
+    launch_ok(
+        1,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={demo_dataset}",
+            f"run.dir={run_dir}",
+            "train.epochs=2",
+            "tracking.backend=none",
+        ],
+    )
     summary = read_summary(run_dir)
     assert summary["world_size"] == 1 and summary["steps"] == 2 * 79
     assert summary["final"]["num_samples"] == 1000
@@ -105,9 +116,20 @@ def test_single_rank_same_config(demo_dataset, tmp_path):
 
 def test_bf16_on_two_cpu_ranks_with_odd_eval_split(small_dataset, tmp_path):
     run_dir = tmp_path / "bf16"
-    launch_ok(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
-                  "train.mixed_precision=bf16", "train.epochs=2", "train.batch_size=32", "train.eval_batch_size=64",
-                  "tracking.backend=none"])
+    launch_ok(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.mixed_precision=bf16",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.eval_batch_size=64",
+            "tracking.backend=none",
+        ],
+    )
     summary = read_summary(run_dir)
     assert summary["mixed_precision"] == "bf16" and summary["compute_dtype"] == "bfloat16"
     # 101 test images over 2 ranks x 32: padded, masked, exact
@@ -116,13 +138,31 @@ def test_bf16_on_two_cpu_ranks_with_odd_eval_split(small_dataset, tmp_path):
 
 def test_three_ranks_count_every_sample_once(small_dataset, tmp_path):
     run_dir = tmp_path / "three"
-    launch_ok(3, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
-                  "train.epochs=2", "train.batch_size=48", "train.eval_batch_size=48", "train.eval_every=2",
-                  "train.log_every=2", "checkpoint.every_epochs=1", "tracking.backend=none"])
+    launch_ok(
+        3,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.epochs=2",
+            "train.batch_size=48",
+            "train.eval_batch_size=48",
+            "train.eval_every=2",
+            "train.log_every=2",
+            "checkpoint.every_epochs=1",
+            "tracking.backend=none",
+        ],
+    )
     summary = read_summary(run_dir)
     assert summary["world_size"] == 3 and summary["steps"] == 2 * 5  # ceil(200 / 48) per epoch
     check_metrics(run_dir, [2], eval_samples=101, steps_per_epoch=5, log_every=2, loss_falls=False)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "epoch_001.pt", "final.pt", "latest.json"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.pt",
+        "epoch_001.pt",
+        "final.pt",
+        "latest.json",
+    ]
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["file"] == "final.pt"
     assert load_checkpoint(run_dir / "checkpoints" / "epoch_001.pt")["step"] == 5
 
@@ -130,9 +170,20 @@ def test_three_ranks_count_every_sample_once(small_dataset, tmp_path):
 def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path):
     """Same global batch, fp32, no augmentation, SGD (not scale-invariant like Adam): the 2-rank run must
     match the 1-rank run, padded last step included. Measured difference: 1.2e-7 after 14 steps."""
-    common = ["--config", "configs/demo.yaml", f"data.path={small_dataset}", "optim.name=sgd", "optim.lr=0.05",
-              "optim.warmup_epochs=0", "data.augment=none", "train.epochs=2", "train.batch_size=32",
-              "train.eval_batch_size=64", "train.mixed_precision=no", "tracking.backend=none"]
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "optim.warmup_epochs=0",
+        "data.augment=none",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "train.eval_batch_size=64",
+        "train.mixed_precision=no",
+        "tracking.backend=none",
+    ]
     launch_ok(1, [*common, f"run.dir={tmp_path}/one"])
     launch_ok(2, [*common, f"run.dir={tmp_path}/two"])
     one = load_checkpoint(tmp_path / "one")["model"]
@@ -146,16 +197,28 @@ def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path):
 
 
 def test_distilled_deit_trains(small_dataset, tmp_path):
-    result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/d",
-                      "model.name=deit_tiny_distilled_patch16_224", "train.epochs=1", "train.batch_size=50",
-                      "tracking.backend=none"])
+    result = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={tmp_path}/d",
+            "model.name=deit_tiny_distilled_patch16_224",
+            "train.epochs=1",
+            "train.batch_size=50",
+            "tracking.backend=none",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(tmp_path / "d")
     assert summary["surgery"]["num_prefix_tokens"] == 2 and summary["final"]["num_samples"] == 101
 
 
 def test_bad_config_stops_every_rank_with_one_message(small_dataset):
-    result = accelerate_launch(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", "optim.lrr=1e-3"], timeout=180)
+    result = accelerate_launch(
+        2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", "optim.lrr=1e-3"], timeout=180
+    )
     assert result.returncode != 0
     assert result.stderr.count("distvit: error:") == 1
     assert "unknown config key 'optim.lrr' (did you mean optim.lr?)" in result.stderr
@@ -163,8 +226,18 @@ def test_bad_config_stops_every_rank_with_one_message(small_dataset):
 
 
 def test_global_batch_not_divisible_by_world_size(small_dataset, tmp_path):
-    result = accelerate_launch(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}",
-                                   f"run.dir={tmp_path}/r", "train.batch_size=33", "tracking.backend=none"], timeout=180)
+    result = accelerate_launch(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={tmp_path}/r",
+            "train.batch_size=33",
+            "tracking.backend=none",
+        ],
+        timeout=180,
+    )
     assert result.returncode != 0
     assert result.stderr.count("distvit: error:") == 1
     assert "must be divisible by the number of processes x grad_accum_steps (2 x 1)" in result.stderr
@@ -173,9 +246,22 @@ def test_global_batch_not_divisible_by_world_size(small_dataset, tmp_path):
 
 def test_stream_mode_with_loader_workers_on_two_ranks(small_dataset, tmp_path):
     run_dir = tmp_path / "stream"
-    launch_ok(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
-                  "data.mode=stream", "data.num_workers=2", "data.trace_samples=true", "train.epochs=2",
-                  "train.batch_size=32", "train.eval_batch_size=64", "tracking.backend=none"])
+    launch_ok(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "data.mode=stream",
+            "data.num_workers=2",
+            "data.trace_samples=true",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.eval_batch_size=64",
+            "tracking.backend=none",
+        ],
+    )
     for epoch, ids in trace_ids(run_dir).items():
         assert sorted(ids) == list(range(200)), f"epoch {epoch}"
     assert sorted(p.name for p in (run_dir / "trace").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
@@ -190,9 +276,21 @@ def test_bad_shard_skipped_identically_on_every_rank(tmp_path):
     prepare_synthetic(tmp_path / "ds", train_size=120, test_size=30, samples_per_shard=40)
     (tmp_path / "ds" / "train-00001.tar").unlink()
     run_dir = tmp_path / "run"
-    result = launch_ok(2, ["--config", "configs/demo.yaml", f"data.path={tmp_path}/ds", f"run.dir={run_dir}",
-                           "data.bad_shards=skip", "data.trace_samples=true", "train.epochs=1", "train.batch_size=16",
-                           "train.eval_batch_size=16", "tracking.backend=none"])
+    result = launch_ok(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={tmp_path}/ds",
+            f"run.dir={run_dir}",
+            "data.bad_shards=skip",
+            "data.trace_samples=true",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "train.eval_batch_size=16",
+            "tracking.backend=none",
+        ],
+    )
     assert "leaving out 1 bad shard(s)" in result.stdout and "train-00001.tar: missing" in result.stdout
     ids = trace_ids(run_dir)[1]
     assert sorted(ids) == list(range(80))  # the 80 samples of the two remaining shards, once each
@@ -202,12 +300,24 @@ def test_bad_shard_skipped_identically_on_every_rank(tmp_path):
 def test_frozen_backbone_under_ddp(small_dataset, tmp_path):
     """freeze=backbone on 2 ranks: DDP and the optimizer take only the head; the backbone stays as built."""
     run_dir = tmp_path / "frozen"
-    launch_ok(2, ["--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={run_dir}",
-                  "surgery.freeze=backbone", "train.epochs=1", "train.batch_size=32", "tracking.backend=none"])
+    launch_ok(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "surgery.freeze=backbone",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "tracking.backend=none",
+        ],
+    )
     trained = load_checkpoint(run_dir)
     set_seed(0)
-    initial = build(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}",
-                                                                 "surgery.freeze=backbone"]), 10)[0].state_dict()
+    initial = build(
+        load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}", "surgery.freeze=backbone"]), 10
+    )[0].state_dict()
     changed = sorted(k for k in initial if not torch.equal(initial[k], trained["model"][k]))
     assert changed == ["head.bias", "head.weight"]
     assert trained["surgery"]["trainable_params"] == 1930

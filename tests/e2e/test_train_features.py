@@ -22,11 +22,24 @@ def _head_only_run(data, run_dir, *overrides):
     from distvit.data.manifest import read_manifest
     from distvit.engine.trainer import run_training
 
-    cfg = load_config(REPO / "configs/demo.yaml", [
-        f"data.path={data}", f"run.dir={run_dir}", "surgery.freeze=backbone", "data.augment=none",
-        "train.epochs=2", "train.batch_size=32", "train.eval_batch_size=40", "train.mixed_precision=no",
-        "data.train_subset=150", "optim.lr=0.05", "ema.enabled=true", "tracking.backend=none", *overrides,
-    ])
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "surgery.freeze=backbone",
+            "data.augment=none",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.eval_batch_size=40",
+            "train.mixed_precision=no",
+            "data.train_subset=150",
+            "optim.lr=0.05",
+            "ema.enabled=true",
+            "tracking.backend=none",
+            *overrides,
+        ],
+    )
     return run_training(cfg, read_manifest(data))
 
 
@@ -50,15 +63,27 @@ def test_head_only_training_on_cached_features_gives_the_same_head(small_dataset
 
 
 def test_cache_features_true_names_what_prevents_it(small_dataset, tmp_path):
-    with pytest.raises(ConfigError, match=r"train.cache_features=true needs a head-only run, but: data.augment=crop_flip"):
+    with pytest.raises(
+        ConfigError, match=r"train.cache_features=true needs a head-only run, but: data.augment=crop_flip"
+    ):
         _head_only_run(small_dataset, tmp_path / "r", "train.cache_features=true", "data.augment=crop_flip")
 
 
 @pytest.mark.slow
 def test_gradient_accumulation_matches_the_whole_batch(small_dataset, tmp_path):
-    common = ["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", "optim.name=sgd", "optim.lr=0.05",
-              "data.augment=none", "train.epochs=1", "train.batch_size=32", "train.mixed_precision=no",
-              "tracking.backend=none"]
+    common = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "data.augment=none",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "train.mixed_precision=no",
+        "tracking.backend=none",
+    ]
     for accum in (1, 4):
         assert run_cli([*common, f"run.dir={tmp_path}/a{accum}", f"train.grad_accum_steps={accum}"]).returncode == 0
     one, four = load_checkpoint(tmp_path / "a1")["model"], load_checkpoint(tmp_path / "a4")["model"]
@@ -81,10 +106,24 @@ def test_distillation_follows_the_teacher(small_dataset, tmp_path):
     from distvit.data.manifest import read_manifest
 
     classes = list(read_manifest(small_dataset).classes)
-    save_checkpoint(tmp_path / "teacher.pt", {"model": teacher.state_dict(), "surgery": record.to_dict(), "classes": classes})
-    result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/s",
-                      "distill.type=soft", f"distill.teacher={tmp_path}/teacher.pt", "distill.alpha=1.0",
-                      "train.epochs=3", "train.batch_size=25", "tracking.backend=none"])
+    save_checkpoint(
+        tmp_path / "teacher.pt", {"model": teacher.state_dict(), "surgery": record.to_dict(), "classes": classes}
+    )
+    result = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={tmp_path}/s",
+            "distill.type=soft",
+            f"distill.teacher={tmp_path}/teacher.pt",
+            "distill.alpha=1.0",
+            "train.epochs=3",
+            "train.batch_size=25",
+            "tracking.backend=none",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distillation (soft)" in result.stdout
     confusion = json.loads((tmp_path / "s" / "eval" / "confusion.json").read_text())["model"]
@@ -97,9 +136,9 @@ def test_compile_failure_falls_back_to_eager(small_dataset, tmp_path, monkeypatc
     """torch.compile that fails at the first step: a warning, then the same training as without it."""
     import torch
 
-    from distvit.engine.trainer import run_training
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
+    from distvit.engine.trainer import run_training
 
     class Broken(torch.nn.Module):
         def __init__(self, module):
@@ -112,15 +151,26 @@ def test_compile_failure_falls_back_to_eager(small_dataset, tmp_path, monkeypatc
     monkeypatch.setattr(torch, "compile", lambda module: Broken(module))
     results = {}
     for compile_on in (True, False):
-        cfg = load_config(REPO / "configs/demo.yaml", [
-            f"data.path={small_dataset}", f"run.dir={tmp_path}/c{compile_on}", "train.epochs=1", "train.batch_size=50",
-            "tracking.backend=none", f"train.compile={str(compile_on).lower()}", "train.mixed_precision=no"])
+        cfg = load_config(
+            REPO / "configs/demo.yaml",
+            [
+                f"data.path={small_dataset}",
+                f"run.dir={tmp_path}/c{compile_on}",
+                "train.epochs=1",
+                "train.batch_size=50",
+                "tracking.backend=none",
+                f"train.compile={str(compile_on).lower()}",
+                "train.mixed_precision=no",
+            ],
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             run_training(cfg, read_manifest(small_dataset))
         results[compile_on] = (load_checkpoint(tmp_path / f"c{compile_on}")["model"], [str(w.message) for w in caught])
-    assert any("torch.compile failed (RuntimeError: backend compiler failed (test)); training without it on every rank" in m
-               for m in results[True][1])
+    assert any(
+        "torch.compile failed (RuntimeError: backend compiler failed (test)); training without it on every rank" in m
+        for m in results[True][1]
+    )
     assert not any("torch.compile" in m for m in results[False][1])
     a, b = results[True][0], results[False][0]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -134,14 +184,27 @@ def test_real_compile_matches_eager(small_dataset, tmp_path):
     # a constant factor give almost the same weights, and a compiled step with a wrong gradient scale would
     # pass. With SGD the update is proportional to the gradient: a wrong scale moves the weights by about
     # the update itself, far beyond the rounding tolerance below. No warmup: 4 steps at the full lr.
-    common = ["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", "train.epochs=1",
-              "train.batch_size=50", "tracking.backend=none", "train.mixed_precision=no", "data.augment=none",
-              "optim.name=sgd", "optim.lr=0.05", "optim.warmup_epochs=0"]
+    common = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "train.epochs=1",
+        "train.batch_size=50",
+        "tracking.backend=none",
+        "train.mixed_precision=no",
+        "data.augment=none",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "optim.warmup_epochs=0",
+    ]
     compiled = run_cli([*common, f"run.dir={tmp_path}/c", "train.compile=true"], timeout=600)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert "torch.compile (" in compiled.stdout and "training without it" not in compiled.stderr
     assert run_cli([*common, f"run.dir={tmp_path}/e"]).returncode == 0
-    assert read_summary(tmp_path / "c")["compile_seconds"] > 0 and read_summary(tmp_path / "e")["compile_seconds"] is None
+    assert (
+        read_summary(tmp_path / "c")["compile_seconds"] > 0 and read_summary(tmp_path / "e")["compile_seconds"] is None
+    )
     a, b = load_checkpoint(tmp_path / "c")["model"], load_checkpoint(tmp_path / "e")["model"]
     set_seed(0)  # the runs' initial weights (train.seed=0)
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}"])

@@ -21,16 +21,26 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def launcher_command(num_processes: int, args: list[str], script: Path | None = REPO / "distvit" / "train.py") -> list[str]:
+def launcher_command(
+    num_processes: int, args: list[str], script: Path | None = REPO / "distvit" / "train.py"
+) -> list[str]:
     """`accelerate launch` on CPU (2+ processes use gloo, MULTI_CPU); script None: args start with -m module."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(num_processes)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(num_processes),
+    ]
     launcher += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     launcher += ["--main_process_port", str(29500 + os.getpid() % 2000)] if num_processes > 1 else []
     return launcher + ([str(script)] if script else []) + list(args)
 
 
 def accelerate_launch(
-    num_processes: int, args: list[str], timeout: float = 600, script: Path | None = REPO / "distvit" / "train.py",
+    num_processes: int, args: list[str], timeout: float = 600, script: Path | None = REPO / "distvit" / "train.py"
 ) -> subprocess.CompletedProcess:
     """Run `launcher_command` to completion (distvit/train.py by default)."""
     command = launcher_command(num_processes, args, script)
@@ -39,8 +49,12 @@ def accelerate_launch(
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "distvit.cli", *args], cwd=REPO, env=subprocess_env(),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "distvit.cli", *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -57,8 +71,14 @@ def wait_for_lines(path: Path, lines: int, timeout: float = 300, process: subpro
 
 def launch_until_logged(num_processes: int, args: list[str], run_dir: Path, lines: int = 3) -> subprocess.Popen:
     """Start a training run with `launcher_command` and return once it has logged `lines` metrics lines."""
-    process = subprocess.Popen(launcher_command(num_processes, args), cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        launcher_command(num_processes, args),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_lines(run_dir / "metrics.jsonl", lines, process=process)
     except AssertionError:

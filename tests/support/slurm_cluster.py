@@ -33,10 +33,21 @@ from pathlib import Path
 DEFAULT_DIR = Path("/tmp/distvit-slurm")
 NODES = ("n1", "n2")
 # Job states after which a job never runs again (a requeued job passes through REQUEUED/PENDING).
-FINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
-})
+FINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
 DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 # Marks the environment of every daemon this module starts, so leftovers can be found in /proc.
@@ -80,7 +91,7 @@ def parse_scontrol(line: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, match in enumerate(keys):
         end = keys[i + 1].start() if i + 1 < len(keys) else len(line)
-        out[match.group(1)] = line[match.end():end].strip()
+        out[match.group(1)] = line[match.end() : end].strip()
     return out
 
 
@@ -139,9 +150,16 @@ class LocalCluster:
     queue(), log_tails().
     """
 
-    def __init__(self, directory: str | os.PathLike = DEFAULT_DIR, *, ctld_port: int = 16817,
-                 node_ports: tuple[int, int] = (17001, 17002), cpus_per_node: int = 2,
-                 cred_expire: int = 10, lock_timeout: float = 300.0):
+    def __init__(
+        self,
+        directory: str | os.PathLike = DEFAULT_DIR,
+        *,
+        ctld_port: int = 16817,
+        node_ports: tuple[int, int] = (17001, 17002),
+        cpus_per_node: int = 2,
+        cred_expire: int = 10,
+        lock_timeout: float = 300.0,
+    ):
         self.dir = Path(directory)
         self.conf = self.dir / "slurm.conf"
         self.nodes = NODES
@@ -173,8 +191,9 @@ class LocalCluster:
 
     def run(self, cmd: list[str], timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
         """Run a Slurm command against this cluster; returns the CompletedProcess (text)."""
-        result = subprocess.run(cmd, env=kw.pop("env", None) or self.env(), capture_output=True, text=True,
-                                timeout=timeout, **kw)
+        result = subprocess.run(
+            cmd, env=kw.pop("env", None) or self.env(), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and result.returncode != 0:
             raise SlurmError(f"{' '.join(map(str, cmd))} -> exit {result.returncode}\n{result.stdout}{result.stderr}")
         return result
@@ -205,8 +224,11 @@ class LocalCluster:
             self._start_munged()
             self._start_slurmctld(timeout)
             for node in self.nodes:
-                self._spawn("slurmd", [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)],
-                            self.dir / f"slurmd.{node}.out")
+                self._spawn(
+                    "slurmd",
+                    [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)],
+                    self.dir / f"slurmd.{node}.out",
+                )
             self._wait_nodes_idle(timeout)
         except BaseException:
             self.stop()
@@ -265,8 +287,9 @@ class LocalCluster:
     def job_state(self, job_id: str | int) -> str:
         return self.job_info(job_id)["JobState"]
 
-    def wait_state(self, job_id: str | int, states: set[str] | frozenset[str], timeout: float = 60.0,
-                   poll: float = 0.25) -> str:
+    def wait_state(
+        self, job_id: str | int, states: set[str] | frozenset[str], timeout: float = 60.0, poll: float = 0.25
+    ) -> str:
         """Poll until the job's state is in `states` (or final); returns it; TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
         while True:
@@ -274,8 +297,9 @@ class LocalCluster:
             if state in states or state in FINAL_STATES:
                 return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s: {self.job_info(job_id)}\n"
-                                   + self.log_tails())
+                raise TimeoutError(
+                    f"job {job_id} still {state} after {timeout:.0f} s: {self.job_info(job_id)}\n" + self.log_tails()
+                )
             time.sleep(poll)
 
     def wait(self, job_id: str | int, timeout: float = 60.0, poll: float = 0.25) -> str:
@@ -289,9 +313,13 @@ class LocalCluster:
         return [parse_scontrol(line) for line in out.splitlines() if "JobId=" in line]
 
     def log_tails(self, lines: int = 25) -> str:
-        files = [self.dir / "slurmctld.log", *(self.dir / f"slurmd.{n}.log" for n in self.nodes),
-                 self.dir / "slurmctld.out", *(self.dir / f"slurmd.{n}.out" for n in self.nodes),
-                 self.munge_dir / "munged.log"]
+        files = [
+            self.dir / "slurmctld.log",
+            *(self.dir / f"slurmd.{n}.log" for n in self.nodes),
+            self.dir / "slurmctld.out",
+            *(self.dir / f"slurmd.{n}.out" for n in self.nodes),
+            self.munge_dir / "munged.log",
+        ]
         return "\n".join(_tail(f, lines) for f in files if f.exists())
 
     # -- internals -----------------------------------------------------------------------------
@@ -310,8 +338,10 @@ class LocalCluster:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise SlurmError(f"another LocalCluster holds {self.dir}/.lock (a second test session?) "
-                                     f"for over {self.lock_timeout:.0f} s")
+                    raise SlurmError(
+                        f"another LocalCluster holds {self.dir}/.lock (a second test session?) "
+                        f"for over {self.lock_timeout:.0f} s"
+                    )
                 time.sleep(1)
         self._lock_fd = fd
 
@@ -339,7 +369,8 @@ class LocalCluster:
                 pass
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(
-                    _comm(pid) in ("slurmctld", "slurmd") for pid in _pids_with_env(f"{MARKER}={self.dir}")):
+                _comm(pid) in ("slurmctld", "slurmd") for pid in _pids_with_env(f"{MARKER}={self.dir}")
+            ):
                 self._reap()
                 time.sleep(0.2)
         for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -363,8 +394,12 @@ class LocalCluster:
     def _prepare_dirs(self) -> None:
         for name in ("state", "spool", "munge"):
             shutil.rmtree(self.dir / name, ignore_errors=True)
-        for name in ("slurmctld.log", "slurmctld.out", "slurmctld.pid",
-                     *(f"slurmd.{n}.{ext}" for n in self.nodes for ext in ("log", "out", "pid"))):
+        for name in (
+            "slurmctld.log",
+            "slurmctld.out",
+            "slurmctld.pid",
+            *(f"slurmd.{n}.{ext}" for n in self.nodes for ext in ("log", "out", "pid")),
+        ):
             (self.dir / name).unlink(missing_ok=True)
         (self.dir / "state").mkdir(mode=0o755)
         for node in self.nodes:
@@ -388,7 +423,8 @@ class LocalCluster:
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus_per_node} "
             f"RealMemory=1000 State=UNKNOWN"
-            for node, port in zip(self.nodes, self.node_ports))
+            for node, port in zip(self.nodes, self.node_ports)
+        )
         self.conf.write_text(f"""\
 # Written by tests/support/slurm_cluster.py; rewritten on every start.
 ClusterName=distvit-test
@@ -427,18 +463,30 @@ MessageTimeout=10
 InactiveLimit=0
 Waittime=0
 {node_lines}
-PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
 
     @staticmethod
     def _none_plugins() -> str:
         """No accounting: the */none plugin lines where this Slurm ships those plugins (newer releases
         dropped some; their default is none anyway)."""
-        dirs = [Path(p) for pattern in ("/usr/lib/*/slurm-wlm", "/usr/lib/*/slurm", "/usr/lib64/slurm",
-                                        "/usr/lib/slurm", "/usr/local/lib/slurm") for p in glob.glob(pattern)]
+        dirs = [
+            Path(p)
+            for pattern in (
+                "/usr/lib/*/slurm-wlm",
+                "/usr/lib/*/slurm",
+                "/usr/lib64/slurm",
+                "/usr/lib/slurm",
+                "/usr/local/lib/slurm",
+            )
+            for p in glob.glob(pattern)
+        ]
         lines = []
-        for key, plugin in (("AccountingStorageType", "accounting_storage/none"),
-                            ("JobAcctGatherType", "jobacct_gather/none"), ("JobCompType", "jobcomp/none")):
+        for key, plugin in (
+            ("AccountingStorageType", "accounting_storage/none"),
+            ("JobAcctGatherType", "jobacct_gather/none"),
+            ("JobCompType", "jobcomp/none"),
+        ):
             if any((d / (plugin.replace("/", "_") + ".so")).exists() for d in dirs):
                 lines.append(f"{key}={plugin}\n")
             else:
@@ -449,9 +497,16 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         if None in cmd:
             raise SlurmError(f"{name} not found")
         with open(out, "ab") as log:
-            proc = subprocess.Popen([str(c) for c in cmd], env=self._daemon_env(), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=self.dir, **kw)
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                env=self._daemon_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.dir,
+                **kw,
+            )
         self._procs.append(proc)
         return proc
 
@@ -460,12 +515,19 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         if not key.exists():
             key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        base = [_which("munged"), "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
-                f"--pid-file={self.munge_dir}/munged.pid", f"--log-file={self.munge_dir}/munged.log",
-                f"--seed-file={self.munge_dir}/munged.seed"]
+        base = [
+            _which("munged"),
+            "-F",
+            f"--socket={self.munge_socket}",
+            f"--key-file={key}",
+            f"--pid-file={self.munge_dir}/munged.pid",
+            f"--log-file={self.munge_dir}/munged.log",
+            f"--seed-file={self.munge_dir}/munged.seed",
+        ]
         attempts = []
         try:
             import pwd
+
             munge = pwd.getpwnam("munge")
             attempts.append(("munge", munge.pw_uid, munge.pw_gid))
         except (ImportError, KeyError):
@@ -487,8 +549,10 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             proc.kill()
             proc.wait()
             self._procs.remove(proc)
-            errors.append(f"as {user}: exit {proc.returncode}\n{_tail(self.munge_dir / 'munged.out')}\n"
-                          f"{_tail(self.munge_dir / 'munged.log')}")
+            errors.append(
+                f"as {user}: exit {proc.returncode}\n{_tail(self.munge_dir / 'munged.out')}\n"
+                f"{_tail(self.munge_dir / 'munged.log')}"
+            )
         raise SlurmError("munged did not start:\n" + "\n".join(errors))
 
     def _ctld_up(self) -> bool:
@@ -499,8 +563,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         return result.returncode == 0 and "is UP" in result.stdout
 
     def _start_slurmctld(self, timeout: float) -> None:
-        proc = self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)],
-                           self.dir / "slurmctld.out")
+        proc = self._spawn(
+            "slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], self.dir / "slurmctld.out"
+        )
         deadline = time.monotonic() + timeout
         while not self._ctld_up():
             if proc.poll() is not None:
@@ -527,15 +592,20 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
                 return
             dead = [p for p in self._procs if p.poll() is not None]
             if dead:
-                raise SlurmError(f"{' '.join(map(str, dead[0].args))} exited with {dead[0].returncode}; "
-                                 f"nodes {states}\n{self.log_tails()}")
+                raise SlurmError(
+                    f"{' '.join(map(str, dead[0].args))} exited with {dead[0].returncode}; "
+                    f"nodes {states}\n{self.log_tails()}"
+                )
             if time.monotonic() > deadline:
                 raise SlurmError(f"nodes not idle after {timeout:.0f} s: {states}\n{self.log_tails()}")
             time.sleep(0.25)
 
     def _healthy(self) -> bool:
-        return (self._ctld_up() and all(p.poll() is None for p in self._procs)
-                and all(s == "idle" or s.startswith(("mix", "alloc")) for s in self._node_states().values()))
+        return (
+            self._ctld_up()
+            and all(p.poll() is None for p in self._procs)
+            and all(s == "idle" or s.startswith(("mix", "alloc")) for s in self._node_states().values())
+        )
 
     def _cancel_all(self, timeout: float = 20.0) -> None:
         """Cancel every job and wait (KillWait=10 s) until none runs, so no job outlives the cluster."""

@@ -14,8 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 def make_trainer(dataset, run_dir, *overrides) -> Trainer:
     """configs/demo.yaml on `dataset`: 2 epochs of batch 50, EMA on, fp32, no tracking. Close its stop
     handlers (trainer.stops.close()) when done."""
-    cfg = load_config(REPO / "configs/demo.yaml", [
-        f"data.path={dataset}", f"run.dir={run_dir}", "tracking.backend=none", "train.epochs=2", "train.batch_size=50",
-        "ema.enabled=true", "train.mixed_precision=no", *overrides,
-    ])
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"data.path={dataset}",
+            f"run.dir={run_dir}",
+            "tracking.backend=none",
+            "train.epochs=2",
+            "train.batch_size=50",
+            "ema.enabled=true",
+            "train.mixed_precision=no",
+            *overrides,
+        ],
+    )
     return Trainer(cfg, read_manifest(dataset))

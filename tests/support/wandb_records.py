@@ -23,12 +23,12 @@ def read_records(path: Path) -> list[Any]:
         if room < _HEADER:  # block trailer padding
             pos += room
             continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + _HEADER])
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + _HEADER])
         pos += _HEADER
         if kind == 0:  # zero padding to the block end
             pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
             continue
-        chunk = raw[pos:pos + length]
+        chunk = raw[pos : pos + length]
         pos += length
         if kind == _FULL:
             records.append(chunk)
@@ -58,5 +58,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         elif kind == "config":
             out["config"] |= {item.key for item in record.config.update}
         elif kind == "history":
-            out["history"].append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+            out["history"].append(
+                {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            )
     return out

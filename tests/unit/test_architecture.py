@@ -1,6 +1,6 @@
 """The package's layers: every import (module level or inside a function) points down or sideways, never up.
 
-    errors, fileio  <  data  <  config  <  model  <  run  <  engine  <  tools  <  cli, train
+errors, fileio  <  data  <  config  <  model  <  run  <  engine  <  tools  <  cli, train
 """
 
 from __future__ import annotations

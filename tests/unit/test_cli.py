@@ -9,11 +9,22 @@ from tests.support.helpers import REPO, run_cli
 
 
 def test_config_command_prints_resolved_config(small_dataset, tmp_path):
-    result = run_cli(["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/r", "optim.lr=3e-4"])
+    result = run_cli(
+        [
+            "config",
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={tmp_path}/r",
+            "optim.lr=3e-4",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["optim"]["lr"] == 3e-4 and printed["data"]["path"] == str(small_dataset)
-    expected = load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}", f"run.dir={tmp_path}/r", "optim.lr=3e-4"])
+    expected = load_config(
+        REPO / "configs/demo.yaml", [f"data.path={small_dataset}", f"run.dir={tmp_path}/r", "optim.lr=3e-4"]
+    )
     assert printed == expected.to_dict()
 
 
@@ -34,7 +45,11 @@ def test_train_with_missing_data_is_clear_error(tmp_path):
 
 def test_wrong_split_and_existing_run_dir_are_clear_errors(small_dataset, tmp_path):
     result = run_cli(["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", "data.eval_split=val"])
-    assert result.returncode == 2 and "data.eval_split='val'" in result.stderr and "Available splits: train, test" in result.stderr
+    assert (
+        result.returncode == 2
+        and "data.eval_split='val'" in result.stderr
+        and "Available splits: train, test" in result.stderr
+    )
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("{}")
     args = ["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/run"]
@@ -44,8 +59,20 @@ def test_wrong_split_and_existing_run_dir_are_clear_errors(small_dataset, tmp_pa
 
 
 def test_prepare_synthetic_writes_dataset_and_validates_flags(tmp_path):
-    result = run_cli(["prepare", "synthetic", "--out", str(tmp_path / "ds"), "--train-size", "120", "--test-size", "30",
-                      "--samples-per-shard", "50"])
+    result = run_cli(
+        [
+            "prepare",
+            "synthetic",
+            "--out",
+            str(tmp_path / "ds"),
+            "--train-size",
+            "120",
+            "--test-size",
+            "30",
+            "--samples-per-shard",
+            "50",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert "train 120 (3 shards), test 30 (1 shards)" in result.stdout
     assert (tmp_path / "ds" / "manifest.json").is_file()
@@ -53,7 +80,10 @@ def test_prepare_synthetic_writes_dataset_and_validates_flags(tmp_path):
         (["--out", str(tmp_path / "x"), "--num-classes", "11"], "--num-classes must be between 2 and 10"),
         (["--out", str(tmp_path / "x"), "--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
         (["--out", str(tmp_path / "ds" / "manifest.json")], "is a file; pass a folder"),
-        (["--out", str(tmp_path / "ds" / "manifest.json" / "sub")], "cannot read the source or write the dataset to --out"),
+        (
+            ["--out", str(tmp_path / "ds" / "manifest.json" / "sub")],
+            "cannot read the source or write the dataset to --out",
+        ),
     ):
         result = run_cli(["prepare", "synthetic", *flags, "--train-size", "20", "--test-size", "10"])
         assert result.returncode == 2 and message in result.stderr, result.stderr

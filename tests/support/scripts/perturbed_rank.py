@@ -18,6 +18,7 @@ def build(cfg, num_classes):
     """build_model from a whole Config (its model and surgery sections)."""
     return build_model(cfg.model, cfg.surgery, num_classes)
 
+
 accelerator = Accelerator(cpu=True)
 set_seed(0)
 model, record = build(load_config(None, [f"data.path={sys.argv[1]}", "surgery.img_size=32"]), 10)

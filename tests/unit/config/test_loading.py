@@ -32,7 +32,9 @@ def test_every_shipped_config_loads(dataset_dir):
 
 def test_yaml_then_overrides_with_types(tmp_path, dataset_dir):
     path = write_config(tmp_path, {"data": {"path": str(dataset_dir)}, "optim": {"lr": 0.1}, "train": {"epochs": 3}})
-    cfg = load_config(path, ["optim.lr=3e-4", "train.mixed_precision=bf16", "model.pretrained=true", "surgery.img_size=64"])
+    cfg = load_config(
+        path, ["optim.lr=3e-4", "train.mixed_precision=bf16", "model.pretrained=true", "surgery.img_size=64"]
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 3
     assert cfg.train.mixed_precision == "bf16"
@@ -111,8 +113,16 @@ def test_yaml_1_1_booleans_stay_strings(tmp_path, dataset_dir):
 
 
 def test_yaml_1_2_numbers_and_text_keys(dataset_dir):
-    cfg = load_config(None, [f"data.path={dataset_dir}", "train.seed=010", "run.dir=2024-01-01", "tracking.project=123",
-                             "tracking.entity="])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={dataset_dir}",
+            "train.seed=010",
+            "run.dir=2024-01-01",
+            "tracking.project=123",
+            "tracking.entity=",
+        ],
+    )
     assert cfg.train.seed == 10  # decimal, not octal
     assert cfg.run.dir == "2024-01-01" and cfg.tracking.project == "123"  # text keys keep the typed text
     assert cfg.tracking.entity is None

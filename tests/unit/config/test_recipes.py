@@ -41,7 +41,12 @@ def test_recipe_builds_as_documented(path, cifar_shaped, tmp_path):
     img_size, patch_size, tokens, pos_embed, head_only = EXPECTED_GEOMETRY[path.stem]
     torch.manual_seed(0)
     model, record = build_model(cfg.model, cfg.surgery, 10)
-    assert (record.img_size, record.patch_size, record.tokens_per_image, record.pos_embed) == (img_size, patch_size, tokens, pos_embed)
+    assert (record.img_size, record.patch_size, record.tokens_per_image, record.pos_embed) == (
+        img_size,
+        patch_size,
+        tokens,
+        pos_embed,
+    )
     assert (record.trainable_params == 1930) == head_only  # 192 x 10 + 10: only the new head trains
     assert cfg.run.dir.endswith("run")
     if path.stem.startswith("lesson_"):  # the lesson's loop: SGD, fp32, no augmentation

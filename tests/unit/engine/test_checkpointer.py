@@ -4,6 +4,7 @@ due, and which checkpoints a run refuses to resume from."""
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 
@@ -13,13 +14,20 @@ from distvit.errors import CheckpointError, RunFinished
 from distvit.run.checkpoint import load_checkpoint, save_checkpoint
 from tests.support.trainers import make_trainer
 
+
 def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
     trainer = make_trainer(small_dataset, tmp_path / "a")
     try:
         trainer.train_epoch()  # moves weights, Adam moments, schedule, EMA and counters
         trainer.state.best_score, trainer.state.last_eval = 0.25, {"accuracy": 0.25}
-        payload = to_payload(trainer.parts, trainer.state, trainer.checkpointer.identity, None,
-                             [{"cpu": torch.get_rng_state()}], "abc123")
+        payload = to_payload(
+            trainer.parts,
+            trainer.state,
+            trainer.checkpointer.identity,
+            None,
+            [{"cpu": torch.get_rng_state()}],
+            "abc123",
+        )
     finally:
         trainer.stops.close()
     assert payload["step"] == 4 and payload["epoch"] == 1 and payload["data"]["samples_in_epoch"] == 0
@@ -32,7 +40,10 @@ def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
         torch.manual_seed(123)  # restore must bring back the saved stream
         state = TrainState()
         restore_payload(load_checkpoint(tmp_path / "c.pt"), fresh.parts, state, fresh.accelerator, seed=0)
-        assert torch.equal(torch.get_rng_state(), payload["rng"][0]["cpu"]) and payload["rng"][0]["cpu"] is not expected_rng
+        assert (
+            torch.equal(torch.get_rng_state(), payload["rng"][0]["cpu"])
+            and payload["rng"][0]["cpu"] is not expected_rng
+        )
         assert (state.epoch, state.step, state.best_score, state.last_eval) == (1, 4, 0.25, {"accuracy": 0.25})
         saved_model = load_checkpoint(tmp_path / "c.pt")["model"]
         # the model's weights are loaded by build_parts before anything derives from them, not here
@@ -50,8 +61,9 @@ def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
 
 
 def test_checkpoints_are_written_when_due(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", "checkpoint.every_steps=3", "checkpoint.every_epochs=2",
-                           "checkpoint.keep_last=0")
+    trainer = make_trainer(
+        small_dataset, tmp_path / "r", "checkpoint.every_steps=3", "checkpoint.every_epochs=2", "checkpoint.keep_last=0"
+    )
     try:
         directory, state = trainer.checkpointer.directory, trainer.state
         written = lambda: sorted(p.name for p in directory.glob("*.pt"))  # noqa: E731
@@ -96,7 +108,9 @@ def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
     with pytest.raises(CheckpointError, match="another dataset or split"):
         resume.check(record, type(identity)(**{**identity.__dict__, "manifest": "0" * 64}), ema_enabled=True)
     with pytest.raises(RunFinished, match="already completed 1 of train.epochs=1 epochs"):
-        Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": 1}), tmp_path / "r").check(record, identity, True)
+        Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": 1}), tmp_path / "r").check(
+            record, identity, True
+        )
     with pytest.warns(UserWarning, match="the lr schedule is re-planned in steps of the new batch"):
         resume.check(record, type(identity)(**{**identity.__dict__, "global_batch": 100}), ema_enabled=True)
     assert not Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "empty")

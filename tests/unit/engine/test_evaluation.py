@@ -8,8 +8,8 @@ import torch
 def test_evaluation_counts_top5_and_confusion():
     from accelerate import Accelerator
 
-    from distvit.data.memory import SplitTensors
     from distvit.data.loader import MemoryBatches
+    from distvit.data.memory import SplitTensors
     from distvit.data.transforms import BatchTransform
     from distvit.engine.evaluation import evaluate_models
 

@@ -21,7 +21,9 @@ def test_distillation_losses():
     assert distillation_loss(teacher, teacher, "soft", 3.0).abs().max() < 1e-5
     soft = distillation_loss(student, teacher, "soft", 2.0)
     # DeiT: KL summed, times tau^2, divided by batch x classes (here per sample: by the 10 classes)
-    manual = (F.softmax(teacher / 2, 1) * (F.log_softmax(teacher / 2, 1) - F.log_softmax(student / 2, 1))).sum(1) * 4 / 10
+    manual = (
+        (F.softmax(teacher / 2, 1) * (F.log_softmax(teacher / 2, 1) - F.log_softmax(student / 2, 1))).sum(1) * 4 / 10
+    )
     torch.testing.assert_close(soft, manual)
     hard = distillation_loss(student, teacher, "hard", 1.0)
     torch.testing.assert_close(hard, F.cross_entropy(student, teacher.argmax(1), reduction="none"))

@@ -15,7 +15,8 @@ from tests.support.models import surgery
 
 def test_step_schedule_warmup_and_lr_scaling():
     assert [lr_factor(s, 100, 10, "step", 0.0, (40, 70), 0.1) for s in (0, 9, 10, 39, 40, 69, 70, 99)] == pytest.approx(
-        [0.1, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+        [0.1, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    )
     cfg = OptimConfig(lr=1e-3, lr_scale="linear", lr_base_batch=512)
     assert lr_multiplier(cfg, 1024) == 2.0
     assert lr_multiplier(OptimConfig(lr_scale="sqrt", lr_base_batch=256), 1024) == 2.0
@@ -81,11 +82,14 @@ def test_lr_factor_step_milestones_and_constant():
     assert constant == pytest.approx([0.25, 1.0, 1.0, 1.0, 1.0])  # warmup, then the peak; min_factor unused
 
 
-@pytest.mark.parametrize("overrides, warmup, milestones", [
-    ({"schedule": "cosine", "min_lr": 0.01, "warmup_epochs": 0.5}, 2, ()),
-    ({"schedule": "step", "step_epochs": [0.5, 2.0], "step_gamma": 0.1}, 0, (2, 8)),
-    ({"schedule": "constant", "warmup_epochs": 1.0}, 4, ()),
-])
+@pytest.mark.parametrize(
+    "overrides, warmup, milestones",
+    [
+        ({"schedule": "cosine", "min_lr": 0.01, "warmup_epochs": 0.5}, 2, ()),
+        ({"schedule": "step", "step_epochs": [0.5, 2.0], "step_gamma": 0.1}, 0, (2, 8)),
+        ({"schedule": "constant", "warmup_epochs": 1.0}, 4, ()),
+    ],
+)
 def test_scheduler_follows_lr_factor_step_by_step(overrides, warmup, milestones):
     cfg = OptimConfig(lr=0.1, **overrides)
     model = torch.nn.Linear(4, 4)
@@ -120,8 +124,16 @@ def test_no_weight_decay_on_biases_norms_position_embedding_and_class_token(vit)
     decay_of = {name_of[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(decay_of) == len(name_of)  # each once
     undecayed = {n for n, d in decay_of.items() if d == 0.0}
-    assert {"pos_embed", "cls_token", "patch_embed.proj.bias", "blocks.0.norm1.weight", "blocks.0.norm1.bias",
-            "blocks.0.attn.qkv.bias", "norm.weight", "head.bias"} <= undecayed
+    assert {
+        "pos_embed",
+        "cls_token",
+        "patch_embed.proj.bias",
+        "blocks.0.norm1.weight",
+        "blocks.0.norm1.bias",
+        "blocks.0.attn.qkv.bias",
+        "norm.weight",
+        "head.bias",
+    } <= undecayed
     assert all(n.endswith(".bias") or "norm" in n or n in ("pos_embed", "cls_token") for n in undecayed)
     decayed = sorted(n for n, d in decay_of.items() if d == 0.05)
     assert decayed == sorted(n for n in name_of.values() if n.endswith(".weight") and "norm" not in n)
@@ -141,11 +153,15 @@ def test_sgd_or_adamw_with_their_settings(vit):
     sgd = build_optimizer(vit, OptimConfig(name="sgd", lr=0.05, momentum=0.8, weight_decay=1e-4))
     assert type(sgd) is torch.optim.SGD
     assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in sgd.param_groups] == [
-        (0.05, 0.8, 0.0), (0.05, 0.8, 1e-4)]
+        (0.05, 0.8, 0.0),
+        (0.05, 0.8, 1e-4),
+    ]
     adamw = build_optimizer(vit, OptimConfig(name="adamw", lr=3e-4, betas=(0.8, 0.95), weight_decay=0.1))
     assert type(adamw) is torch.optim.AdamW
     assert [(g["lr"], g["betas"], g["weight_decay"]) for g in adamw.param_groups] == [
-        (3e-4, (0.8, 0.95), 0.0), (3e-4, (0.8, 0.95), 0.1)]
+        (3e-4, (0.8, 0.95), 0.0),
+        (3e-4, (0.8, 0.95), 0.1),
+    ]
 
 
 def test_one_sgd_step_decays_weights_but_not_biases():

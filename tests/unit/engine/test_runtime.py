@@ -21,7 +21,9 @@ def test_precision_auto_and_ddp_options(monkeypatch):
     from distvit.engine.runtime import ddp_options, resolve_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    assert resolve_mixed_precision("auto") == (
+        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    )
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
     assert resolve_mixed_precision("auto") == "fp16" and resolve_mixed_precision("no") == "no"
     every = load_config(REPO / "configs/demo.yaml", check_data=False)

@@ -15,8 +15,9 @@ from distvit.errors import DataError
 
 def test_plan_subset_and_steps(small_dataset):
     data_cfg = DataConfig(path=str(small_dataset), mode="memory", train_subset=120)
-    sources = DataSources(data_cfg, TrainConfig(batch_size=50, seed=3), read_manifest(small_dataset),
-                          Accelerator(cpu=True), img_size=32)
+    sources = DataSources(
+        data_cfg, TrainConfig(batch_size=50, seed=3), read_manifest(small_dataset), Accelerator(cpu=True), img_size=32
+    )
     assert (sources.train_size, sources.num_train, sources.steps_per_epoch, len(sources.eval)) == (200, 120, 3, 101)
     order = sources.epoch_order(1)
     assert torch.equal(order, sources.subset[epoch_order(120, 3, 1)])
@@ -24,8 +25,13 @@ def test_plan_subset_and_steps(small_dataset):
     plan, local = sources.epoch_plan(1, start_sample=50)
     assert len(plan) == 2 and local == slice(0, 50)
     with pytest.raises(DataError, match="data.train_subset=300 exceeds the 200 training images"):
-        DataSources(DataConfig(path=str(small_dataset), train_subset=300), TrainConfig(), read_manifest(small_dataset),
-                    Accelerator(cpu=True), img_size=32)
+        DataSources(
+            DataConfig(path=str(small_dataset), train_subset=300),
+            TrainConfig(),
+            read_manifest(small_dataset),
+            Accelerator(cpu=True),
+            img_size=32,
+        )
 
 
 def test_bad_shards_stop_or_are_left_out(small_dataset):
@@ -35,7 +41,8 @@ def test_bad_shards_stop_or_are_left_out(small_dataset):
     assert agree_on_bad_shards(DataConfig(path=str(small_dataset)), manifest, {}, accelerator) is manifest
     with pytest.raises(DataError, match=shard):
         agree_on_bad_shards(DataConfig(path=str(small_dataset)), manifest, {shard: "truncated"}, accelerator)
-    kept = agree_on_bad_shards(DataConfig(path=str(small_dataset), bad_shards="skip"), manifest, {shard: "truncated"},
-                               accelerator)
+    kept = agree_on_bad_shards(
+        DataConfig(path=str(small_dataset), bad_shards="skip"), manifest, {shard: "truncated"}, accelerator
+    )
     assert shard not in [s.name for s in kept.splits["train"].shards]
     assert kept.splits["train"].num_samples == 200 - manifest.splits["train"].shards[0].num_samples

@@ -18,8 +18,10 @@ def test_inputs_depend_on_seed_epoch_and_position_only(small_dataset, tmp_path):
         assert torch.equal(x, again) and not torch.equal(x, other_epoch)
         assert soft is None and valid.all() and x.shape == (50, 3, 32, 32)
         # two ranks' halves of the same global batch get the same augmentation as one rank's whole batch
-        halves = [trainer.step.inputs(batch, images[s], labels[s], s, plan.global_batch, epoch=0)[0]
-                  for s in (slice(0, 25), slice(25, 50))]
+        halves = [
+            trainer.step.inputs(batch, images[s], labels[s], s, plan.global_batch, epoch=0)[0]
+            for s in (slice(0, 25), slice(25, 50))
+        ]
         assert torch.equal(torch.cat(halves), x)
     finally:
         trainer.stops.close()

@@ -112,8 +112,9 @@ def test_random_init_at_a_new_geometry_is_timms_own(small_dataset):
     set_seed(0)
     model, record = build_model(cfg.model, cfg.surgery, 10)
     set_seed(0)
-    reference = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
-                                  drop_path_rate=0.0)
+    reference = timm.create_model(
+        "deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8, drop_path_rate=0.0
+    )
     ours, theirs = model.state_dict(), reference.state_dict()
     assert list(ours) == list(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]

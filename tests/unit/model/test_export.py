@@ -12,14 +12,16 @@ from tests.support.helpers import REPO
 
 
 def test_exported_weights_load_with_timm_create_model(tmp_path):
-    from distvit.model.export import export_model
     from distvit.model.build import build_model
+    from distvit.model.export import export_model
 
     data = tmp_path / "ds"
     from distvit.data.synthetic import prepare_synthetic
 
     prepare_synthetic(data, train_size=20, test_size=10, samples_per_shard=64)
-    cfg = load_config(REPO / "configs/demo.yaml", [f"data.path={data}", "surgery.patch_size=4", "surgery.pos_embed=truncate"])
+    cfg = load_config(
+        REPO / "configs/demo.yaml", [f"data.path={data}", "surgery.patch_size=4", "surgery.pos_embed=truncate"]
+    )
     model, record = build_model(cfg.model, cfg.surgery, 10)
     with torch.no_grad():
         model.head.weight.normal_()  # not timm's init: the exported head must be the one loaded

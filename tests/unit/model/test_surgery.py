@@ -26,8 +26,12 @@ def test_identity_surgery_changes_nothing(small_dataset, weights, original):
 
 
 def test_truncate_is_the_lessons_manual_slice(small_dataset, weights, original):
-    model, record = surgery(small_dataset, weights, "surgery.img_size=32", "surgery.pos_embed=truncate", "surgery.head=keep")
-    lesson = timm.create_model("deit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(weights)}).eval()
+    model, record = surgery(
+        small_dataset, weights, "surgery.img_size=32", "surgery.pos_embed=truncate", "surgery.head=keep"
+    )
+    lesson = timm.create_model(
+        "deit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(weights)}
+    ).eval()
     lesson.patch_embed.img_size = (32, 32)  # the lesson's two manual steps
     lesson.pos_embed = torch.nn.Parameter(lesson.pos_embed[:, :5])
     assert torch.equal(model.pos_embed, lesson.pos_embed) and record.tokens_per_image == 5
@@ -58,8 +62,14 @@ def test_distilled_native_32_keeps_both_prefix_tokens(small_dataset, tmp_path):
     source = timm.create_model("deit_tiny_distilled_patch16_224")
     path = tmp_path / "distilled.pth"
     torch.save(source.state_dict(), path)
-    model, record = surgery(small_dataset, path, "model.name=deit_tiny_distilled_patch16_224", "surgery.img_size=32",
-                            "surgery.pos_embed=truncate", classes=10)
+    model, record = surgery(
+        small_dataset,
+        path,
+        "model.name=deit_tiny_distilled_patch16_224",
+        "surgery.img_size=32",
+        "surgery.pos_embed=truncate",
+        classes=10,
+    )
     assert record.num_prefix_tokens == 2 and record.tokens_per_image == 6
     assert torch.equal(model.pos_embed, source.pos_embed[:, :6])
     assert model.head.out_features == model.head_dist.out_features == 10
@@ -67,7 +77,9 @@ def test_distilled_native_32_keeps_both_prefix_tokens(small_dataset, tmp_path):
 
 
 def test_dynamic_resamples_per_input_size(small_dataset, weights, original):
-    model, record = surgery(small_dataset, weights, "surgery.img_size=64", "surgery.pos_embed=dynamic", "surgery.head=keep")
+    model, record = surgery(
+        small_dataset, weights, "surgery.img_size=64", "surgery.pos_embed=dynamic", "surgery.head=keep"
+    )
     assert model.pos_embed.shape == original.pos_embed.shape and record.grid_size == (4, 4)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == model(torch.randn(1, 3, 96, 96)).shape == (1, 1000)
@@ -80,8 +92,11 @@ def test_freeze_backbone_and_blocks(small_dataset, weights):
     optimizer = build_optimizer(model, load_config(None, [f"data.path={small_dataset}"]).optim)
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == 1930
     model, _ = surgery(small_dataset, weights, "surgery.freeze=blocks:2", classes=10)
-    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
-                 for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {"blocks.10", "blocks.11", "norm", "head"}
     model, _ = surgery(small_dataset, weights, "surgery.freeze_embeddings=true", classes=10)
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)

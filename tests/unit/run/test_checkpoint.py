@@ -62,7 +62,12 @@ def test_prune_keeps_the_newest_periodic_and_the_latest(tmp_path):
     deleted = prune_periodic(tmp_path, keep_last=2, step_of=step_of)
     assert sorted(p.name for p in deleted) == ["epoch_001.pt"]
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
-        "best.pt", "final.pt", "step_00000002.pt", "step_00000006.pt", "step_00000008.pt"]
+        "best.pt",
+        "final.pt",
+        "step_00000002.pt",
+        "step_00000006.pt",
+        "step_00000008.pt",
+    ]
     assert prune_periodic(tmp_path, keep_last=0, step_of=step_of) == []
 
 
@@ -81,7 +86,9 @@ def test_checkpoint_rebuilds_identical_model(small_dataset, tmp_path):
 def test_checkpoint_into_other_surgery_is_clear_error(small_dataset, tmp_path):
     model, record = build(config(small_dataset, "surgery.img_size=32"), 10)
     other = model_from_record(SurgeryRecord.from_dict({**record.to_dict(), "img_size": 64, "grid_size": (4, 4)}))
-    with pytest.raises(CheckpointError, match=r"different model .*pos_embed: checkpoint \(1, 5, 192\) vs model \(1, 17, 192\)"):
+    with pytest.raises(
+        CheckpointError, match=r"different model .*pos_embed: checkpoint \(1, 5, 192\) vs model \(1, 17, 192\)"
+    ):
         load_weights(other, model.state_dict(), record, source="ckpt")
 
 
@@ -99,8 +106,16 @@ def test_foreign_files_are_not_checkpoints(tmp_path):
 def test_save_and_load_round_trip(tmp_path, tiny):
     model, record = tiny
     state = model.state_dict()
-    payload = {"model": state, "step": 12, "epoch": 3, "surgery": record.to_dict(), "classes": ["a", "b"],
-               "rng": {"cpu": torch.get_rng_state()}, "metrics": {"accuracy": 0.5}, "ema": None}
+    payload = {
+        "model": state,
+        "step": 12,
+        "epoch": 3,
+        "surgery": record.to_dict(),
+        "classes": ["a", "b"],
+        "rng": {"cpu": torch.get_rng_state()},
+        "metrics": {"accuracy": 0.5},
+        "ema": None,
+    }
     path = save_checkpoint(tmp_path / "sub" / "c.pt", payload)
     assert path == tmp_path / "sub" / "c.pt"
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # folder created, no .tmp left
@@ -167,8 +182,9 @@ def test_latest_checkpoint_follows_latest_json(tmp_path):
     save_checkpoint(checkpoints / "step_00000004.pt", {"step": 4})
     with pytest.raises(CheckpointError) as err:  # a crash between writing a checkpoint and marking it
         latest_checkpoint(run)
-    assert str(err.value) == (f"{checkpoints} holds checkpoints but no latest.json; "
-                              f"pass train.resume=<one of them> explicitly.")
+    assert str(err.value) == (
+        f"{checkpoints} holds checkpoints but no latest.json; pass train.resume=<one of them> explicitly."
+    )
     mark_latest(checkpoints, "step_00000004.pt", step=4, epoch=1)
     assert json.loads((checkpoints / "latest.json").read_text()) == {"file": "step_00000004.pt", "step": 4, "epoch": 1}
     assert latest_checkpoint(run) == checkpoints / "step_00000004.pt"
@@ -180,14 +196,17 @@ def test_latest_checkpoint_follows_latest_json(tmp_path):
     (checkpoints / "step_00000008.pt").unlink()
     with pytest.raises(CheckpointError) as err:
         latest_checkpoint(run)
-    assert str(err.value) == (f"{checkpoints / 'latest.json'} names step_00000008.pt, which is missing; "
-                              f"point train.resume at a checkpoint file.")
+    assert str(err.value) == (
+        f"{checkpoints / 'latest.json'} names step_00000008.pt, which is missing; "
+        f"point train.resume at a checkpoint file."
+    )
     for damaged in ("{not json", "", "[1, 2]", '"step_00000004.pt"', '{"step": 4}', '{"file": 4}'):
         (checkpoints / "latest.json").write_text(damaged)
         with pytest.raises(CheckpointError) as err:
             latest_checkpoint(run)
         assert str(err.value) == (
-            f"{checkpoints / 'latest.json'} is damaged; point train.resume at a checkpoint file instead."), damaged
+            f"{checkpoints / 'latest.json'} is damaged; point train.resume at a checkpoint file instead."
+        ), damaged
 
 
 def test_resolve_checkpoint_of_a_run_directory(tmp_path):
@@ -258,7 +277,8 @@ def test_load_model_ema_weights_only_when_the_run_kept_them(tmp_path, tiny):
         with pytest.raises(CheckpointError) as err:
             load_model(path, weights="ema")
         assert str(err.value).startswith(
-            f"{path} holds no EMA weights: the run trained without EMA (ema.enabled=false).")
+            f"{path} holds no EMA weights: the run trained without EMA (ema.enabled=false)."
+        )
     with pytest.raises(CheckpointError) as err:
         load_model(without, weights="best")
     assert str(err.value) == "weights must be one of model, ema, got 'best'."

@@ -14,15 +14,30 @@ CLASSES = ["airplane", "cat", "dog"]
 
 
 def _train_line(step: int, loss: float | None) -> dict:
-    return {"split": "train", "epoch": step // 4, "step": step, "loss": loss, "lr": 1e-4 * (step + 1),
-            "images_per_sec": 512.0}
+    return {
+        "split": "train",
+        "epoch": step // 4,
+        "step": step,
+        "loss": loss,
+        "lr": 1e-4 * (step + 1),
+        "images_per_sec": 512.0,
+    }
 
 
 def _eval_line(epoch: int, step: int, accuracy: float) -> dict:
     return {
-        "split": "test", "epoch": epoch, "step": step, "accuracy": accuracy, "top5": 1.0, "loss": 1.0 - accuracy,
-        "num_samples": 30, "correct": int(accuracy * 30), "per_class_accuracy": [accuracy] * 3,
-        "ema_accuracy": accuracy + 0.02, "ema_top5": 1.0, "ema_loss": 0.9 - accuracy,
+        "split": "test",
+        "epoch": epoch,
+        "step": step,
+        "accuracy": accuracy,
+        "top5": 1.0,
+        "loss": 1.0 - accuracy,
+        "num_samples": 30,
+        "correct": int(accuracy * 30),
+        "per_class_accuracy": [accuracy] * 3,
+        "ema_accuracy": accuracy + 0.02,
+        "ema_top5": 1.0,
+        "ema_loss": 0.9 - accuracy,
         "ema_per_class_accuracy": [accuracy + 0.02] * 3,
     }
 
@@ -50,7 +65,10 @@ def full_run(tmp_path: Path) -> Path:
     _write_metrics(run_dir, records, tail='{"split": "train", "epoch": 2, "st')  # killed mid-write
     (run_dir / "eval").mkdir()
     confusion = {
-        "classes": CLASSES, "split": "test", "epoch": 1, "step": 8,
+        "classes": CLASSES,
+        "split": "test",
+        "epoch": 1,
+        "step": 8,
         "model": [[8, 1, 1], [2, 7, 1], [0, 3, 7]],
         "ema": [[9, 1, 0], [1, 8, 1], [0, 2, 8]],
     }

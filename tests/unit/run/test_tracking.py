@@ -84,8 +84,16 @@ def test_metrics_lines_are_strict_json_with_nan_and_inf_as_null(tmp_path):
     tracker.start(cfg, {"world_size": 1})
     assert not tracker.use_wandb and tracker.run_id is None and not (tmp_path / "tracker.json").exists()
     tracker.log({"split": "train", "epoch": 1, "step": 1, "loss": float("nan"), "lr": 1e-3, "grad_norm": float("inf")})
-    tracker.log({"split": "test", "epoch": 1, "step": 2, "loss": float("-inf"), "accuracy": 0.5,
-                 "per_class_accuracy": [1.0, None]})
+    tracker.log(
+        {
+            "split": "test",
+            "epoch": 1,
+            "step": 2,
+            "loss": float("-inf"),
+            "accuracy": 0.5,
+            "per_class_accuracy": [1.0, None],
+        }
+    )
     tracker.finish()
     expected = [
         {"split": "train", "epoch": 1, "step": 1, "loss": None, "lr": 1e-3, "grad_norm": None},

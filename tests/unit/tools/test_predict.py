@@ -11,7 +11,6 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import distvit.tools.predict as predict
-from distvit.run.checkpoint import save_checkpoint
 from distvit.config import load_config
 from distvit.data.images import resize_and_crop
 from distvit.data.manifest import read_manifest
@@ -19,8 +18,16 @@ from distvit.data.memory import load_split
 from distvit.data.synthetic import prepare_synthetic
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
-from distvit.tools.predict import Prediction, format_predictions, load_images, predict_checkpoint, predict_pretrained, predictions_to_json
 from distvit.model.build import build_model
+from distvit.run.checkpoint import save_checkpoint
+from distvit.tools.predict import (
+    Prediction,
+    format_predictions,
+    load_images,
+    predict_checkpoint,
+    predict_pretrained,
+    predictions_to_json,
+)
 from tests.support.helpers import REPO
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -36,8 +43,11 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model, record = build_model(cfg.model, cfg.surgery, 10)
     payload = {
-        "model": model.state_dict(), "surgery": record.to_dict(), "classes": CLASSES,
-        "data_image_size": [32, 32], "ema": None,
+        "model": model.state_dict(),
+        "surgery": record.to_dict(),
+        "classes": CLASSES,
+        "data_image_size": [32, 32],
+        "ema": None,
     }
     checkpoint = save_checkpoint(tmp / "ckpt.pt", payload)
     split = load_split(out, read_manifest(out), "test")
@@ -47,8 +57,16 @@ def trained(tmp_path_factory):
         paths.append(tmp / f"test_{i}.png")
         Image.fromarray(image.numpy()).save(paths[-1])
     transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
-    return dict(tmp=tmp, model=model.eval(), record=record, payload=payload, checkpoint=checkpoint,
-                images=images, paths=paths, transform=transform)
+    return dict(
+        tmp=tmp,
+        model=model.eval(),
+        record=record,
+        payload=payload,
+        checkpoint=checkpoint,
+        images=images,
+        paths=paths,
+        transform=transform,
+    )
 
 
 def _reference(model, inputs: torch.Tensor) -> torch.Tensor:
@@ -87,7 +105,9 @@ def test_checkpoint_resizes_other_sizes_like_prepare(trained):
     decoded = load_images([png, jpg])
     assert np.array_equal(decoded[0], array)
     preds = predict_checkpoint(trained["checkpoint"], [png, jpg, trained["paths"][0]], top_k=3)
-    batch = torch.from_numpy(np.stack([resize_and_crop(decoded[0], 32), resize_and_crop(decoded[1], 32), trained["images"][0].numpy()]))
+    batch = torch.from_numpy(
+        np.stack([resize_and_crop(decoded[0], 32), resize_and_crop(decoded[1], 32), trained["images"][0].numpy()])
+    )
     _check(preds, _reference(trained["model"], trained["transform"](batch)), CLASSES, 3)
 
 
