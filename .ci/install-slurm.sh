@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install a local Slurm (slurm-wlm: slurmctld + slurmd + client tools) and munge on a Debian/Ubuntu
-# machine, for the tests marked `slurm` (tests/slurm_cluster.py runs the cluster itself).
+# machine, for the tests marked `slurm` (tests/support/slurm_cluster.py runs the cluster itself).
 # Idempotent and non-interactive; skips in well under a second when everything is already installed.
 # Must run as root.
 set -euo pipefail
