@@ -9,6 +9,9 @@ A checkpoint (one `torch.save` file of plain containers, see distvit.run.checkpo
 
 `Checkpointer` writes it (`to_payload`) and decides when; `Resume` finds, checks and restores it
 (`restore_payload`). All ranks call both: saving gathers every rank's RNG state.
+
+Not Accelerate's `save_state`: it keeps no epoch/step/sample position and only logs a failed RNG restore,
+and exact mid-epoch resume on another world size needs both in the checkpoint.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 DeiT's 0.99996 averages over ~25k steps: longer than most fine-tunes, so the EMA would still be mostly
 the pretrained weights at the end (field notes: a short transfer fell from 70% to 25% with it). Here
 the default decay gives a time constant of `horizon` x the run's optimizer steps.
+
+Not timm's `ModelEmaV3`: its decay is fixed or warmed up, not sized to the run, and it averages frozen
+tensors too (ours leaves them, they cannot change).
 """
 
 from __future__ import annotations

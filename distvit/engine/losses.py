@@ -1,4 +1,7 @@
-"""Per-sample training losses: the engine masks padded samples and normalises by the global count."""
+"""Per-sample training losses: the engine masks padded samples and normalises by the global count.
+
+Not timm's `SoftTargetCrossEntropy`/`LabelSmoothingCrossEntropy`: they return the batch mean, and padded
+samples must be masked out per sample first."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ One decision (which kind, lambda, CutMix box) per step, drawn on the CPU from a 
 (seed, epoch, position): the same on every rank and again after a resume. Each sample is mixed with
 its mirror in the rank's batch (`x.flip(0)`), as timm does; so, unlike crop/flip, mixing depends on how
 the global batch is split over ranks.
+
+Not timm's `Mixup`: it draws from the global numpy/random state, so a resumed run would mix differently.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-optimizer-step schedule. Step it once per optimizer step on every rank (never prepare() it:
-    a prepared scheduler steps once per process)."""
+    a prepared scheduler steps once per process). A LambdaLR of `lr_factor`, not timm's schedulers: its
+    step count travels in the checkpoint, where timm's step-based ones must be fed the update count."""
     total = steps_per_epoch * epochs
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     min_factor = cfg.min_lr / cfg.lr

@@ -46,12 +46,12 @@ class RunOutputs:
         if cfg.optim.lr_scale != "none":
             scaled = f" (optim.lr {cfg.optim.lr:g} x {self.parts.lr_multiplier:.4g}, lr_scale={cfg.optim.lr_scale})"
         extras = describe_parts(self.parts, cfg, ddp_static_graph)
-        subset = f" (subset of {sources.num_train})" if sources.subset is not None else ""
+        subset = f" (subset of {sources.train_size})" if sources.subset is not None else ""
         return (
             f"distvit: {accelerator.num_processes} process(es) on {accelerator.distributed_type.value} "
             f"({accelerator.device.type}), mixed precision {accelerator.mixed_precision}; {record.model_name} at "
             f"{record.img_size}px/patch {record.patch_size} ({record.tokens_per_image} tokens, "
-            f"{record.trainable_params:,} trainable params); {sources.train_size} train{subset} / "
+            f"{record.trainable_params:,} trainable params); {sources.num_train} train{subset} / "
             f"{len(sources.eval)} {cfg.data.eval_split} images, {sources.steps_per_epoch} steps/epoch of "
             f"{cfg.train.batch_size}; effective peak lr {self.effective_lr():.4g}{scaled}"
             + (f"; {', '.join(extras)}" if extras else "")

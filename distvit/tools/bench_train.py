@@ -343,8 +343,10 @@ def scaling_line(bench: TrainBench, reference_path: str | Path) -> str:
     over per-process images/s there (1.0: perfect linear scaling)."""
     try:
         reference = json.loads(Path(reference_path).read_text())
-        ref_rate, ref_world = reference["results"][0]["images_per_sec"], reference["world_size"]
-    except (OSError, ValueError, KeyError, IndexError) as err:
+        ref_rate, ref_world = float(reference["results"][0]["images_per_sec"]), int(reference["world_size"])
+        if ref_rate <= 0 or ref_world <= 0:
+            raise ValueError(f"images_per_sec {ref_rate} and world_size {ref_world} must be positive")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         raise DataError(
             f"--scaling-reference {reference_path}: not a `distvit bench train --json` result ({err})."
         ) from None

@@ -50,7 +50,6 @@ def test_start_line_with_lr_scaling_and_a_subset(small_dataset, tmp_path):
     assert trainer.outputs.effective_lr() == pytest.approx(1e-3 * 50 / 512)
 
 
-@pytest.mark.xfail(strict=True, reason="start_line says '200 train (subset of 120)': the two counts are swapped")
 def test_start_line_names_the_subset_of_the_split(small_dataset, tmp_path):
     trainer = make_trainer(small_dataset, tmp_path / "r", "data.train_subset=120")
     try:

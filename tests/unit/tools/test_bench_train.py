@@ -146,7 +146,6 @@ def test_a_bad_reference_is_a_data_error(tmp_path, content, detail):
     assert detail in message
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="a JSON list (not an object) escapes as TypeError")
 def test_a_json_list_as_reference_is_a_data_error(tmp_path):
     path = tmp_path / "ref.json"
     path.write_text("[]")
