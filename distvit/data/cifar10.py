@@ -98,7 +98,9 @@ def _read_archive(archive: Path) -> dict[str, bytes]:
         raise DataError(f"{archive} is not a readable tar.gz archive ({err}).") from None
     missing = sorted(set(FILE_MD5) - set(files))
     if missing:
-        raise DataError(f"{archive} lacks {', '.join(f'{FOLDER}/{m}' for m in missing)}: not a CIFAR-10 python archive.")
+        raise DataError(
+            f"{archive} lacks {', '.join(f'{FOLDER}/{m}' for m in missing)}: not a CIFAR-10 python archive."
+        )
     return files
 
 
@@ -129,7 +131,10 @@ def _resolve_source(source: str | None, out_dir: Path, verify: bool) -> tuple[di
         path = Path(source).expanduser()
         if path.is_dir():
             folder = path / FOLDER if (path / FOLDER).is_dir() else path
-            return _read_folder(folder, verify), {"folder": str(folder.resolve()), "checksum": "per-file md5" if verify else "skipped"}
+            return _read_folder(folder, verify), {
+                "folder": str(folder.resolve()),
+                "checksum": "per-file md5" if verify else "skipped",
+            }
         if not path.is_file():
             raise DataError(f"--source {source} does not exist (expected {ARCHIVE_NAME}, a URL or a {FOLDER}/ folder).")
         archive, origin = path, {"archive": str(path.resolve())}

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from distvit.data.manifest import Manifest
 from distvit.data.images import resize_and_crop, to_rgb
+from distvit.data.manifest import Manifest
 from distvit.data.writer import EncodedImage, encode_png, write_dataset
 from distvit.errors import DataError
 
@@ -75,7 +75,10 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
         classes = [p.name for p in _class_folders(source)]
         roots = {"all": source}
     if not classes:
-        raise DataError(f"{source} has no class folders: expected {source}/<class_name>/<image> (or train/ and val/ with class folders).")
+        raise DataError(
+            f"{source} has no class folders: expected {source}/<class_name>/<image> "
+            "(or train/ and val/ with class folders)."
+        )
     if len(classes) == 1:
         raise DataError(f"{source} has a single class ({classes[0]}): classification needs at least two class folders.")
     ignored: list[Path] = []
@@ -84,7 +87,9 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
         present = [p.name for p in _class_folders(root)]
         unknown = sorted(set(present) - set(classes))
         if unknown:
-            raise DataError(f"{root} has classes that train/ lacks: {', '.join(unknown)}. Every class must be in train/.")
+            raise DataError(
+                f"{root} has classes that train/ lacks: {', '.join(unknown)}. Every class must be in train/."
+            )
         files = []
         for label, name in enumerate(classes):
             if not (root / name).is_dir():
@@ -102,7 +107,9 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
     return Scan(classes, by_split, True, ignored)
 
 
-def _split_per_class(files: list[SourceFile], num_classes: int, val_fraction: float, seed: int) -> dict[str, list[SourceFile]]:
+def _split_per_class(
+    files: list[SourceFile], num_classes: int, val_fraction: float, seed: int
+) -> dict[str, list[SourceFile]]:
     """Seeded split that keeps each class's proportion (at least one train image per class)."""
     train, val = [], []
     for label in range(num_classes):
@@ -142,10 +149,12 @@ def decode_file(path: Path, image_size: int | None) -> Decoded:
     return Decoded(path, encode_png(np.ascontiguousarray(array)), array.shape[:2], digest)
 
 
-def _decoded_in_order(files: list[SourceFile], image_size: int | None, pool: ProcessPoolExecutor | None) -> Iterator[tuple[SourceFile, Decoded]]:
+def _decoded_in_order(
+    files: list[SourceFile], image_size: int | None, pool: ProcessPoolExecutor | None
+) -> Iterator[tuple[SourceFile, Decoded]]:
     """Decode `files` in order, a block at a time, so memory holds one block of encoded images."""
     for start in range(0, len(files), DECODE_BLOCK):
-        block = files[start:start + DECODE_BLOCK]
+        block = files[start : start + DECODE_BLOCK]
         paths = [f.path for f in block]
         if pool is None:
             results = [decode_file(p, image_size) for p in paths]
@@ -206,9 +215,14 @@ def prepare_imagefolder(
     def source_record() -> dict:
         content = hashlib.sha256(b"".join(sorted(hashes))).hexdigest()
         return {
-            "name": "imagefolder", "folder": str(source.resolve()), "content_sha256": content,
-            "val_fraction": val_fraction, "image_size": image_size, "seed": seed,
-            "skipped_files": len(skipped), "split_folders": found.from_split_folders,
+            "name": "imagefolder",
+            "folder": str(source.resolve()),
+            "content_sha256": content,
+            "val_fraction": val_fraction,
+            "image_size": image_size,
+            "seed": seed,
+            "skipped_files": len(skipped),
+            "split_folders": found.from_split_folders,
         }
 
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None

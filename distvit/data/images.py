@@ -14,7 +14,11 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         array = np.nan_to_num(np.asarray(image, dtype=np.float64))
         top = array.max(initial=0)
         # 16-bit and wide ints scale from 65535, float images in [0, 1] from 1, anything else from 255
-        peak = 65535.0 if image.mode.startswith("I;16") or top > 255 else (1.0 if image.mode == "F" and top <= 1 else 255.0)
+        peak = (
+            65535.0
+            if image.mode.startswith("I;16") or top > 255
+            else (1.0 if image.mode == "F" and top <= 1 else 255.0)
+        )
         gray = np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -31,4 +35,4 @@ def resize_and_crop(array: np.ndarray, size: int) -> np.ndarray:
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
     resized = np.array(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))  # writable copy
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top:top + size, left:left + size]
+    return resized[top : top + size, left : left + size]

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distvit.data.devices import to_device
 from distvit.data.images import resize_and_crop
 from distvit.data.manifest import Manifest
 from distvit.data.memory import IMAGE_MEMBERS, SplitTensors, check_shard_files, load_split
 from distvit.data.plan import EpochPlan, RankBatch
-from distvit.data.devices import to_device
 from distvit.errors import DataError
 
 Batch = tuple[RankBatch, torch.Tensor, torch.Tensor]
@@ -56,7 +56,9 @@ class SampleLocation:
     label: int
 
 
-def index_shards(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str) -> tuple[list[Path], list[SampleLocation]]:
+def index_shards(
+    dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str
+) -> tuple[list[Path], list[SampleLocation]]:
     """Where each sample of the split lies: tar headers give member offsets (no data is read but labels)."""
     split = manifest.split(split_name, dataset_dir)
     paths = check_shard_files(dataset_dir, split)
@@ -76,7 +78,9 @@ def index_shards(dataset_dir: str | os.PathLike, manifest: Manifest, split_name:
                     members = samples[key]
                     ext = next((e for e in IMAGE_MEMBERS if e in members), None)
                     if ext is None or "cls" not in members:
-                        raise DataError(f"{path} sample {key} lacks its image or .cls member. Prepare the dataset again.")
+                        raise DataError(
+                            f"{path} sample {key} lacks its image or .cls member. Prepare the dataset again."
+                        )
                     handle.seek(members["cls"].offset_data)
                     label = int(handle.read(members["cls"].size))
                     image = members[ext]
@@ -126,8 +130,13 @@ def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
 
 class StreamBatches:
     def __init__(
-        self, dataset_dir: str | os.PathLike, manifest: Manifest, split: str, num_workers: int,
-        device: torch.device, resize_to: int | None = None,
+        self,
+        dataset_dir: str | os.PathLike,
+        manifest: Manifest,
+        split: str,
+        num_workers: int,
+        device: torch.device,
+        resize_to: int | None = None,
     ):
         paths, locations = index_shards(dataset_dir, manifest, split)
         # Images of varying stored size cannot be stacked: bring each to the model's size in the worker.
@@ -153,8 +162,13 @@ class StreamBatches:
 
 
 def open_batches(
-    dataset_dir: str | os.PathLike, manifest: Manifest, split: str, mode: str, num_workers: int,
-    device: torch.device, resize_to: int,
+    dataset_dir: str | os.PathLike,
+    manifest: Manifest,
+    split: str,
+    mode: str,
+    num_workers: int,
+    device: torch.device,
+    resize_to: int,
 ) -> MemoryBatches | StreamBatches:
     """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits `MEMORY_LIMIT_BYTES`)."""
     if mode == "auto":

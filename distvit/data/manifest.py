@@ -104,7 +104,9 @@ def parse_manifest(payload: bytes, path: str | os.PathLike) -> Manifest:
     try:
         raw = json.loads(payload)
         if raw.get("format") != FORMAT_NAME:
-            raise DataError(f"{path} is not a distvit manifest (format={raw.get('format')!r}, expected {FORMAT_NAME!r}).")
+            raise DataError(
+                f"{path} is not a distvit manifest (format={raw.get('format')!r}, expected {FORMAT_NAME!r})."
+            )
         if raw.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"{path} has format_version {raw.get('format_version')}, this distvit reads {FORMAT_VERSION}. "
@@ -129,13 +131,16 @@ def parse_manifest(payload: bytes, path: str | os.PathLike) -> Manifest:
     except DataError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is damaged or from an incompatible tool ({type(err).__name__}: {err}). "
-                        f"Prepare the dataset again.") from None
+        raise DataError(
+            f"{path} is damaged or from an incompatible tool ({type(err).__name__}: {err}). Prepare the dataset again."
+        ) from None
     for split in manifest.splits.values():
         for shard in split.shards:
             # Names become paths and, with data.remote, parts of shell commands: plain file names only.
             if not SAFE_SHARD_NAME.fullmatch(shard.name) or ".." in shard.name:
-                raise DataError(f"{path}: shard name {shard.name!r} is not a plain NAME.tar file name; refusing the manifest.")
+                raise DataError(
+                    f"{path}: shard name {shard.name!r} is not a plain NAME.tar file name; refusing the manifest."
+                )
         counted = sum(shard.num_samples for shard in split.shards)
         if counted != split.num_samples:
             raise DataError(

@@ -76,7 +76,9 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
     index = 0
     for shard, path in zip(split.shards, paths):
         # One shard at a time, all of it, on every rank: no node or worker splitting here.
-        stream = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        stream = wds.WebDataset(
+            str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
         start = index
         for sample in stream:
             where = f"{path} sample {sample['__key__']}"

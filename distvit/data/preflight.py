@@ -29,7 +29,9 @@ def shard_problem(dataset_dir: str | os.PathLike, name: str, num_bytes: int, sha
     return ""
 
 
-def find_bad_shards(dataset_dir: str | os.PathLike, manifest: Manifest, splits: list[str], verify: str) -> dict[str, str]:
+def find_bad_shards(
+    dataset_dir: str | os.PathLike, manifest: Manifest, splits: list[str], verify: str
+) -> dict[str, str]:
     """{shard name: problem} over the given splits."""
     bad = {}
     for split in dict.fromkeys(splits):

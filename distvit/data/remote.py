@@ -31,7 +31,7 @@ def remote_url(template: str, name: str) -> str:
 
 
 def _fetch(
-    url: str, target: Path, expected_size: int | None = None, expected_sha256: str | None = None, check=None,
+    url: str, target: Path, expected_size: int | None = None, expected_sha256: str | None = None, check=None
 ) -> None:
     """Stream `url` into `target` via a temp file; `check(tmp_path)` may refuse the content before the rename."""
     import webdataset as wds
@@ -79,7 +79,9 @@ def fetch_dataset(template: str, dataset_dir: str | os.PathLike, splits: list[st
             fetched.append(MANIFEST_NAME)
         manifest = read_manifest(folder)
         missing = [
-            shard for split in dict.fromkeys(splits) for shard in manifest.split(split, folder).shards
+            shard
+            for split in dict.fromkeys(splits)
+            for shard in manifest.split(split, folder).shards
             if shard_problem(folder, shard.name, shard.num_bytes, shard.sha256, verify)
         ]
         needed, free = sum(shard.num_bytes for shard in missing), shutil.disk_usage(folder).free

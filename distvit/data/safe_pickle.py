@@ -60,7 +60,9 @@ class _ArrayStub:
             raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r}")
         dtype = dtype.to_dtype()
         if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(raw):
-            raise pickle.UnpicklingError(f"numpy array of shape {shape} and dtype {dtype} does not match its {len(raw)} bytes")
+            raise pickle.UnpicklingError(
+                f"numpy array of shape {shape} and dtype {dtype} does not match its {len(raw)} bytes"
+            )
         return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 

@@ -104,7 +104,9 @@ def _colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(swap, second, first), np.where(swap, first, second)
 
 
-def generate(num_samples: int, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+    num_samples: int, num_classes: int = 10, image_size: int = 32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images N x S x S x 3, int64 labels N): balanced classes in a seeded random order."""
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be between 2 and {MAX_CLASSES}, got {num_classes}")

@@ -18,12 +18,15 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, sha256_file, write_manifest
+
+if TYPE_CHECKING:
+    import webdataset as wds  # annotations only: webdataset stays an optional, lazy import
 
 DEFAULT_SAMPLES_PER_SHARD = 5000
 

@@ -31,8 +31,12 @@ def make_batches(seed=0):
         data = rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8)
         labels = [int(x) for x in rng.integers(0, 10, size=PER_BATCH)]
         files[name] = pickle.dumps(
-            {b"batch_label": f"batch {index}".encode(), b"labels": labels, b"data": data,
-             b"filenames": [f"img_{i}.png".encode() for i in range(PER_BATCH)]},
+            {
+                b"batch_label": f"batch {index}".encode(),
+                b"labels": labels,
+                b"data": data,
+                b"filenames": [f"img_{i}.png".encode() for i in range(PER_BATCH)],
+            },
             protocol=2,
         )
     files["batches.meta"] = pickle.dumps(
@@ -72,7 +76,10 @@ def test_archive_round_trips_exact_pixels_and_labels(archive, tmp_path):
     manifest = prepare_cifar10(tmp_path / "out", source=str(path), skip_checksum=True, samples_per_shard=25, seed=4)
     assert manifest.classes == CLASSES and manifest.image_size == (32, 32)
     assert {name: split.num_samples for name, split in manifest.splits.items()} == {"train": 60, "test": 12}
-    assert manifest.source["checksum"] == "skipped" and manifest.source["md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    assert (
+        manifest.source["checksum"] == "skipped"
+        and manifest.source["md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    )
     for split_index, (split, names) in enumerate((("train", cifar10.TRAIN_FILES), ("test", cifar10.TEST_FILES))):
         images, labels = official_arrays(files, names)
         order = write_order(len(labels), seed=4, split_index=split_index)
@@ -84,7 +91,9 @@ def test_archive_round_trips_exact_pixels_and_labels(archive, tmp_path):
 
 def test_checksum_mismatch_is_refused_unless_skipped(archive, tmp_path):
     path, _ = archive
-    with pytest.raises(DataError, match=r"has md5 .* the official cifar-10-python.tar.gz has c58f3010.*--skip-checksum"):
+    with pytest.raises(
+        DataError, match=r"has md5 .* the official cifar-10-python.tar.gz has c58f3010.*--skip-checksum"
+    ):
         prepare_cifar10(tmp_path / "out", source=str(path))
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -134,7 +143,9 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink"])
 def test_tar_members_pointing_outside_are_refused(tmp_path, kind):
-    info = tarfile.TarInfo({"dotdot": f"{cifar10.FOLDER}/../../escaped", "absolute": "/tmp/escaped"}.get(kind, f"{cifar10.FOLDER}/link"))
+    info = tarfile.TarInfo(
+        {"dotdot": f"{cifar10.FOLDER}/../../escaped", "absolute": "/tmp/escaped"}.get(kind, f"{cifar10.FOLDER}/link")
+    )
     payload = b"x"
     if kind in ("symlink", "hardlink"):
         info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
@@ -183,7 +194,9 @@ def test_tampered_content_gives_clear_errors(tmp_path, case):
         extra = [(folder, None)]
         message = "lacks cifar-10-batches-py/test_batch"
     elif case == "text labels":
-        files["data_batch_1"] = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"x", b"y"]}, protocol=2)
+        files["data_batch_1"] = pickle.dumps(
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"x", b"y"]}, protocol=2
+        )
         message = "b'labels' must be a list of integers"
     else:
         files["batches.meta"] = pickle.dumps({b"label_names": [b"a", b"b", b"c"]}, protocol=2)

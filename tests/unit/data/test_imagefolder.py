@@ -138,8 +138,20 @@ def test_layout_errors(tmp_path, layout, message):
 
 
 def test_cli_prepare_imagefolder(messy_folder, tmp_path):
-    result = run_cli(["prepare", "imagefolder", "--source", str(messy_folder), "--out", str(tmp_path / "out"),
-                      "--image-size", "16", "--val-fraction", "0.25"])
+    result = run_cli(
+        [
+            "prepare",
+            "imagefolder",
+            "--source",
+            str(messy_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--image-size",
+            "16",
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "notes.txt" in result.stderr
     assert "3 file(s) skipped as not decodable, 1 hidden file(s) ignored" in result.stdout

@@ -24,7 +24,7 @@ def test_preflight_finds_missing_truncated_and_corrupted_shards(tmp_path):
     assert bad == {
         "train-00000.tar": "sha256 differs from the manifest (corrupted or changed)",
         "train-00001.tar": f"{manifest.splits['train'].shards[1].num_bytes - 512} bytes, the manifest says "
-                           f"{manifest.splits['train'].shards[1].num_bytes} (truncated or changed)",
+        f"{manifest.splits['train'].shards[1].num_bytes} (truncated or changed)",
         "train-00002.tar": "missing",
     }
     assert set(find_bad_shards(ds, manifest, ["train"], verify="size")) == {"train-00001.tar", "train-00002.tar"}

@@ -44,8 +44,16 @@ def test_corrupted_or_missing_remote_shard_is_refused(remote, tmp_path):
 
 
 def test_config_command_fetches_before_any_rank(remote, tmp_path):
-    result = run_cli(["config", "--config", "configs/demo.yaml", f"data.path={tmp_path}/cache",
-                      f"data.remote=pipe:cat {remote}/{{name}}", f"run.dir={tmp_path}/run"])
+    result = run_cli(
+        [
+            "config",
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={tmp_path}/cache",
+            f"data.remote=pipe:cat {remote}/{{name}}",
+            f"run.dir={tmp_path}/run",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cache" / "test-00000.tar").is_file()
 

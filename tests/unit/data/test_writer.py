@@ -33,5 +33,10 @@ def test_killed_prepare_is_detected_and_redone(tmp_path):
         read_manifest(tmp_path / "ds")
     manifest = prepare_synthetic(tmp_path / "ds", train_size=60, test_size=20, samples_per_shard=25)
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
-        "manifest.json", "test-00000.tar", "train-00000.tar", "train-00001.tar", "train-00002.tar"]
+        "manifest.json",
+        "test-00000.tar",
+        "train-00000.tar",
+        "train-00001.tar",
+        "train-00002.tar",
+    ]
     assert len(load_split(tmp_path / "ds", manifest, "train")) == 60
