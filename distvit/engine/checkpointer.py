@@ -29,7 +29,8 @@ from accelerate.utils import gather_object, set_seed
 from distvit.config import CheckpointConfig, Config, TrainConfig
 from distvit.data.manifest import Manifest
 from distvit.engine.parts import TrainParts
-from distvit.engine.runtime import PeerMonitor, rng_state
+from distvit.engine.peers import PeerMonitor
+from distvit.engine.seeds import rng_state
 from distvit.engine.state import TrainState
 from distvit.errors import CheckpointError, RunFinished
 from distvit.model.record import SurgeryRecord

@@ -15,10 +15,10 @@ from accelerate.utils import gather_object
 
 from distvit.config import Config
 from distvit.data.transforms import BatchTransform
+from distvit.engine.accelerator import compile_supported
 from distvit.engine.ema import ModelEma, decay_for_run
 from distvit.engine.features import cache_blockers
 from distvit.engine.optim import build_optimizer, build_scheduler, lr_multiplier
-from distvit.engine.runtime import compile_supported
 from distvit.engine.sources import DataSources
 from distvit.engine.teacher import Teacher, load_teacher
 from distvit.errors import ConfigError

@@ -20,7 +20,7 @@ from distvit.data.transforms import Augmentation
 from distvit.engine.losses import distillation_loss, label_loss
 from distvit.engine.mixing import apply_mix, mixed_targets, sample_mix
 from distvit.engine.parts import TrainParts
-from distvit.engine.runtime import step_seed
+from distvit.engine.seeds import step_seed
 from distvit.engine.timing import PhaseTimer
 
 

@@ -28,19 +28,14 @@ from tqdm.auto import tqdm
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
+from distvit.engine.accelerator import ddp_options, make_accelerator
 from distvit.engine.checkpointer import Checkpointer, Resume, RunIdentity
 from distvit.engine.evaluation import EvalResult
 from distvit.engine.evaluator import Evaluator
 from distvit.engine.metrics import MetricsMeter, SampleTrace
 from distvit.engine.outputs import RunOutputs
 from distvit.engine.parts import build_parts
-from distvit.engine.runtime import (
-    PeerMonitor,
-    check_same_model_everywhere,
-    ddp_options,
-    is_peer_failure,
-    make_accelerator,
-)
+from distvit.engine.peers import PeerMonitor, check_same_model_everywhere, is_peer_failure
 from distvit.engine.sources import DataSources, agree_on_bad_shards
 from distvit.engine.state import TrainState
 from distvit.engine.step import TrainStep

@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from distvit.data.loader import open_batches
 from distvit.data.manifest import read_manifest
 from distvit.data.transforms import BatchTransform
+from distvit.engine.accelerator import cpu_processes
 from distvit.engine.evaluation import EvalResult, evaluate
-from distvit.engine.runtime import cpu_processes
 from distvit.errors import ConfigError, DataError
 from distvit.run.checkpoint import load_model, resolve_checkpoint
 

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from distvit.config import load_config
-from distvit.engine.runtime import check_same_model_everywhere
+from distvit.engine.peers import check_same_model_everywhere
 from distvit.errors import DistvitError
 from distvit.model.build import build_model
 from distvit.model.record import fingerprint

@@ -64,11 +64,12 @@ def _high_water_mark() -> int:
 
 
 def test_peak_memory_on_cpu_is_the_process_peak_rss():
-    before = _high_water_mark()
     peak, kind = peak_memory(torch.device("cpu"))
-    after = _high_water_mark()
+    mark = _high_water_mark()
     assert isinstance(peak, int) and kind == "process peak RSS (whole run)"
-    assert before <= peak <= after  # bytes, not kilobytes
+    # bytes, not kilobytes: a unit slip is a factor of 1024 (getrusage and /proc may differ by a few pages,
+    # and after many tests by more, as the kernel accounts them at different times)
+    assert mark / 2 <= peak <= mark * 2, (peak, mark)
 
 
 def test_host_syncs_without_a_gpu_run_the_steps_and_count_nothing(monkeypatch):

@@ -1,24 +1,16 @@
-"""distvit.engine.runtime: per-step seeds, CPU ranks, mixed precision, DDP options, peer failures, compile."""
+"""distvit.engine.accelerator: CPU ranks, mixed precision, DDP options, compile support."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from distvit.config import Config, load_config
-from distvit.engine.runtime import (
-    compile_supported,
-    cpu_processes,
-    ddp_options,
-    is_peer_failure,
-    resolve_mixed_precision,
-    step_seed,
-)
+from distvit.engine.accelerator import compile_supported, cpu_processes, ddp_options, resolve_mixed_precision
 from tests.support.helpers import REPO
 
 
 def test_precision_auto_and_ddp_options(monkeypatch):
-    from distvit.engine.runtime import ddp_options, resolve_mixed_precision
+    from distvit.engine.accelerator import ddp_options, resolve_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert resolve_mixed_precision("auto") == (
@@ -40,14 +32,6 @@ def no_gpu(monkeypatch, cuda: bool = False) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     if hasattr(torch, "xpu"):
         monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
-
-
-def test_step_seed_depends_on_each_argument_only():
-    seed = step_seed(0, 1, 64)
-    assert seed == step_seed(0, 1, 64) == 3958615999  # pinned: resumed runs must redraw the same augmentation
-    assert isinstance(seed, int) and 0 <= seed < 2**32
-    others = [step_seed(1, 1, 64), step_seed(0, 2, 64), step_seed(0, 1, 65), step_seed(0, 64, 1)]
-    assert len({seed, *others}) == 5
 
 
 def test_cpu_processes_needs_several_ranks_and_no_gpu(monkeypatch):
@@ -93,31 +77,6 @@ def test_ddp_options_follow_freezing_and_accumulation():
     assert options(accumulate=4) == {"static_graph": False, "gradient_as_bucket_view": True}
     for frozen in (options("backbone"), options("blocks:2", accumulate=2), options(embeddings=True)):
         assert frozen == {"static_graph": False, "gradient_as_bucket_view": False}
-
-
-PEER_FAILURES = [
-    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
-    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 300000ms for recv operation",
-    "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE) ran for 300000 ms",
-    "recvBytes: Connection reset by peer",
-    "NCCL communicator was aborted on rank 1.",
-    "Rank 1 failed to pass monitoredBarrier in 15000 ms",
-]
-NOT_PEER_FAILURES = [
-    "CUDA out of memory. Tried to allocate 20.00 MiB",
-    "timeout while writing /shared/run/checkpoints/step_00000010.pt",
-    "[Errno 110] Connection timed out",
-    "[Errno 111] Connection refused",
-    "the read operation timed out",
-]
-
-
-def test_is_peer_failure():
-    assert [is_peer_failure(RuntimeError(m)) for m in PEER_FAILURES] == [True] * len(PEER_FAILURES)
-    assert [is_peer_failure(RuntimeError(m)) for m in NOT_PEER_FAILURES] == [False] * len(NOT_PEER_FAILURES)
-    assert not any(is_peer_failure(TimeoutError(m)) for m in NOT_PEER_FAILURES)
-    assert is_peer_failure(dist.DistError("any message"))  # torch.distributed's own error types
-    assert is_peer_failure(dist.DistNetworkError("any message"))
 
 
 def test_compile_supported_says_why_not(monkeypatch):

@@ -1,0 +1,90 @@
+"""The process's Accelerator and what it may use: gloo on CPU-only ranks, the mixed precision, DDP's
+options, and whether torch.compile can run here."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+from distvit.config import Config
+from distvit.errors import ConfigError
+
+
+def cpu_processes() -> bool:
+    """Several ranks and no GPU: Accelerate must be told `cpu=True` to set up gloo (MULTI_CPU); without
+    it every rank of `accelerate launch --multi_gpu` on a CPU machine runs alone as rank 0."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return several and not gpu
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    # NCCL: on a collective timeout, abort the communicators and raise in the training thread (2) rather
+    # than tear the process down from the watchdog (3, torch's default), so the unresponsive ranks can
+    # be named (PeerMonitor). A value set by the user wins.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    accelerator = Accelerator(
+        cpu=cpu_processes(),
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        log_with="wandb" if cfg.tracking.backend == "wandb" else None,
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
+            DistributedDataParallelKwargs(**ddp_options(cfg)),
+        ],
+    )
+    world, micro = accelerator.num_processes, cfg.train.grad_accum_steps
+    if cfg.train.batch_size % (world * micro) or cfg.train.eval_batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} and train.eval_batch_size={cfg.train.eval_batch_size} are "
+            f"global batch sizes: batch_size must be divisible by the number of processes x grad_accum_steps "
+            f"({world} x {micro}) and eval_batch_size by the number of processes ({world}). "
+            f"Choose multiples of {world * micro}."
+        )
+    return accelerator
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """The precision for `train.mixed_precision`: an explicit no/bf16/fp16 as given; auto takes the
+    launcher's bf16/fp16 if it asks for one, else bf16 where the GPU supports it, else no. (CPU autocast
+    to bf16 is slower than fp32 on most CPUs.)"""
+    if setting != "auto":
+        return setting
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("bf16", "fp16"):
+        return launcher
+    if torch.cuda.is_available() and not cpu_processes() and _native_bf16():
+        return "bf16"
+    return "no"
+
+
+def _native_bf16() -> bool:
+    """bf16 tensor cores (compute capability 8.0+, Ampere on); older GPUs only emulate bf16, slowly."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.cuda.get_device_capability(local_rank) >= (8, 0)
+
+
+def ddp_options(cfg: Config) -> dict[str, bool]:
+    """DDP settings that suit a ViT whose every parameter trains: `static_graph` (one bucket plan,
+    found in the first step; off with accumulation, where `no_sync` breaks it: pytorch#143580) and
+    `gradient_as_bucket_view` (gradients live in the all-reduce buckets: no copy, less memory). Frozen
+    parameters are left to DDP's defaults."""
+    nothing_frozen = cfg.surgery.freeze == "none" and not cfg.surgery.freeze_embeddings
+    return {
+        "static_graph": nothing_frozen and cfg.train.grad_accum_steps == 1,
+        "gradient_as_bucket_view": nothing_frozen,
+    }
+
+
+def compile_supported() -> tuple[bool, str]:
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False, "torch.compile is not supported on this Python/platform"
+    except Exception as err:  # missing or broken dynamo
+        return False, f"torch.compile is unavailable ({type(err).__name__}: {err})"
+    return True, ""
