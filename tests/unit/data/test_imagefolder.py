@@ -12,18 +12,7 @@ from distvit.data.imagefolder import prepare_imagefolder
 from distvit.data.memory import load_split
 from distvit.errors import DataError
 from tests.support.helpers import run_cli
-
-RNG = np.random.default_rng(0)
-
-
-def rgb(height=20, width=30):
-    return RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-def save(path, image, **kwargs):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-    return path
+from tests.support.images import rgb, save
 
 
 @pytest.fixture()

@@ -6,18 +6,7 @@ import numpy as np
 from PIL import Image
 
 from distvit.data.images import resize_and_crop, to_rgb
-
-RNG = np.random.default_rng(0)
-
-
-def rgb(height=20, width=30):
-    return RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-def save(path, image, **kwargs):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-    return path
+from tests.support.images import rgb, save
 
 
 def test_modes_become_8_bit_rgb():
