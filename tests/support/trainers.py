@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from distvit.config import load_config
@@ -28,3 +30,14 @@ def make_trainer(dataset, run_dir, *overrides) -> Trainer:
         ],
     )
     return Trainer(cfg, read_manifest(dataset))
+
+
+@contextlib.contextmanager
+def open_trainer(dataset, run_dir, *overrides) -> Iterator[Trainer]:
+    """make_trainer, with its stop handlers and tracker closed afterwards whatever the test did."""
+    trainer = make_trainer(dataset, run_dir, *overrides)
+    try:
+        yield trainer
+    finally:
+        trainer.stops.close()
+        trainer.tracker.finish()

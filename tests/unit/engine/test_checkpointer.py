@@ -12,12 +12,11 @@ from distvit.engine.checkpointer import Resume, restore_payload, to_payload
 from distvit.engine.state import TrainState
 from distvit.errors import CheckpointError, RunFinished
 from distvit.run.checkpoint import load_checkpoint, save_checkpoint
-from tests.support.trainers import make_trainer
+from tests.support.trainers import open_trainer
 
 
 def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "a")
-    try:
+    with open_trainer(small_dataset, tmp_path / "a") as trainer:
         trainer.train_epoch()  # moves weights, Adam moments, schedule, EMA and counters
         trainer.state.best_score, trainer.state.last_eval = 0.25, {"accuracy": 0.25}
         payload = to_payload(
@@ -28,14 +27,11 @@ def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
             [{"cpu": torch.get_rng_state()}],
             "abc123",
         )
-    finally:
-        trainer.stops.close()
     assert payload["step"] == 4 and payload["epoch"] == 1 and payload["data"]["samples_in_epoch"] == 0
     assert payload["data"]["global_batch"] == 50 and payload["tracker"] == {"wandb_run_id": "abc123"}
     assert payload["ema_state"]["updates"] == 4 and payload["classes"] == trainer.classes
     save_checkpoint(tmp_path / "c.pt", payload)
-    fresh = make_trainer(small_dataset, tmp_path / "b")
-    try:
+    with open_trainer(small_dataset, tmp_path / "b") as fresh:
         expected_rng = torch.get_rng_state()
         torch.manual_seed(123)  # restore must bring back the saved stream
         state = TrainState()
@@ -56,15 +52,12 @@ def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
         assert old["param_groups"] == new["param_groups"]
         for index, moments in old["state"].items():
             assert torch.equal(moments["exp_avg"], new["state"][index]["exp_avg"])
-    finally:
-        fresh.stops.close()
 
 
 def test_checkpoints_are_written_when_due(small_dataset, tmp_path):
-    trainer = make_trainer(
+    with open_trainer(
         small_dataset, tmp_path / "r", "checkpoint.every_steps=3", "checkpoint.every_epochs=2", "checkpoint.keep_last=0"
-    )
-    try:
+    ) as trainer:
         directory, state = trainer.checkpointer.directory, trainer.state
         written = lambda: sorted(p.name for p in directory.glob("*.pt"))  # noqa: E731
         state.step, state.epoch = 2, 0
@@ -82,18 +75,13 @@ def test_checkpoints_are_written_when_due(small_dataset, tmp_path):
         assert (directory / "latest.json").read_text().count("best.pt") == 1
         assert trainer.checkpointer.path_of(finished=True).name == "final.pt"
         assert trainer.checkpointer.path_of(finished=False).name == "step_00000004.pt"
-    finally:
-        trainer.stops.close()
 
 
 def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r") as trainer:
         trainer.state.step, trainer.state.epoch = 4, 1
         trainer.checkpointer.save("step_00000004.pt")
         record, identity = trainer.parts.record, trainer.checkpointer.identity
-    finally:
-        trainer.stops.close()
     cfg = trainer.cfg.train
     resume = Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "r")
     assert resume and resume.step == 4 and resume.path.name == "step_00000004.pt"

@@ -12,7 +12,7 @@ from distvit.config import TrainConfig
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.engine.evaluator import Evaluator
-from tests.support.trainers import make_trainer
+from tests.support.trainers import open_trainer
 
 
 def _evaluator(epochs: int, eval_every: int) -> Evaluator:
@@ -41,15 +41,11 @@ def test_run_records_counts_confusion_and_returns_the_ema_accuracy(small_dataset
     assert counts.sum() == 101 and counts[0] != counts[9]  # the two models below must score differently
     raw_bias = -torch.arange(10.0)  # predicts class 0; top-5 is classes 0..4
     ema_bias = torch.arange(10.0)  # predicts class 9; top-5 is classes 5..9
-    trainer = make_trainer(small_dataset, tmp_path / "r")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r") as trainer:
         _fixed_ranking(trainer.parts.model, raw_bias)
         _fixed_ranking(trainer.parts.ema.module, ema_bias)
         trainer.state.epoch, trainer.state.step = 2, 8
         score = trainer.evaluator.run(trainer._models(), trainer.state)
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     last = trainer.state.last_eval
     assert {k: last[k] for k in ("split", "epoch", "step", "num_samples")} == {
         "split": "test",
@@ -77,13 +73,9 @@ def test_run_records_counts_confusion_and_returns_the_ema_accuracy(small_dataset
 
 def test_without_ema_the_raw_accuracy_is_the_score(small_dataset, tmp_path):
     labels = load_split(small_dataset, read_manifest(small_dataset), "test").labels
-    trainer = make_trainer(small_dataset, tmp_path / "r")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r") as trainer:
         _fixed_ranking(trainer.parts.model, torch.nn.functional.one_hot(torch.tensor(3), 10).float())  # class 3
         score = trainer.evaluator.run({"model": trainer.parts.model}, trainer.state)
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     assert score == (labels == 3).sum().item() / 101 == trainer.state.last_eval["accuracy"]
     assert not any(key.startswith("ema_") for key in trainer.state.last_eval)
     confusion = json.loads((tmp_path / "r" / "eval" / "confusion.json").read_text())

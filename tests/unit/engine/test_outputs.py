@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distvit.engine.stopping import PLANNED_STOP
-from tests.support.trainers import make_trainer
+from tests.support.trainers import open_trainer
 
 
 def _trainable(trainer) -> int:
@@ -19,14 +19,10 @@ def _trainable(trainer) -> int:
 
 def test_start_line_describes_the_run(small_dataset, tmp_path):
     run_dir = tmp_path / "r"
-    trainer = make_trainer(small_dataset, run_dir, "ema.horizon=0.5")
-    try:
+    with open_trainer(small_dataset, run_dir, "ema.horizon=0.5") as trainer:
         line = trainer.outputs.start_line(trainer.sources, False, None, 0)
         resumed = trainer.outputs.start_line(trainer.sources, True, Path("old/step_00000007.pt"), 7)
         fused = ", fused attention" if trainer.parts.fused_attn else ""
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     # 200 images / batch 50 = 4 steps per epoch; EMA horizon 0.5 of 2 x 4 steps: 1 - 1/4 = 0.75
     assert line == (
         "distvit: 1 process(es) on NO (cpu), mixed precision no; deit_tiny_patch16_224 at 32px/patch 16 "
@@ -39,36 +35,19 @@ def test_start_line_describes_the_run(small_dataset, tmp_path):
 
 
 def test_start_line_with_lr_scaling_and_a_subset(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", "optim.lr_scale=linear", "data.train_subset=120")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r", "optim.lr_scale=linear", "data.train_subset=120") as trainer:
         line = trainer.outputs.start_line(trainer.sources, False, None, 0)
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     # ceil(120 / 50) = 3 steps; linear scaling: 1e-3 x 50 / 512
     assert "3 steps/epoch of 50; effective peak lr 9.766e-05 (optim.lr 0.001 x 0.09766, lr_scale=linear)" in line
     assert trainer.outputs.effective_lr() == pytest.approx(1e-3 * 50 / 512)
-
-
-def test_start_line_names_the_subset_of_the_split(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", "data.train_subset=120")
-    try:
-        line = trainer.outputs.start_line(trainer.sources, False, None, 0)
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     assert "; 120 train (subset of 200) / 101 test images, 3 steps/epoch of 50;" in line
 
 
 def test_summary_of_a_fresh_run(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", "ema.decay=0.9")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r", "ema.decay=0.9") as trainer:
         summary = trainer.outputs.summary(
             False, "STOP file", tmp_path / "r" / "c.pt", trainer.state, trainer.step, trainer.meter, None
         )
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     assert summary == {
         "finished": False,
         "stop_reason": "STOP file",
@@ -96,16 +75,12 @@ def test_summary_of_a_fresh_run(small_dataset, tmp_path):
 @pytest.mark.parametrize("reason, consumed", [("STOP file", True), ("SIGTERM", True), (PLANNED_STOP, False)])
 def test_a_stopped_run_writes_stopped_json_and_consumes_stop_only_on_request(small_dataset, tmp_path, reason, consumed):
     run_dir = tmp_path / "r"
-    trainer = make_trainer(small_dataset, run_dir, "checkpoint.export=true")
-    try:
+    with open_trainer(small_dataset, run_dir, "checkpoint.export=true") as trainer:
         (run_dir / "STOP").write_text("")
         trainer.state.step, trainer.state.epoch = 3, 0
         checkpoint = run_dir / "checkpoints" / "step_00000003.pt"
         summary = trainer.outputs.summary(False, reason, checkpoint, trainer.state, trainer.step, trainer.meter, None)
         trainer.outputs.write(summary, trainer.state, trainer.tracker, trainer.stops)
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     assert json.loads((run_dir / "stopped.json").read_text()) == {
         "step": 3,
         "epoch": 0,
@@ -121,8 +96,7 @@ def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_data
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "r"
-    trainer = make_trainer(small_dataset, run_dir)
-    try:
+    with open_trainer(small_dataset, run_dir) as trainer:
         with torch.no_grad():
             trainer.parts.ema.module.head.bias.fill_(7.0)  # tell the EMA's weights from the model's
         trainer.state.last_eval, trainer.state.step, trainer.state.epoch = last_eval, 8, 2
@@ -131,9 +105,6 @@ def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_data
         )
         trainer.outputs.write(summary, trainer.state, trainer.tracker, trainer.stops)
         expected_bias = (trainer.parts.ema.module if weights == "ema" else trainer.parts.model).head.bias.clone()
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["finished"] is True and written["steps"] == 8 and written["final"] == last_eval
     assert written["export"]["weights"] == weights

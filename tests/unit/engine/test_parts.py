@@ -13,7 +13,7 @@ from distvit.data.memory import load_split
 from distvit.data.transforms import BatchTransform
 from distvit.engine.parts import compile_model
 from distvit.errors import ConfigError
-from tests.support.trainers import make_trainer
+from tests.support.trainers import make_trainer, open_trainer
 
 HEAD_ONLY = ("surgery.freeze=backbone", "data.augment=none")
 
@@ -23,8 +23,7 @@ def _optimized(parts) -> list[torch.Tensor]:
 
 
 def test_the_optimizer_covers_exactly_the_trainable_parameters(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", "surgery.freeze=blocks:1")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r", "surgery.freeze=blocks:1") as trainer:
         parts = trainer.parts
         optimized = _optimized(parts)
         trainable = [p for p in parts.model.parameters() if p.requires_grad]
@@ -34,14 +33,10 @@ def test_the_optimizer_covers_exactly_the_trainable_parameters(small_dataset, tm
         assert frozen and trainable  # blocks:1 freezes some and trains some
         assert sum(p.numel() for p in optimized) == parts.record.trainable_params
         assert not parts.features_cached and parts.trained is parts.model and not parts.compiled
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
 
 
 def test_a_head_only_run_trains_the_classifier_on_cached_features(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", *HEAD_ONLY)
-    try:
+    with open_trainer(small_dataset, tmp_path / "r", *HEAD_ONLY) as trainer:
         parts, model = trainer.parts, trainer.parts.model
         assert parts.features_cached and parts.trained is model.get_classifier() is model.head
         assert {id(p) for p in _optimized(parts)} == {id(model.head.weight), id(model.head.bias)}
@@ -55,19 +50,12 @@ def test_a_head_only_run_trains_the_classifier_on_cached_features(small_dataset,
             rows = [0, 57, 199]
             direct = model.forward_head(model.forward_features(parts.transform(stored.images[rows])), pre_logits=True)
         torch.testing.assert_close(cached.images[rows], direct, rtol=1e-4, atol=1e-5)
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
 
 
 def test_cache_features_false_runs_the_full_forward(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", *HEAD_ONLY, "train.cache_features=false")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r", *HEAD_ONLY, "train.cache_features=false") as trainer:
         assert not trainer.parts.features_cached and trainer.parts.trained is trainer.parts.model
         assert trainer.sources.train.data.images.dtype == torch.uint8 and trainer.sources.feature_seconds is None
-    finally:
-        trainer.stops.close()
-        trainer.tracker.finish()
 
 
 def test_cache_features_true_names_what_prevents_it(small_dataset, tmp_path):

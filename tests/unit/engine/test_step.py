@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from tests.support.trainers import make_trainer
+from tests.support.trainers import open_trainer
 
 
 def test_inputs_depend_on_seed_epoch_and_position_only(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r") as trainer:
         plan, local = trainer.sources.epoch_plan(0)
         batch, images, labels = next(iter(trainer.sources.train.epoch(plan)))
         x, soft, valid = trainer.step.inputs(batch, images, labels, local, plan.global_batch, epoch=0)
@@ -23,13 +22,10 @@ def test_inputs_depend_on_seed_epoch_and_position_only(small_dataset, tmp_path):
             for s in (slice(0, 25), slice(25, 50))
         ]
         assert torch.equal(torch.cat(halves), x)
-    finally:
-        trainer.stops.close()
 
 
 def test_a_step_updates_weights_schedule_and_ema(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r", "optim.clip_grad_norm=1.0", "optim.warmup_epochs=1")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r", "optim.clip_grad_norm=1.0", "optim.warmup_epochs=1") as trainer:
         plan, local = trainer.sources.epoch_plan(0)
         batch, images, labels = next(iter(trainer.sources.train.epoch(plan)))
         before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
@@ -43,13 +39,10 @@ def test_a_step_updates_weights_schedule_and_ema(small_dataset, tmp_path):
         values = trainer.step.log_values()
         assert set(values) == {"grad_norm", "ema_decay"} and values["grad_norm"] > 0
         assert trainer.parts.ema.updates == 1
-    finally:
-        trainer.stops.close()
 
 
 def test_loss_adds_the_distillation_term(small_dataset, tmp_path):
-    trainer = make_trainer(small_dataset, tmp_path / "r")
-    try:
+    with open_trainer(small_dataset, tmp_path / "r") as trainer:
         logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
         plain = trainer.step.loss(logits, labels, None, None)
         assert torch.allclose(plain, torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
@@ -59,5 +52,3 @@ def test_loss_adds_the_distillation_term(small_dataset, tmp_path):
         mixed = trainer.step.loss(logits, labels, None, teacher)
         to_five = torch.nn.functional.cross_entropy(logits, torch.full((4,), 5), reduction="none")
         assert torch.allclose(mixed, 0.5 * plain + 0.5 * to_five)
-    finally:
-        trainer.stops.close()
