@@ -27,12 +27,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # than tear the process down from the watchdog (3, torch's default), so the unresponsive ranks can
     # be named (PeerMonitor). A value set by the user wins.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    backend = shared_gpu_backend()
+    process_group = {"backend": backend} if backend else {}
     accelerator = Accelerator(
         cpu=cpu_processes(),
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         log_with="wandb" if cfg.tracking.backend == "wandb" else None,
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s), **process_group),
             DistributedDataParallelKwargs(**ddp_options(cfg)),
         ],
     )
@@ -44,7 +46,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"({world} x {micro}) and eval_batch_size by the number of processes ({world}). "
             f"Choose multiples of {world * micro}."
         )
+    if backend:
+        accelerator.print(
+            f"distvit: note: {os.environ['LOCAL_WORLD_SIZE']} ranks share {torch.cuda.device_count()} GPU(s) on this "
+            "node: NCCL cannot put two ranks on one GPU, so they communicate through gloo (slower; for tests). "
+            "Launch one rank per GPU for speed."
+        )
     return accelerator
+
+
+def shared_gpu_backend() -> str | None:
+    """gloo where this node has more ranks than GPUs (Accelerate then places rank i on GPU i mod count):
+    NCCL refuses two ranks on one device, gloo carries CUDA tensors. None: Accelerate's own choice."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks > 1 and torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
+        return "gloo"
+    return None
 
 
 def resolve_mixed_precision(setting: str) -> str:

@@ -8,7 +8,6 @@ uint8 array into a PIL image, PIL `Resize` to the model's input size, `ToTensor`
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +15,7 @@ from PIL import Image
 
 from distvit.data.memory import SplitTensors
 from distvit.engine.timing import PhaseTimer
+from distvit.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LESSON_WORKERS = 2
@@ -36,23 +36,22 @@ class LessonCIFAR(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def fitting_batch(batch_size: int, img_size: int, workers: int = LESSON_WORKERS) -> int:
-    """The batch the loader's workers can hand over: each batch in flight (workers x 2 prefetched, plus the
-    one in use) sits in /dev/shm as float32, and containers often have only 64 MB there."""
+def check_shm_room(batch_size: int, img_size: int, workers: int = LESSON_WORKERS) -> None:
+    """Refuse a lesson baseline that /dev/shm cannot hold: each batch in flight (workers x 2 prefetched,
+    plus the one in use) sits there as float32, and containers often have only 64 MB. Running the lesson
+    at a smaller batch instead would slow it on a GPU and flatter every ratio against it."""
     try:
         free = shutil.disk_usage("/dev/shm").free
     except OSError:
-        return batch_size
-    per_image = 3 * img_size * img_size * 4
-    fitting = batch_size
-    while fitting > 8 and (2 * workers + 1) * fitting * per_image > 0.8 * free:
-        fitting //= 2
-    if fitting != batch_size:
-        warnings.warn(
-            f"/dev/shm has {free / 2**20:.0f} MB free: "
-            f"the lesson's DataLoader uses batch {fitting} instead of {batch_size}."
+        return  # no /dev/shm: the workers share memory some other way
+    needed = (2 * workers + 1) * batch_size * 3 * img_size * img_size * 4
+    if needed > 0.8 * free:
+        raise DataError(
+            f"/dev/shm has {free / 2**20:.0f} MB free, and the lesson's DataLoader ({workers} workers) needs about "
+            f"{needed / 0.8 / 2**20:.0f} MB for batches of {batch_size} images at {img_size} px. Give the machine "
+            "more shared memory (docker run --shm-size=4g; a Slurm or Kubernetes job's /dev/shm size), or "
+            "benchmark both loops at a smaller train.batch_size."
         )
-    return fitting
 
 
 def lesson_loader(
@@ -63,10 +62,11 @@ def lesson_loader(
     std=IMAGENET_STD,
     workers: int = LESSON_WORKERS,
 ) -> torch.utils.data.DataLoader:
-    """The lesson's DataLoader (at a smaller batch where /dev/shm cannot hold the requested one)."""
+    """The lesson's DataLoader, at the batch asked for (refused where /dev/shm cannot hold it)."""
     from torchvision import transforms
 
-    batch_size = fitting_batch(batch_size, img_size, workers) if workers else batch_size
+    if workers:
+        check_shm_room(batch_size, img_size, workers)
 
     resize = [transforms.Resize(img_size)] if img_size != data.images.shape[1] else []
     transform = transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])

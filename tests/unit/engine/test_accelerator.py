@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from distvit.config import Config, load_config
-from distvit.engine.accelerator import compile_supported, cpu_processes, ddp_options, resolve_mixed_precision
+from distvit.engine import accelerator as accelerator_module
+from distvit.engine.accelerator import (
+    compile_supported,
+    cpu_processes,
+    ddp_options,
+    resolve_mixed_precision,
+    shared_gpu_backend,
+)
 from tests.support.helpers import REPO
 
 
@@ -44,6 +51,42 @@ def test_cpu_processes_needs_several_ranks_and_no_gpu(monkeypatch):
     assert cpu_processes() is True  # accelerate launch --multi_gpu on a CPU machine: gloo
     no_gpu(monkeypatch, cuda=True)
     assert cpu_processes() is False
+
+
+def test_ranks_sharing_a_gpu_use_gloo(monkeypatch):
+    """NCCL refuses two ranks on one GPU: more local ranks than GPUs means gloo, passed to Accelerate."""
+    no_gpu(monkeypatch, cuda=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert shared_gpu_backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert shared_gpu_backend() is None  # one rank per GPU: Accelerate's NCCL
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert shared_gpu_backend() is None
+    no_gpu(monkeypatch)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert shared_gpu_backend() is None  # CPU ranks: gloo through Accelerate's cpu=True already
+
+    no_gpu(monkeypatch, cuda=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    captured = {}
+
+    class Recorder:
+        num_processes = 2
+
+        def __init__(self, **kwargs):
+            captured.update(kwargs)
+
+        def print(self, *args):
+            captured["printed"] = " ".join(args)
+
+    monkeypatch.setattr(accelerator_module, "Accelerator", Recorder)
+    monkeypatch.setattr(accelerator_module, "resolve_mixed_precision", lambda setting: "no")
+    accelerator_module.make_accelerator(load_config(REPO / "configs/demo.yaml", check_data=False))
+    group = next(h for h in captured["kwargs_handlers"] if type(h).__name__ == "InitProcessGroupKwargs")
+    assert group.backend == "gloo" and group.to_kwargs()["backend"] == "gloo"
+    assert "2 ranks share 1 GPU(s)" in captured["printed"] and "gloo" in captured["printed"]
 
 
 def test_resolve_mixed_precision(monkeypatch):

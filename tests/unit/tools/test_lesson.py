@@ -1,5 +1,5 @@
-"""distvit.tools.lesson: the baseline's loader batch that fits /dev/shm, its per-item preprocessing (the
-same numbers as distvit's BatchTransform), and its loop's running loss and phases."""
+"""distvit.tools.lesson: the baseline's loader (refused where /dev/shm cannot hold its batch), its
+per-item preprocessing (the same numbers as distvit's BatchTransform), and its loop's loss and phases."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from distvit.data.memory import SplitTensors
 from distvit.data.transforms import BatchTransform
 from distvit.engine.timing import PhaseTimer
+from distvit.errors import DataError
 from distvit.tools import lesson
-from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, LessonCIFAR, LessonLoop, fitting_batch, lesson_loader
+from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, LessonCIFAR, LessonLoop, check_shm_room, lesson_loader
 
 Usage = collections.namedtuple("Usage", "total used free")
 
@@ -21,22 +22,24 @@ def _shm_free(monkeypatch, free: int) -> None:
     monkeypatch.setattr(lesson.shutil, "disk_usage", lambda path: Usage(free, 0, free))
 
 
-def test_a_roomy_dev_shm_keeps_the_batch(monkeypatch, recwarn):
+def test_a_roomy_dev_shm_keeps_the_batch(monkeypatch):
     _shm_free(monkeypatch, 64 * 2**30)
-    assert fitting_batch(256, 224) == 256
-    assert len(recwarn) == 0
+    loader = lesson_loader(_data(), 224, 256)
+    assert loader.batch_size == 256
 
 
-def test_a_small_dev_shm_halves_the_batch_until_it_fits(monkeypatch):
+def test_a_small_dev_shm_is_refused_not_a_smaller_lesson_batch(monkeypatch):
+    """A smaller batch would slow the lesson on a GPU and inflate distvit's ratio: refuse, say how much."""
     _shm_free(monkeypatch, 64 * 2**20)
     # 5 batches in flight (2 workers x 2 prefetched + 1) of 224 px float32 images (602,112 bytes each) must
-    # fit in 80 % of 64 MiB: 16 x 5 x 602,112 = 48.2 MB does, 32 does not
-    with pytest.warns(UserWarning, match=r"^/dev/shm has 64 MB free: the lesson's DataLoader uses batch 16 instead"):
-        assert fitting_batch(256, 224) == 16
-    with pytest.warns(UserWarning, match="uses batch 64 instead of 256"):
-        assert fitting_batch(256, 224, workers=0) == 64  # 1 batch in flight: 64 x 602,112 = 38.5 MB
-    with pytest.warns(UserWarning, match="uses batch 8 instead of 256"):
-        assert fitting_batch(256, 224 * 8) == 8  # never below 8
+    # fit in 80 % of 64 MiB (53.7 MB): 17 x 5 x 602,112 = 51.2 MB does, 18 do not
+    check_shm_room(17, 224)
+    with pytest.raises(DataError, match=r"^/dev/shm has 64 MB free, .* needs about 65 MB for batches of 18 images"):
+        check_shm_room(18, 224)
+    with pytest.raises(DataError, match=r"needs about 919 MB for batches of 256 images at 224 px\. .*--shm-size"):
+        lesson_loader(_data(), 224, 256)
+    check_shm_room(89, 224, workers=0)  # 1 batch in flight: 89 x 602,112 = 53.6 MB
+    assert lesson_loader(_data(), 224, 256, workers=0).batch_size == 256  # no workers: nothing in /dev/shm
 
 
 def test_without_dev_shm_the_batch_is_kept(monkeypatch):
@@ -44,7 +47,7 @@ def test_without_dev_shm_the_batch_is_kept(monkeypatch):
         raise FileNotFoundError(path)
 
     monkeypatch.setattr(lesson.shutil, "disk_usage", missing)
-    assert fitting_batch(512, 224) == 512
+    check_shm_room(512, 224)
 
 
 def _data(n: int = 10, size: int = 8) -> SplitTensors:
