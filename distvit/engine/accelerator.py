@@ -27,16 +27,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # than tear the process down from the watchdog (3, torch's default), so the unresponsive ranks can
     # be named (PeerMonitor). A value set by the user wins.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-    backend = shared_gpu_backend()
-    process_group = {"backend": backend} if backend else {}
     accelerator = Accelerator(
         cpu=cpu_processes(),
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         log_with="wandb" if cfg.tracking.backend == "wandb" else None,
-        kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s), **process_group),
-            DistributedDataParallelKwargs(**ddp_options(cfg)),
-        ],
+        kwargs_handlers=[process_group_options(cfg.train.timeout_s), DistributedDataParallelKwargs(**ddp_options(cfg))],
     )
     world, micro = accelerator.num_processes, cfg.train.grad_accum_steps
     if cfg.train.batch_size % (world * micro) or cfg.train.eval_batch_size % world:
@@ -46,13 +41,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"({world} x {micro}) and eval_batch_size by the number of processes ({world}). "
             f"Choose multiples of {world * micro}."
         )
-    if backend:
+    if shared_gpu_backend():
         accelerator.print(
             f"distvit: note: {os.environ['LOCAL_WORLD_SIZE']} ranks share {torch.cuda.device_count()} GPU(s) on this "
             "node: NCCL cannot put two ranks on one GPU, so they communicate through gloo (slower; for tests). "
             "Launch one rank per GPU for speed."
         )
     return accelerator
+
+
+def process_group_options(timeout_s: int | None = None) -> InitProcessGroupKwargs:
+    """The process group's timeout, and gloo where ranks share a GPU (see shared_gpu_backend)."""
+    backend = shared_gpu_backend()
+    options: dict = {"backend": backend} if backend else {}
+    if timeout_s is not None:
+        options["timeout"] = timedelta(seconds=timeout_s)
+    return InitProcessGroupKwargs(**options)
 
 
 def shared_gpu_backend() -> str | None:

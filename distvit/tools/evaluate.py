@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from distvit.data.loader import open_batches
 from distvit.data.manifest import read_manifest
 from distvit.data.transforms import BatchTransform
-from distvit.engine.accelerator import cpu_processes
+from distvit.engine.accelerator import cpu_processes, process_group_options
 from distvit.engine.evaluation import EvalResult, evaluate
 from distvit.errors import ConfigError, DataError
 from distvit.run.checkpoint import load_model, resolve_checkpoint
@@ -30,7 +30,7 @@ def evaluate_checkpoint(
             f"dataset {data_path} has classes {list(manifest.classes)[:5]}..., the checkpoint was trained on "
             f"{list(payload['classes'])[:5]}...: evaluate on a dataset with the same classes in the same order."
         )
-    accelerator = Accelerator(cpu=cpu_processes())
+    accelerator = Accelerator(cpu=cpu_processes(), kwargs_handlers=[process_group_options()])
     if global_batch % accelerator.num_processes:
         raise ConfigError(
             f"--batch-size {global_batch} must be divisible by the number of processes ({accelerator.num_processes})."
