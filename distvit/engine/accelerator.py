@@ -42,6 +42,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"Choose multiples of {world * micro}."
         )
     if shared_gpu_backend():
+        # Accelerate would give DDP `device_ids=[local rank]`, a GPU that does not exist here; without
+        # device_ids DDP uses the module's own device.
+        os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
         accelerator.print(
             f"distvit: note: {os.environ['LOCAL_WORLD_SIZE']} ranks share {torch.cuda.device_count()} GPU(s) on this "
             "node: NCCL cannot put two ranks on one GPU, so they communicate through gloo (slower; for tests). "
@@ -66,6 +69,17 @@ def shared_gpu_backend() -> str | None:
     if local_ranks > 1 and torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
         return "gloo"
     return None
+
+
+def wait_for_everyone(accelerator: Accelerator) -> None:
+    """Accelerate's barrier, except where ranks share a GPU: Accelerate passes `device_ids=[local rank]`,
+    and a barrier then allocates on a GPU that does not exist; a plain barrier uses gloo's own device."""
+    if accelerator.num_processes > 1 and shared_gpu_backend():
+        import torch.distributed as dist
+
+        dist.barrier()
+    else:
+        accelerator.wait_for_everyone()
 
 
 def resolve_mixed_precision(setting: str) -> str:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
-from distvit.engine.accelerator import ddp_options, make_accelerator
+from distvit.engine.accelerator import ddp_options, make_accelerator, wait_for_everyone
 from distvit.engine.checkpointer import Checkpointer, Resume, RunIdentity
 from distvit.engine.evaluation import EvalResult
 from distvit.engine.evaluator import Evaluator
@@ -73,7 +73,7 @@ class Trainer:
         if self.resume:
             self.resume.check(record, identity, cfg.ema.enabled)
         # 3. Rank 0 prepares the run directory once every rank has passed (NCCL's init has no barrier).
-        accelerator.wait_for_everyone()
+        wait_for_everyone(accelerator)
         if accelerator.is_main_process:
             init_run_dir(run_dir, cfg, self.resume.step)
         self.monitor.wait_for_main()

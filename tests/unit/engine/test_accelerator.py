@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from distvit.config import Config, load_config
@@ -12,6 +14,7 @@ from distvit.engine.accelerator import (
     ddp_options,
     resolve_mixed_precision,
     shared_gpu_backend,
+    wait_for_everyone,
 )
 from tests.support.helpers import REPO
 
@@ -70,6 +73,7 @@ def test_ranks_sharing_a_gpu_use_gloo(monkeypatch):
     no_gpu(monkeypatch, cuda=True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_BYPASS_DEVICE_MAP", "false")  # recorded: restored after the test
     captured = {}
 
     class Recorder:
@@ -87,6 +91,27 @@ def test_ranks_sharing_a_gpu_use_gloo(monkeypatch):
     group = next(h for h in captured["kwargs_handlers"] if type(h).__name__ == "InitProcessGroupKwargs")
     assert group.backend == "gloo" and group.to_kwargs()["backend"] == "gloo"
     assert "2 ranks share 1 GPU(s)" in captured["printed"] and "gloo" in captured["printed"]
+    assert os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] == "true"  # DDP without device_ids=[local rank]
+
+
+def test_ranks_sharing_a_gpu_wait_with_a_plain_barrier(monkeypatch):
+    """Accelerate's barrier names GPU `local rank`, which does not exist where ranks share one GPU."""
+    import torch.distributed as dist
+
+    calls = []
+
+    class Ranks:
+        num_processes = 2
+
+        def wait_for_everyone(self):
+            calls.append("accelerate")
+
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("plain"))
+    monkeypatch.setattr(accelerator_module, "shared_gpu_backend", lambda: "gloo")
+    wait_for_everyone(Ranks())
+    monkeypatch.setattr(accelerator_module, "shared_gpu_backend", lambda: None)
+    wait_for_everyone(Ranks())
+    assert calls == ["plain", "accelerate"]
 
 
 def test_resolve_mixed_precision(monkeypatch):
