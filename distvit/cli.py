@@ -5,6 +5,7 @@
     distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
     distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
     distvit bench train --config X [--baseline lesson] training step images/s, breakdown, FLOP/s vs the lesson
+                        [--epoch] [--profile F]    one epoch end to end; a profile of a few steps
     distvit evaluate RUN_DIR|CHECKPOINT [--split test]  exact accuracy, per class, confusion matrix
     distvit predict --checkpoint RUN_DIR img.png ...   top-k classes (or --model NAME --pretrained)
     distvit report RUN_DIR                           redraw the run's PNG plots
@@ -229,6 +230,19 @@ def _add_bench_commands(commands) -> None:
         "--check",
         action="store_true",
         help="first train the configured fast path and an fp32 eager reference side by side; exit 1 if they disagree",
+    )
+    train_bench.add_argument(
+        "--epoch",
+        action="store_true",
+        help="also time one whole epoch of the training split end to end (feature-cache pass included), "
+        "and with --baseline lesson the lesson's epoch (its DataLoader's start included)",
+    )
+    train_bench.add_argument(
+        "--profile",
+        default=None,
+        metavar="PATH",
+        help="then profile a few training steps (torch.profiler) and write the top ops/kernels, the window's "
+        "time and, on a GPU, the device's busy share to this text file",
     )
     train_bench.add_argument("--run-dir", default="runs/bench", help="scratch run directory (replaced)")
     train_bench.add_argument("--json", default=None, help="also write the results as JSON here")

@@ -70,6 +70,10 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 1:
         raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
+    if args.profile:
+        from distvit.tools.profiling import check_profile_path
+
+        check_profile_path(args.profile)
     args.overrides = [*args.overrides, f"run.dir={args.run_dir}", "run.overwrite=true"]  # a scratch directory
     splits = None
     if args.synthetic:
@@ -84,7 +88,9 @@ def train_command(args: argparse.Namespace) -> int:
         check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     else:
         cfg, manifest, _ = load_checked_config(args.config, args.overrides)
-    result = bench_train(cfg, manifest, args.steps, args.warmup, args.baseline, splits, args.check)
+    result = bench_train(
+        cfg, manifest, args.steps, args.warmup, args.baseline, splits, args.check, args.epoch, args.profile
+    )
     if is_local_leader() and int(os.environ.get("RANK", "0")) == 0:
         print(format_train_bench(result), flush=True)
         if args.scaling_reference:

@@ -12,6 +12,11 @@ CUDA's sync-debug mode and count host synchronisations inside the step (there sh
 `--baseline lesson` then runs `distvit.tools.lesson`'s loop on the same device, model and images; the
 ratio is what to quote, as it holds on a noisy machine. Compile and feature-cache time are reported
 apart and excluded from images/s.
+
+`epoch=True` also times one whole epoch of the training split end to end: distvit's feature-cache pass
+(head-only runs on cached features) plus exactly one epoch plan's steps, and the lesson's loop over a
+fresh DataLoader (its workers' start included) for `len(loader)` steps. `profile=PATH` then runs a few
+steps under torch.profiler and writes a summary there (`distvit.tools.profiling`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import gc
 import json
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +37,19 @@ from accelerate.utils import set_seed
 from distvit.config import Config
 from distvit.data.manifest import Manifest, SplitInfo
 from distvit.data.memory import SplitTensors
-from distvit.engine.timing import PhaseTimer, synchronize
+from distvit.engine.timing import PhaseTimer
 from distvit.errors import ConfigError, DataError
 from distvit.tools.fast_path import check_fast_path
 from distvit.tools.measure import count_host_syncs, device_peak_flops, peak_memory, train_flops_per_image
+from distvit.tools.profiling import (
+    distvit_epoch,
+    epoch_line,
+    lesson_epoch,
+    lesson_steps,
+    profile_line,
+    profile_steps,
+    timed,
+)
 
 PHASES = ("data", "forward_backward", "optimizer")
 
@@ -75,18 +89,10 @@ class TrainBench:
     versions: dict[str, str] = field(default_factory=dict)
     check: dict[str, Any] | None = None
     """`--check`: the fast path against the fp32 eager reference (see `check_fast_path`)."""
-
-
-def _timed(run, device: torch.device) -> tuple[Any, float, PhaseTimer]:
-    """`run(timer)` from an idle device and a fresh peak-memory count: its result, wall seconds, timer."""
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timer = PhaseTimer(device)
-    start = time.perf_counter()
-    result = run(timer)
-    synchronize(device)
-    return result, time.perf_counter() - start, timer
+    epoch: dict[str, Any] | None = None
+    """`--epoch`: one epoch end to end (seconds: distvit = features + steps; lesson; ratio = lesson / distvit)."""
+    profile: dict[str, Any] | None = None
+    """`--profile`: the profiled window's headline numbers (see `distvit.tools.profiling`)."""
 
 
 def _measurement(
@@ -120,20 +126,25 @@ def _measurement(
     )
 
 
+def _run_steps(trainer, batches, count: int, timer: PhaseTimer | None = None) -> tuple[int, torch.Tensor]:
+    """`count` training steps on `batches` (`DataSources.endless_batches`): images (all ranks), loss sum."""
+    images, loss_sum = 0, torch.zeros((), device=trainer.accelerator.device)
+    for _ in range(count):
+        if timer:
+            timer.start()
+        batch, imgs, labels, local, global_batch, epoch = next(batches)
+        loss_sum += trainer.step(batch, imgs, labels, local, global_batch, epoch, timer)
+        images += batch.global_valid
+    return images, loss_sum
+
+
 def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, peak: float) -> Measurement:
     device, accelerator = trainer.accelerator.device, trainer.accelerator
     trainer.parts.trained.train()
     batches = trainer.sources.endless_batches()
 
     def run(count: int, timer: PhaseTimer | None = None) -> tuple[int, torch.Tensor]:
-        images, loss_sum = 0, torch.zeros((), device=device)
-        for _ in range(count):
-            if timer:
-                timer.start()
-            batch, imgs, labels, local, global_batch, epoch = next(batches)
-            loss_sum += trainer.step(batch, imgs, labels, local, global_batch, epoch, timer)
-            images += batch.global_valid
-        return images, loss_sum
+        return _run_steps(trainer, batches, count, timer)
 
     unchecked = min(warmup, 2)  # the first steps set up kernels, allocator pools and (step 2) DDP's buckets
 
@@ -144,7 +155,7 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
     run(unchecked)
     host_syncs = count_host_syncs(checked_warmup)
     accelerator.wait_for_everyone()
-    (images, loss_sum), wall, timer = _timed(lambda timer: run(steps, timer), device)
+    (images, loss_sum), wall, timer = timed(lambda timer: run(steps, timer), device)
     if not torch.isfinite(loss_sum):
         raise DataError(f"the benchmark's training loss is {loss_sum.item()}: the configuration diverges.")
     slowest = (
@@ -165,8 +176,10 @@ def measure_lesson(
     warmup: int,
     flops_per_image: float,
     peak: float,
-) -> Measurement:
-    """The lesson's loop (`distvit.tools.lesson`) on the same model (surgery included), device and images."""
+    epoch: bool = False,
+) -> tuple[Measurement, tuple[int, int, float] | None]:
+    """The lesson's loop (`distvit.tools.lesson`) on the same model (surgery included), device and images;
+    with `epoch`, then `lesson_epoch`'s (images, steps, seconds)."""
     from distvit.model.build import build_model
     from distvit.tools.lesson import LessonLoop, lesson_loader
 
@@ -177,10 +190,16 @@ def measure_lesson(
     loop = LessonLoop(model, loader, device)
     for _ in range(warmup):
         loop.step()
-    loss, wall, timer = _timed(lambda timer: [loop.step(timer) for _ in range(steps)][-1], device)
+    loss, wall, timer = timed(partial(lesson_steps, loop, steps), device)
     if loss != loss:
         raise DataError("the lesson baseline's loss is NaN.")
-    return _measurement("lesson", steps * loader.batch_size, wall, steps, timer, device, flops_per_image, peak, None)
+    images = steps * loader.batch_size
+    measured = _measurement("lesson", images, wall, steps, timer, device, flops_per_image, peak, None)
+    if not epoch:
+        return measured, None
+    del loop, loader  # its workers end before the epoch's fresh loader starts its own
+    gc.collect()
+    return measured, lesson_epoch(model, data, record, cfg.train.batch_size, device)
 
 
 def synthetic_splits(
@@ -212,8 +231,11 @@ def bench_train(
     baseline: str | None = None,
     splits: dict[str, SplitTensors] | None = None,
     check: bool = False,
+    epoch: bool = False,
+    profile: str | Path | None = None,
 ) -> TrainBench:
-    """Benchmark the configured training step (and the lesson's loop with baseline='lesson')."""
+    """Benchmark the configured training step (and the lesson's loop with baseline='lesson'); `epoch`:
+    also one epoch end to end; `profile`: a profiler summary of a few steps written there."""
     from distvit.engine.trainer import Trainer
 
     cfg = dataclasses.replace(cfg)
@@ -254,6 +276,18 @@ def bench_train(
         check=checked,
     )
     result.results.append(measure_distvit(trainer, steps, warmup, flops, peak))
+    if epoch:
+        result.epoch = distvit_epoch(trainer)
+    if profile:
+        batches = trainer.sources.endless_batches()
+        _run_steps(trainer, batches, 1)  # a reader's start (stream mode) stays out of the window
+        title = (
+            f"distvit bench train --profile: {cfg.model.name}, batch {cfg.train.batch_size}, {result.device}; "
+            f"unprofiled {result.results[0].step_ms:.2f} ms/step (the profiler adds host time per op)"
+        )
+        run = partial(_run_steps, trainer, batches)
+        result.profile = profile_steps(run, device, profile, title, write=accelerator.is_main_process)
+    subset = trainer.sources.subset  # the lesson trains on the same images
     accelerator.end_training()
     if baseline == "lesson":
         del trainer, images  # the lesson's peak memory is its own
@@ -270,11 +304,19 @@ def bench_train(
                     f"{cfg.data.path}: the lesson baseline needs images stored at one size (prepare with --image-size)."
                 )
             lesson_data = load_split(cfg.data.path, manifest, cfg.data.train_split)
+        if subset is not None:
+            lesson_data = SplitTensors(lesson_data.images[subset], lesson_data.labels[subset])
         fp32_peak = peak if precision == "no" else device_peak_flops(device, "no")[0]  # the lesson computes in fp32
-        lesson = measure_lesson(cfg, lesson_data, manifest.num_classes, device, steps, warmup, full_flops, fp32_peak)
+        lesson, lesson_pass = measure_lesson(
+            cfg, lesson_data, manifest.num_classes, device, steps, warmup, full_flops, fp32_peak, epoch
+        )
         result.results.append(lesson)
         for measurement in result.results:
             measurement.ratio_to_lesson = measurement.images_per_sec / lesson.images_per_sec
+        if result.epoch is not None and lesson_pass is not None:
+            passed, count, seconds = lesson_pass
+            result.epoch.update(lesson_images=passed, lesson_steps=count, lesson_seconds=seconds)
+            result.epoch.update(lesson_images_per_sec=passed / seconds, ratio=seconds / result.epoch["distvit_seconds"])
     return result
 
 
@@ -325,6 +367,10 @@ def format_train_bench(bench: TrainBench) -> str:
         )
     note = f"peak mem: {bench.results[0].peak_memory_kind}" if bench.results else ""
     lines = [head, columns, *rows, note]
+    if bench.epoch:
+        lines.append(epoch_line(bench.epoch))
+    if bench.profile:
+        lines.append(profile_line(bench.profile))
     if bench.check:
         c = bench.check
         lines.append(

@@ -124,6 +124,73 @@ def test_bench_train_on_two_ranks_reports_scaling(tmp_path):
     assert "scaling: 2 process(es)" in result.stdout and "efficiency" in result.stdout
 
 
+TINY = ["--synthetic", "200", "--steps", "2", "--warmup", "1"]
+TINY_OVERRIDES = ["surgery.img_size=32", "train.batch_size=16", "train.compile=false"]
+
+
+@pytest.mark.slow
+def test_bench_train_epoch_of_the_head_only_lesson_on_cached_features(tmp_path):
+    """`--epoch`: the lesson's first experiment end to end: the feature pass plus exactly one epoch's
+    steps (200 images: 12 batches of 16 and one of 8) against the lesson's 200 // 16 batches of 16."""
+    head_only = ["surgery.freeze=backbone", "data.augment=none", *TINY_OVERRIDES]
+    result, report = _bench_train_json(tmp_path, "epoch", *TINY, "--epoch", "--baseline", "lesson", *head_only)
+    epoch = report["epoch"]
+    assert epoch["images"] == 200 and epoch["steps"] == 13  # every training image once, the last batch of 8
+    assert epoch["feature_seconds"] > 0 and epoch["feature_seconds"] == report["feature_cache_seconds"]
+    assert epoch["distvit_seconds"] == pytest.approx(epoch["feature_seconds"] + epoch["steps_seconds"])
+    assert epoch["distvit_images_per_sec"] == pytest.approx(200 / epoch["distvit_seconds"])
+    assert epoch["lesson_steps"] == 12 and epoch["lesson_images"] == 12 * 16  # len(loader), drop_last
+    assert epoch["lesson_images_per_sec"] == pytest.approx(192 / epoch["lesson_seconds"])
+    assert epoch["ratio"] == pytest.approx(epoch["lesson_seconds"] / epoch["distvit_seconds"])
+    assert report["profile"] is None
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("one epoch")]
+    assert line.startswith(
+        f"one epoch of 200 images end to end: distvit {epoch['distvit_seconds']:.2f} s "
+        f"(features {epoch['feature_seconds']:.2f} s + steps {epoch['steps_seconds']:.2f} s), "
+        f"lesson {epoch['lesson_seconds']:.2f} s (192 images: its loader drops the last partial batch): "
+    ) and line.endswith(("x faster", "x slower"))
+
+
+@pytest.mark.slow
+def test_bench_train_epoch_and_profile_of_full_fine_tuning(tmp_path):
+    """Without cached features the epoch is its steps alone; `--profile` writes torch's table of the
+    profiled steps' ops (CPU: by self CPU time) and puts the headline numbers into the JSON."""
+    profile = tmp_path / "profile.txt"
+    result, report = _bench_train_json(tmp_path, "full", *TINY, "--epoch", "--profile", str(profile), *TINY_OVERRIDES)
+    epoch = report["epoch"]
+    assert report["feature_cache_seconds"] == 0 and epoch["feature_seconds"] == 0
+    assert epoch["images"] == 200 and epoch["steps"] == 13 and epoch["distvit_seconds"] == epoch["steps_seconds"]
+    assert "lesson_seconds" not in epoch and "ratio" not in epoch
+    assert f"one epoch of 200 images end to end: distvit {epoch['distvit_seconds']:.2f} s (features 0.00 s" in (
+        result.stdout
+    )
+    summary = report["profile"]
+    assert summary["steps"] == 5 and summary["path"] == str(profile) and "error" not in summary
+    assert summary["device_busy_fraction"] is None and summary["sorted_by"] == "self CPU time"
+    assert 0 < summary["window_seconds"] < 60 and len(summary["top"]) == 5
+    assert all(0 < top["share"] < 1 and top["ms"] > 0 for top in summary["top"])
+    assert sorted((t["share"] for t in summary["top"]), reverse=True) == [t["share"] for t in summary["top"]]
+    text = profile.read_text()
+    assert text.splitlines()[1].startswith("window: ") and "for 5 steps" in text.splitlines()[1]
+    assert "Self CPU time total:" in text and "aten::addmm" in text and "aten::mm" in text  # the Linear layers
+    assert {"aten::addmm", "aten::mm"} & {top["name"] for top in summary["top"]}
+    assert "Optimizer.step#AdamW.step" in text  # the fused AdamW step, as torch labels it
+    assert f"(table in {profile})" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["missing/profile.txt", "."])
+def test_bench_train_profile_needs_a_file_in_an_existing_folder(tmp_path, capsys, where):
+    from distvit.cli import main
+
+    target = tmp_path / where
+    args = ["bench", "train", "--config", "configs/demo.yaml", "--synthetic", "40", "--profile", str(target)]
+    status = main([*args, "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"distvit: error: --profile {target}: ")
+    assert ("does not exist" if where != "." else "is a folder") in err
+    assert not (tmp_path / "r").exists()  # refused before the benchmark started
+
+
 def test_bench_train_lesson_baseline_needs_one_process(tmp_path, monkeypatch, capsys):
     from distvit.cli import main
 
