@@ -37,6 +37,7 @@ from accelerate.utils import set_seed
 from distvit.config import Config
 from distvit.data.manifest import Manifest, SplitInfo
 from distvit.data.memory import SplitTensors
+from distvit.engine.accelerator import wait_for_everyone
 from distvit.engine.timing import PhaseTimer
 from distvit.errors import ConfigError, DataError
 from distvit.tools.fast_path import check_fast_path
@@ -69,6 +70,8 @@ class Measurement:
     peak_fraction: float
     batch_size: int = 0
     host_syncs_per_step: float | None = None
+    host_sync_sites: list[str] = field(default_factory=list)
+    """Where those synchronisations were called from (file:line), to find them."""
     """Host synchronisations CUDA's sync-debug mode reported per warm-up step (GPU only)."""
     ratio_to_lesson: float | None = None
 
@@ -153,8 +156,9 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
         return warmup - unchecked
 
     run(unchecked)
-    host_syncs = count_host_syncs(checked_warmup)
-    accelerator.wait_for_everyone()
+    sites: list[str] = []
+    host_syncs = count_host_syncs(checked_warmup, sites)
+    wait_for_everyone(accelerator)
     (images, loss_sum), wall, timer = timed(lambda timer: run(steps, timer), device)
     if not torch.isfinite(loss_sum):
         raise DataError(f"the benchmark's training loss is {loss_sum.item()}: the configuration diverges.")
@@ -162,9 +166,11 @@ def measure_distvit(trainer, steps: int, warmup: int, flops_per_image: float, pe
         accelerator.gather(torch.tensor([wall], device=device)).max().item()
     )  # all ranks' images in the slowest rank's time
     # every rank has its own device (GPU, or its share of the CPU cores): the peak adds up
-    return _measurement(
+    measurement = _measurement(
         "distvit", images, slowest, steps, timer, device, flops_per_image, peak * accelerator.num_processes, host_syncs
     )
+    measurement.host_sync_sites = sites
+    return measurement
 
 
 def measure_lesson(
@@ -286,7 +292,9 @@ def bench_train(
             f"unprofiled {result.results[0].step_ms:.2f} ms/step (the profiler adds host time per op)"
         )
         run = partial(_run_steps, trainer, batches)
-        result.profile = profile_steps(run, device, profile, title, write=accelerator.is_main_process)
+        result.profile = profile_steps(
+            run, device, profile, title, write=accelerator.is_main_process, unprofiled_step_ms=result.results[0].step_ms
+        )
     subset = trainer.sources.subset  # the lesson trains on the same images
     accelerator.end_training()
     if baseline == "lesson":

@@ -70,9 +70,9 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (whole run)"
 
 
-def count_host_syncs(run_steps) -> float | None:
+def count_host_syncs(run_steps, sites: list[str] | None = None) -> float | None:
     """Run the callable's steps in CUDA's sync-debug mode; host synchronisations per step (None when
-    there is no GPU or no step was checked)."""
+    there is no GPU or no step was checked). `sites` gets where each one was called from (file:line)."""
     if not torch.cuda.is_available():
         run_steps()
         return None
@@ -84,4 +84,6 @@ def count_host_syncs(run_steps) -> float | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    if sites is not None:
+        sites.extend(f"{w.filename}:{w.lineno}" for w in syncs)
     return len(syncs) / steps if steps else None

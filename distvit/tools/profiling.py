@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from distvit.data.memory import SplitTensors
+from distvit.engine.accelerator import wait_for_everyone
 from distvit.engine.timing import PhaseTimer, synchronize
 from distvit.errors import DataError, DistvitError
 
@@ -62,7 +63,7 @@ def distvit_epoch(trainer) -> dict[str, Any]:
             images += batch.global_valid
         return images, loss_sum
 
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     (images, loss_sum), wall, _ = timed(run, device)
     if not torch.isfinite(loss_sum):
         raise DataError(f"the benchmark's epoch loss is {loss_sum.item()}: the configuration diverges.")
@@ -131,6 +132,7 @@ def profile_steps(
     title: str,
     write: bool = True,
     steps: int = PROFILE_STEPS,
+    unprofiled_step_ms: float | None = None,
 ) -> dict[str, Any]:
     """Run `run_steps(steps)` under the profiler (on every rank, so the ranks stay alike) and write the
     summary to `path` (`write`: this rank writes it); returns the headline numbers (or {"error": ...})."""
@@ -161,7 +163,7 @@ def profile_steps(
     try:
         if profiler is None:
             raise error or RuntimeError("the profiler did not start")
-        summary, text = _summarise(profiler, cuda, window, steps, title)
+        summary, text = _summarise(profiler, cuda, window, steps, title, unprofiled_step_ms)
     except Exception as err:
         summary = {"steps": steps, "window_seconds": window, "error": f"{type(err).__name__}: {err}"}
         text = f"{title}\nthe profiler failed, the benchmark's numbers stand: {summary['error']}\n"
@@ -186,7 +188,21 @@ def busy_fraction(intervals: list[tuple[float, float]], window: float) -> float:
     return min(covered / window, 1.0) if window > 0 else 0.0
 
 
-def _summarise(profiler, cuda: bool, window: float, steps: int, title: str) -> tuple[dict[str, Any], str]:
+def device_share(busy: float, window: float, steps: int, unprofiled_step_ms: float | None) -> dict[str, float]:
+    """The device's kernel time per step, and its share of the step as it runs without the profiler:
+    the profiler slows the host (every op is recorded), not the kernels, so the profiled window's host
+    gaps overstate the real ones; device time over the unprofiled step time does not."""
+    device_ms = 1000 * busy * window / steps
+    shares = {"device_ms_per_step": device_ms}
+    if unprofiled_step_ms:
+        shares["unprofiled_step_ms"] = unprofiled_step_ms
+        shares["device_busy_unprofiled"] = min(device_ms / unprofiled_step_ms, 1.0)
+    return shares
+
+
+def _summarise(
+    profiler, cuda: bool, window: float, steps: int, title: str, unprofiled_step_ms: float | None = None
+) -> tuple[dict[str, Any], str]:
     from torch.autograd import DeviceType
 
     def annotation_span(event) -> bool:  # record_function spans on the GPU's timeline cover the kernels in them
@@ -211,12 +227,20 @@ def _summarise(profiler, cuda: bool, window: float, steps: int, title: str) -> t
         "sorted_by": unit,
         "top": [{"name": name, "share": us / total if total else 0.0, "ms": us / 1000} for name, us in top],
     }
+    if busy is not None:
+        summary |= device_share(busy, window, steps, unprofiled_step_ms)
     lines = [title, f"window: {window:.4f} s wall for {steps} steps ({1000 * window / steps:.2f} ms/step)"]
     if busy is not None:
         lines.append(
             f"device busy: {busy:.1%} of the window (union of kernels, copies and memsets); host gaps "
-            f"{1 - busy:.1%} (the GPU waiting for the host): {_bound(busy)}"
+            f"{1 - busy:.1%} (the GPU waiting for the host, inflated by the profiler's own host time)"
         )
+        if "device_busy_unprofiled" in summary:
+            real = summary["device_busy_unprofiled"]
+            lines.append(
+                f"without the profiler: {summary['device_ms_per_step']:.2f} ms of device work per "
+                f"{unprofiled_step_ms:.2f} ms step, busy {real:.0%}: {_bound(real)}"
+            )
     else:
         lines.append("CPU: no device timeline; the table is sorted by self CPU time")
     lines.append(
@@ -251,8 +275,12 @@ def profile_line(profile: dict[str, Any]) -> str:
     """One line of the benchmark's report."""
     if profile.get("error"):
         return f"profile: the profiler failed ({profile['error']}); see {profile['path']}"
-    busy = profile["device_busy_fraction"]
+    busy = profile.get("device_busy_unprofiled", profile["device_busy_fraction"])
     share = f"device busy {busy:.0%}, host gaps {1 - busy:.0%}" if busy is not None else "CPU"
+    if "device_busy_unprofiled" in profile:
+        share += (
+            f" ({profile['device_ms_per_step']:.1f} ms of device work per {profile['unprofiled_step_ms']:.1f} ms step)"
+        )
     top = ", ".join(f"{_short(t['name'])} {t['share']:.0%}" for t in profile["top"][:3])
     return (
         f"profile: {profile['steps']} steps in {profile['window_seconds']:.3f} s, {share}; "

@@ -77,3 +77,23 @@ def test_host_syncs_without_a_gpu_run_the_steps_and_count_nothing(monkeypatch):
     ran = []
     assert count_host_syncs(lambda: ran.append(1) or 3) is None
     assert ran == [1]
+
+
+def test_host_syncs_are_counted_per_step_with_where_they_were_called(monkeypatch):
+    """On a GPU: CUDA's sync-debug warnings during the steps, per step, and each one's file:line."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def steps():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+        return 4
+
+    sites = []
+    assert count_host_syncs(steps, sites) == 0.5
+    assert modes == ["warn", "default"]
+    assert len(sites) == 2 and all(site.startswith(__file__ + ":") for site in sites)

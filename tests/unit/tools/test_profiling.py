@@ -10,7 +10,14 @@ import torch
 
 from distvit.errors import DistvitError
 from distvit.tools.bench_train import format_train_bench
-from distvit.tools.profiling import busy_fraction, check_profile_path, epoch_line, profile_line, profile_steps
+from distvit.tools.profiling import (
+    busy_fraction,
+    check_profile_path,
+    device_share,
+    epoch_line,
+    profile_line,
+    profile_steps,
+)
 from tests.unit.tools.test_bench_train import _bench, _measurement
 
 EPOCH = {
@@ -64,6 +71,30 @@ def test_the_report_ends_with_the_epoch_and_profile_lines():
     )
     failed = {"steps": 5, "window_seconds": 0.1, "error": "RuntimeError: no CUPTI", "path": "p.txt"}
     assert profile_line(failed) == "profile: the profiler failed (RuntimeError: no CUPTI); see p.txt"
+
+
+def test_the_device_share_is_taken_against_the_unprofiled_step():
+    """The H200's 32/p4 profile: busy 45% of a 169.7 ms window of 5 steps (33.9 ms/step with the profiler's
+    host overhead) is 15.3 ms of device work per step; the step runs in 24.2 ms without the profiler, so the
+    device is busy 63% of it (not 45%): partly bound by the host."""
+    share = device_share(0.45, 0.1697, 5, 24.2)
+    assert share["device_ms_per_step"] == pytest.approx(15.273)
+    assert share["device_busy_unprofiled"] == pytest.approx(15.273 / 24.2)
+    assert device_share(0.9, 0.1, 5, 10.0)["device_busy_unprofiled"] == 1.0  # capped: timing noise
+    assert "device_busy_unprofiled" not in device_share(0.5, 0.1, 5, None)
+    profile = {
+        "steps": 5,
+        "window_seconds": 0.1697,
+        "device_busy_fraction": 0.45,
+        "sorted_by": "self device time",
+        "top": [{"name": "gemm", "share": 0.5, "ms": 1.0}],
+        "path": "p.txt",
+        **share,
+    }
+    assert profile_line(profile) == (
+        "profile: 5 steps in 0.170 s, device busy 63%, host gaps 37% (15.3 ms of device work per 24.2 ms step); "
+        "top by self device time: gemm 50% (table in p.txt)"
+    )
 
 
 def test_busy_fraction_is_the_union_of_the_intervals():
