@@ -68,24 +68,18 @@ class BatchTransform:
         if augmentation is not None:
             images = random_crop(images, augmentation.padding, augmentation.offset_y, augmentation.offset_x)
             images = hflip(images, augmentation.flip)
-        x = images.permute(0, 3, 1, 2).float()
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[1] == 1 and len(self.mean) == 3:
             x = x.expand(-1, 3, -1, -1)
-        # Normalise first, in one pass at the stored size: a bilinear resize (weights summing to 1) commutes
-        # with a per-channel affine map, so 32 -> 224 px normalises 49x fewer pixels than after the resize.
-        scale, shift = _normalisation(self.mean, self.std, x.device)
-        x = torch.addcmul(shift, x, scale)
         if tuple(x.shape[-2:]) != tuple(self.img_size):
             shrinking = x.shape[-1] > self.img_size[1] or x.shape[-2] > self.img_size[0]
             x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False, antialias=shrinking)
-        return x
+        mean, std = _normalisation(self.mean, self.std, x.device)
+        return (x - mean) / std
 
 
 @functools.lru_cache(maxsize=16)
 def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """uint8 -> normalised float as x * scale + shift (scale = 1 / (255 std), shift = -mean / std), as
-    1 x C x 1 x 1 tensors on `device`, made once (a tensor built from Python numbers on a GPU is a
-    host-to-device copy that synchronises)."""
-    scale = [1.0 / (255.0 * s) for s in std]
-    shift = [-m / s for m, s in zip(mean, std)]
-    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (scale, shift))
+    """Mean and std as 1 x C x 1 x 1 tensors on `device`, made once (a tensor built from Python numbers
+    on a GPU is a host-to-device copy that synchronises)."""
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
