@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.support.helpers import REPO, accelerate_launch, run_cli, subprocess_env
 
@@ -259,19 +260,20 @@ BLOCK_OPTIONAL = "import sys\nfor name in ('pydantic', 'webdataset', 'wandb'):\n
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_with_only_torch_timm_accelerate(tmp_path):
-    """launch/gpu_check.py at tiny size, with pydantic, webdataset and wandb made unimportable."""
+    """launch/gpu_check.py at tiny size, with pydantic, webdataset and wandb made unimportable: the phases
+    that read shards say they were skipped and why; every benchmark phase reports."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCK_OPTIONAL)
     env = {**subprocess_env(), "PYTHONPATH": str(blocker)}
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "launch/gpu_check.py", str(out), "--quick"],
+        [sys.executable, "launch/gpu_check.py", str(out), "--quick", "--budget", "900"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "pydantic is not installed" in (out / "gpu_check.log").read_text()  # the blocker did block
@@ -279,21 +281,102 @@ def test_gpu_check_script_runs_with_only_torch_timm_accelerate(tmp_path):
     assert [c["name"] for c in cases] == [
         "deit_tiny 224/p16",
         "deit_tiny 32/p4",
+        "CUDA paths (gpu_paths.py)",
+        "data readers (bench data)",
+        "lesson exp. 1: head only 224",
         "deit_tiny 32/p16",
         "deit_small 224/p16",
     ]
-    assert all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in cases)
+    benches = [c for c in cases if "results" in c]
+    assert len(benches) == 5 and all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in benches)
+    for skipped in cases[2:4]:
+        assert skipped["skipped"] == "webdataset is not installed (carry its wheel and braceexpand's)"
     assert cases[0]["check"]["passed"] and cases[1]["tokens_per_image"] == 65
+    assert [c["profile"]["steps"] for c in cases[:2]] == [5, 5] and cases[5]["profile"] is None
+    head_only = cases[4]
+    assert head_only["epoch"]["images"] == 200 and head_only["epoch"]["feature_seconds"] > 0
     table = (out / "gpu_check.md").read_text()
-    assert table.count("| distvit |") == 4 and table.count("| lesson |") == 4 and "**PASS**" in table
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [
-            "gpu_check.json",
-            "gpu_check.md",
-            "gpu_check.log",
-            "deit_tiny_224_p16.json",
-            "deit_tiny_32_p4.json",
-            "deit_tiny_32_p16.json",
-            "deit_small_224_p16.json",
-        ]
+    assert table.count("| distvit |") == 5 and table.count("| lesson |") == 5 and "**PASS**" in table
+    assert "- lesson exp. 1: head only 224: 200 images, distvit " in table
+    assert table.count("skipped: webdataset is not installed") == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_check.json",
+        "gpu_check.log",
+        "gpu_check.md",
+        "gpu_profiles.txt",
+    ]
+    profiles = (out / "gpu_profiles.txt").read_text()
+    assert profiles.count("distvit bench train --profile:") == 2 and "## deit_tiny 32/p4" in profiles
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gpu_paths_script_checks_the_paths_on_this_machine(tmp_path):
+    """launch/gpu_paths.py --quick on the CPU (gloo): every check that needs no CUDA runs and passes with
+    exact numbers; fp16 loss scaling is skipped, said so."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "launch/gpu_paths.py", str(out), "--quick"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "gpu_paths.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert list(checks) == [
+        "compile_ddp_accum",
+        "one_vs_two_ranks",
+        "stop_resume_bf16",
+        "fp16_overflow",
+        "eval_one_vs_two",
+    ]
+    assert [c["passed"] for c in checks.values()] == [True, True, True, None, True]
+    compiled = checks["compile_ddp_accum"]["numbers"]
+    assert compiled["steps_checked_per_rank"] == [4, 4] and compiled["compile_seconds"] > 0  # 256 images / 64
+    ranks = checks["one_vs_two_ranks"]["numbers"]
+    assert ranks["steps"] == 16 and ranks["max_weight_diff"] < 1e-5 and ranks["max_loss_diff"] < 1e-5
+    resume = checks["stop_resume_bf16"]["numbers"]
+    assert resume["steps"] == [16, 16] and set(resume["resumed_vs_full"].values()) == {0.0}
+    assert set(resume["resumed_vs_full"]) == {"model", "ema", "optimizer"}
+    evaluation = checks["eval_one_vs_two"]["numbers"]
+    assert evaluation["num_samples"] == [67, 67] and evaluation["correct"][0] == evaluation["correct"][1]
+    assert "| fp16_overflow | skipped | fp16 loss scaling needs CUDA |" in (out / "gpu_paths.md").read_text()
+
+
+def test_gpu_paths_checks_fail_on_what_they_look_for(tmp_path):
+    """The paths script's judges are real: a changed weight, an unskipped overflow step, a differing
+    scaler or evaluation count each fail."""
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import gpu_paths
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    state = {"model": {"w": torch.zeros(3)}, "ema": None, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}}}
+    moved = {**state, "model": {"w": torch.tensor([0.0, 0.5, 0.0])}}
+    assert gpu_paths._state_diffs(state, state) == {"model": 0.0, "optimizer": 0.0}
+    assert gpu_paths._state_diffs(state, moved) == {"model": 0.5, "optimizer": 0.0}
+
+    skipped = {"step": 3, "weights_changed": False, "scale_before": 65536.0, "scale_after": 32768.0}
+    skipped |= {"scheduler_steps_before": 2, "scheduler_steps_after": 2}
+    scaler = {"scale": 32768.0, "_growth_tracker": 29}
+    judge = gpu_paths.fp16_extra([{"rank": 0, "overflow": skipped}])
+    assert judge({"scaler": scaler}, {"scaler": dict(scaler)}, True, "", {})[0] is True
+    for bad in ({"weights_changed": True}, {"scale_after": 65536.0}, {"scheduler_steps_after": 3}):
+        judge = gpu_paths.fp16_extra([{"rank": 0, "overflow": {**skipped, **bad}}])
+        assert judge({"scaler": scaler}, {"scaler": scaler}, True, "", {})[0] is False, bad
+    judge = gpu_paths.fp16_extra([{"rank": 0, "overflow": skipped}])
+    passed, text = judge({"scaler": scaler}, {"scaler": {**scaler, "_growth_tracker": 3}}, True, "", {})
+    assert passed is False and "scaler state after resume DIFFERENT" in text
+    assert gpu_paths.fp16_extra([{"rank": 0}])({}, {}, True, "", {})[0] is False  # the overflow never ran
+
+    result = {"correct": 43, "num_samples": 333, "confusion": [[1, 0], [0, 1]], "per_class_accuracy": [1.0, 1.0]}
+    for ranks, correct in ((1, 43), (2, 42)):
+        (tmp_path / f"eval{ranks}.json").write_text(json.dumps({**result, "correct": correct}))
+    one, two = (gpu_paths.Launch(f"eval{r}", r, [], exit=0) for r in (1, 2))
+    check = gpu_paths.check_eval(one, two, tmp_path)
+    assert check.passed is False and check.summary.endswith("['correct'] differ")
+    two.exit = 1
+    assert gpu_paths.check_eval(one, two, tmp_path).summary == "eval2 exit 1"
