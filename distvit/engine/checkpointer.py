@@ -209,7 +209,7 @@ class Resume:
             self.path = files.latest_checkpoint(run_dir)
         else:
             self.path = Path(cfg.resume) if cfg.resume else None
-        self.payload = files.load_checkpoint(self.path) if self.path else None
+        self.payload = files.load_checkpoint(self.path, require=tuple(files.KEY_TYPES)) if self.path else None
 
     def __bool__(self) -> bool:
         return self.payload is not None

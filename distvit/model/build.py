@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from distvit.config import ModelConfig, SurgeryConfig
-from distvit.errors import ConfigError, DistvitError
+from distvit.errors import CheckpointError, ConfigError, DistvitError
 from distvit.model.record import SurgeryRecord, make_record
 from distvit.model.surgery import apply_freeze, apply_geometry
 
@@ -162,7 +162,14 @@ def _check_file_covers_model(path: str, model: VisionTransformer, reinit_head: b
 
 
 def model_from_record(record: SurgeryRecord) -> torch.nn.Module:
-    """The architecture described by `record`, randomly initialised (load a state dict into it)."""
+    """The architecture described by `record`, randomly initialised (load a state dict into it). Only a
+    model of timm's own registry: a record naming a hub model (`hf-hub:...`) would make timm fetch its
+    configuration from the network because a file said so."""
+    if not isinstance(record.model_name, str) or ":" in record.model_name or not timm.is_model(record.model_name):
+        raise CheckpointError(
+            f"the checkpoint's surgery record names model {record.model_name!r}, which is not in timm's local "
+            f"registry (timm {timm.__version__}): distvit rebuilds only models timm knows without the network."
+        )
     model = timm.create_model(
         record.model_name,
         pretrained=False,

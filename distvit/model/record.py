@@ -76,9 +76,18 @@ class SurgeryRecord:
                 f"surgery record version {raw.get('version')} with keys {sorted(unknown)} was written by another "
                 f"distvit version; this one reads version {RECORD_VERSION}."
             )
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(raw))
+        if missing:
+            raise CheckpointError(f"the surgery record is incomplete: {', '.join(missing)} missing.")
         raw = dict(raw)
-        raw["grid_size"] = tuple(raw["grid_size"])
-        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        try:
+            raw["grid_size"] = tuple(raw["grid_size"])
+            raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        except TypeError as err:
+            raise CheckpointError(
+                f"the surgery record is damaged: grid_size, mean and std must be lists ({err})."
+            ) from None
         return cls(**raw)
 
     def plan(self) -> dict[str, Any]:

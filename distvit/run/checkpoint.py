@@ -84,9 +84,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             )
         return None
     try:
-        path = marker.parent / json.loads(marker.read_text())["file"]
+        name = json.loads(marker.read_text())["file"]
+        if not isinstance(name, str):
+            raise TypeError(name)
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{marker} is damaged; point train.resume at a checkpoint file instead.") from None
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(
+            f"{marker} names {name!r}, not a file of {marker.parent}: it may only name a checkpoint beside it. "
+            "Point train.resume at a checkpoint file instead."
+        )
+    path = marker.parent / name
     if not path.is_file():
         raise CheckpointError(f"{marker} names {path.name}, which is missing; point train.resume at a checkpoint file.")
     return path
@@ -105,7 +113,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", require: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A distvit checkpoint's payload, with the keys `require` names present and of their type (KEY_TYPES)."""
     path = resolve_checkpoint(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -116,21 +127,43 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} is not a distvit checkpoint of format version {FORMAT_VERSION} "
             f"(found {payload.get('format_version') if isinstance(payload, dict) else type(payload).__name__})."
         )
+    missing = [key for key in require if not isinstance(payload.get(key), KEY_TYPES[key])]
+    if missing:
+        raise CheckpointError(
+            f"{path} is incomplete or damaged: {', '.join(missing)} missing or of the wrong type. Use a checkpoint "
+            "that distvit wrote (RUN_DIR/checkpoints/)."
+        )
     return payload
+
+
+KEY_TYPES = {
+    "model": dict,
+    "surgery": dict,
+    "config": dict,
+    "classes": list,
+    "epoch": int,
+    "step": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "data": dict,
+    "metrics": dict,
+    "rng": list,
+}
+"""The type of each checkpoint key a reader may require (resume requires them all, evaluate a few)."""
 
 
 WEIGHTS = ("model", "ema")
 
 
 def load_model(
-    path: str | os.PathLike, weights: str = "model"
+    path: str | os.PathLike, weights: str = "model", require: tuple[str, ...] = ("model", "surgery")
 ) -> tuple[torch.nn.Module, SurgeryRecord, dict[str, Any]]:
     """Rebuild the model of a checkpoint (or a run directory's final one) from its surgery record and load
     its weights: the trained model's, or (weights="ema") the EMA's."""
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
     path = resolve_checkpoint(path)
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, require=require)
     if payload.get(weights) is None:
         raise CheckpointError(
             f"{path} holds no EMA weights: the run trained without EMA (ema.enabled=false). "

@@ -13,13 +13,19 @@ RUN_DIR/STOP               create it to make a running job checkpoint and stop
 RUN_DIR/tracker.json       the W&B run id, continued by resumed and requeued jobs
 RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
 RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)
+RUN_DIR/distvit-run.json   written first by a new run: marks the folder as a distvit run's
+
+distvit deletes or replaces files only in a folder that holds a distvit run, and only the files a run
+writes (the names above); anything else in it, a user's own files included, stays.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
-import shutil
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +43,35 @@ WANDB_DIR = "wandb"
 TRACE_DIR = "trace"
 # STOP is not cleared: a stop request that arrives while a job starts up (a signal to the Slurm batch
 # shell) must still stop it.
+RUN_RECORD = "distvit-run.json"
 _RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, STOPPED_NAME, METRICS_NAME, TRACKER_NAME, "model.safetensors", "model.json")
-_RUN_FOLDERS = (CHECKPOINT_DIR, WANDB_DIR, TRACE_DIR, "eval", "plots")
+# The files a run writes in each of its folders (atomic writes go through `<name>.tmp`): the only ones
+# an overwrite deletes there.
+_RUN_FOLDERS = {
+    CHECKPOINT_DIR: re.compile(r"((final|best|epoch_\d+|step_\d+)\.pt|latest\.json)(\.tmp)?"),
+    "eval": re.compile(r"confusion\.json(\.tmp)?"),
+    "plots": re.compile(r"(loss|accuracy|lr|confusion|confusion_ema)\.png(\.tmp)?"),
+    TRACE_DIR: re.compile(r"rank\d+\.jsonl"),
+    WANDB_DIR: re.compile(r"(offline-)?run-.+|latest-run|debug(-internal|-cli\..+)?\.log"),
+}
+# Present before a run starts: the STOP file (a stop request for a starting job) and the Slurm scripts' logs.
+_BEFORE_A_RUN = ("STOP", "logs")
+
+
+def is_distvit_run(run_dir: Path) -> bool:
+    """The folder holds a distvit run: its record, or (runs from before the record) a config and a log."""
+    if (run_dir / RUN_RECORD).is_file():
+        return True
+    return (run_dir / CONFIG_NAME).is_file() and (
+        (run_dir / METRICS_NAME).is_file() or (run_dir / CHECKPOINT_DIR / "latest.json").is_file()
+    )
+
+
+def _other_entries(run_dir: Path) -> list[str]:
+    """What the folder holds besides what may be there before a run starts."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in _BEFORE_A_RUN)
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -48,6 +81,14 @@ def check_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={cfg.run.dir!r} is a file; it must be a directory (it is created if missing).")
+    others = _other_entries(run_dir)
+    if others and not is_distvit_run(run_dir):
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ConfigError(
+            f"run.dir={cfg.run.dir!r} is not empty ({shown}) and holds no distvit run: distvit writes runs only "
+            "into a new or empty folder, and replaces files only in its own runs' folders. Choose another run.dir."
+        )
+    _check_resume_source(cfg, run_dir, others)
     if (run_dir / CONFIG_NAME).exists() and not (cfg.run.overwrite or cfg.train.resume):
         raise ConfigError(
             f"run.dir={cfg.run.dir!r} already holds a run ({CONFIG_NAME} exists). Continue it with "
@@ -64,19 +105,39 @@ def check_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def _check_resume_source(cfg: Config, run_dir: Path, others: list[str]) -> None:
+    """Resuming from another run's checkpoint starts a new run: only in a new or empty folder (it would
+    otherwise mix with, and drop the summary and logs of, the run already there)."""
+    source = cfg.train.resume
+    if source in ("", "auto") or not others:
+        return
+    resolved, home = Path(source).resolve(), run_dir.resolve()
+    if home != resolved and home not in resolved.parents:
+        raise ConfigError(
+            f"train.resume={source!r} is another run's checkpoint, and run.dir={cfg.run.dir!r} already holds a "
+            "run: resume from another run into a new or empty run.dir (train.resume=auto continues the run there)."
+        )
+
+
 def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
-    """Main process only. A new run clears an earlier run's results (run.overwrite, or train.resume=auto
-    finding no checkpoint); a resumed run drops what was logged after its checkpoint. Then the resolved
-    config is written."""
+    """Main process only. Marks the folder as a run's (RUN_RECORD) before anything else. A new run clears
+    an earlier run's results (run.overwrite, or train.resume=auto finding no checkpoint): only the files
+    a run writes; a resumed run drops what was logged after its checkpoint. Then the resolved config is
+    written."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_RECORD).is_file():
+        record = {"distvit_run": 1, "created": datetime.datetime.now().isoformat(timespec="seconds")}
+        record["host"] = socket.gethostname()
+        atomic_write_bytes(run_dir / RUN_RECORD, (json.dumps(record) + "\n").encode())
     if resumed_step is None:
         if cfg.run.overwrite or cfg.train.resume:
             for name in _RUN_FILES:
                 # resume=auto before the first checkpoint (a requeued job) is the same run: same W&B run
                 if not (name == TRACKER_NAME and cfg.train.resume):
                     (run_dir / name).unlink(missing_ok=True)
-            for folder in _RUN_FOLDERS:
+            for folder, owned in _RUN_FOLDERS.items():
                 if not (folder == WANDB_DIR and cfg.train.resume):
-                    shutil.rmtree(run_dir / folder, ignore_errors=True)
+                    _remove_owned(run_dir / folder, owned)
     else:
         (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
         (run_dir / STOPPED_NAME).unlink(missing_ok=True)
@@ -85,6 +146,24 @@ def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
             _drop_lines_after(log, resumed_step)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_yaml().encode())
+
+
+def _remove_owned(folder: Path, owned: re.Pattern) -> None:
+    """Delete the run's own entries of `folder` (W&B's run folders whole), then the folder if that
+    leaves it empty; a user's files there stay."""
+    import shutil
+
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for entry in folder.iterdir():
+        if not owned.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _drop_lines_after(path: Path, step: int) -> None:

@@ -21,7 +21,7 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint (or a run directory's final one) on a dataset split, on every rank this
     process group has; returns the result and what was evaluated (for the report)."""
     path = resolve_checkpoint(source)
-    model, record, payload = load_model(path, weights)
+    model, record, payload = load_model(path, weights, require=("model", "surgery", "config", "classes", "step"))
     data_path = data_path or payload["config"]["data"]["path"]
     manifest = read_manifest(data_path)
     split_info = manifest.split(split, data_path, key="--split")

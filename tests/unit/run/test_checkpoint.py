@@ -209,6 +209,47 @@ def test_latest_checkpoint_follows_latest_json(tmp_path):
         ), damaged
 
 
+def test_latest_json_names_only_a_checkpoint_beside_it(tmp_path):
+    """An absolute path or `../` in latest.json would resume from outside the run folder: refused."""
+    outside = save_checkpoint(tmp_path / "elsewhere.pt", {"step": 4})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    save_checkpoint(checkpoints / "step_00000004.pt", {"step": 4})
+    for name in (str(outside), "../../elsewhere.pt", "sub/step_00000004.pt", "..", "."):
+        (checkpoints / "latest.json").write_text(json.dumps({"file": name, "step": 4, "epoch": 0}))
+        with pytest.raises(CheckpointError) as err:
+            latest_checkpoint(tmp_path / "run")
+        assert str(err.value) == (
+            f"{checkpoints / 'latest.json'} names {name!r}, not a file of {checkpoints}: it may only name a "
+            "checkpoint beside it. Point train.resume at a checkpoint file instead."
+        )
+
+
+def test_a_forged_checkpoint_names_what_is_missing(tmp_path, tiny):
+    """Required keys missing or of the wrong type, an incomplete surgery record, a model timm would fetch
+    from the hub: each one clear error, nothing fetched."""
+    model, record = tiny
+    forged = save_checkpoint(tmp_path / "forged.pt", {"model": model.state_dict(), "step": "4"})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(forged, require=("model", "surgery", "epoch", "step"))
+    assert str(err.value) == (
+        f"{forged} is incomplete or damaged: surgery, epoch, step missing or of the wrong type. "
+        "Use a checkpoint that distvit wrote (RUN_DIR/checkpoints/)."
+    )
+    assert load_checkpoint(forged)["step"] == "4"  # a raw read requires nothing
+    partial = {k: v for k, v in record.to_dict().items() if k not in ("img_size", "mean")}
+    with pytest.raises(CheckpointError, match=r"^the surgery record is incomplete: img_size, mean missing\.$"):
+        SurgeryRecord.from_dict(partial)
+    hub = save_checkpoint(
+        tmp_path / "hub.pt",
+        {"model": model.state_dict(), "surgery": {**record.to_dict(), "model_name": "hf-hub:someone/evil-vit"}},
+    )
+    with pytest.raises(CheckpointError, match=r"names model 'hf-hub:someone/evil-vit', which is not in timm's local"):
+        load_model(hub)
+    unknown = SurgeryRecord.from_dict({**record.to_dict(), "model_name": "no_such_vit"})
+    with pytest.raises(CheckpointError, match=r"names model 'no_such_vit'"):
+        model_from_record(unknown)
+
+
 def test_resolve_checkpoint_of_a_run_directory(tmp_path):
     run = tmp_path / "run"
     periodic = save_checkpoint(run / "checkpoints" / "step_00000002.pt", {"step": 2})

@@ -11,20 +11,87 @@ from distvit.errors import ConfigError
 from distvit.run.rundir import check_run_dir, init_run_dir
 
 
-def test_overwrite_clears_previous_results(small_dataset, tmp_path):
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_clears_previous_results_and_only_them(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    for name in ("checkpoints", "wandb/offline-run-1", "trace"):
+    for name in ("checkpoints", "wandb/offline-run-1", "trace", "eval", "plots"):
         (run_dir / name).mkdir(parents=True)
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/final.pt", "notes.txt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/final.pt",
+        "checkpoints/step_00000004.pt",
+    ):
         (run_dir / name).write_text("old")
+    for name in ("eval/confusion.json", "plots/loss.png", "trace/rank0.jsonl", "checkpoints/latest.json"):
+        (run_dir / name).write_text("old")
+    users = {"notes.txt": "mine", "eval/my_eval.csv": "a,b", "plots/figure1.png": "png", "checkpoints/keep.pt": "x"}
+    for name, text in users.items():
+        (run_dir / name).write_text(text)
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={run_dir}"])
     with pytest.raises(ConfigError, match="already holds a run"):
         check_run_dir(cfg)
     cfg.run.overwrite = True
     check_run_dir(cfg)
     init_run_dir(run_dir, cfg, resumed_step=None)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt"]  # the user's own file stays
+    # the run's own files went, the user's stayed byte for byte (and the folders holding them)
+    assert _tree(run_dir) == sorted(
+        ["checkpoints", "checkpoints/keep.pt", "config.yaml", "distvit-run.json", "eval", "eval/my_eval.csv"]
+        + ["notes.txt", "plots", "plots/figure1.png"]
+    )
+    assert all((run_dir / name).read_text() == text for name, text in users.items())
     assert load_config(run_dir / "config.yaml") == cfg
+    assert json.loads((run_dir / "distvit-run.json").read_text())["distvit_run"] == 1
+
+
+@pytest.mark.parametrize("flag", ["run.overwrite=true", "train.resume=auto", "run.overwrite=false"])
+def test_a_folder_that_holds_no_run_is_never_used(small_dataset, tmp_path, flag):
+    """A user's folder (files, no distvit run): refused by every start, nothing in it touched."""
+    folder = tmp_path / "experiments"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "results.csv").write_text("mine")
+    (folder / "paper.tex").write_text("mine")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={folder}", flag])
+    with pytest.raises(
+        ConfigError, match=r"is not empty \(eval, paper.tex\) and holds no distvit run: .*another run.dir"
+    ):
+        check_run_dir(cfg)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_with_only_a_stop_file_or_slurm_logs_takes_a_new_run(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "logs" / "job1-node0.log").write_text("starting")
+    (run_dir / "STOP").touch()
+    cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={run_dir}", "train.resume=auto"])
+    assert check_run_dir(cfg) == run_dir
+    init_run_dir(run_dir, cfg, resumed_step=None)
+    assert (run_dir / "logs" / "job1-node0.log").read_text() == "starting" and (run_dir / "STOP").exists()
+
+
+def test_resuming_from_another_runs_checkpoint_needs_a_new_or_empty_folder(small_dataset, tmp_path):
+    finished = tmp_path / "finished"
+    (finished / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/final.pt"):
+        (finished / name).write_text("old")
+    other = tmp_path / "other" / "checkpoints" / "step_00000010.pt"
+    other.parent.mkdir(parents=True)
+    other.write_text("a checkpoint")
+    cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={finished}", f"train.resume={other}"])
+    with pytest.raises(ConfigError, match=r"is another run's checkpoint, and run.dir=.* already holds a run"):
+        check_run_dir(cfg)
+    own = load_config(
+        None, [f"data.path={small_dataset}", f"run.dir={finished}", f"train.resume={finished}/checkpoints/final.pt"]
+    )
+    assert check_run_dir(own) == finished  # its own checkpoint: the same run continues
+    fresh = load_config(None, [f"data.path={small_dataset}", f"run.dir={tmp_path}/new", f"train.resume={other}"])
+    assert check_run_dir(fresh) == tmp_path / "new"
 
 
 def test_run_dir_that_cannot_be_created(small_dataset, tmp_path):
