@@ -19,12 +19,13 @@ except ImportError:  # `launch/gpu_check.py` runs where only torch, torchvision,
         return tuple(sorted(constraints.items()))
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+# strict: an integer key takes an integer, not 1e23, 2.0 or true (which pydantic would otherwise convert)
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
-Seed = Annotated[int, Field(ge=0, lt=2**32)]
+Seed = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
 
 
 @dataclass

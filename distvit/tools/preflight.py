@@ -44,6 +44,13 @@ def load_checked_config(config_file: str, overrides: list[str]):
             f"data.train_subset={cfg.data.train_subset} is larger than split '{cfg.data.train_split}' of "
             f"{cfg.data.path} ({train_size} images); choose at most {train_size}, or 0 for all."
         )
+    trained = cfg.data.train_subset or train_size
+    if cfg.train.batch_size > trained:
+        where = "data.train_subset" if cfg.data.train_subset else f"split {cfg.data.train_split!r} of {cfg.data.path}"
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the {trained} training images ({where}): "
+            f"every step would be mostly padding. Choose a global batch of at most {trained}."
+        )
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     check_run_dir(cfg)
     return cfg, manifest, bad_shards

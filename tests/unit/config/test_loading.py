@@ -143,3 +143,30 @@ def test_unreadable_or_odd_config_files(tmp_path, dataset_dir):
 def test_home_directory_is_expanded(dataset_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config(None, [f"data.path={dataset_dir}", "run.dir=~/runs/x"]).run.dir == str(tmp_path / "runs/x")
+
+
+@pytest.mark.parametrize("value", ["1e23", "2.0", "true", "false", "3.5"])
+def test_integer_keys_take_only_integers(dataset_dir, value):
+    """pydantic would turn 1e23 into a 24-digit epoch count and true into 1: refused, naming the key."""
+    error = error_of(None, [f"data.path={dataset_dir}", f"train.epochs={value}"])
+    assert "invalid config value" in error and "train.epochs: Input should be a valid integer" in error
+    assert load_config(None, [f"data.path={dataset_dir}", "train.epochs=3"]).train.epochs == 3
+
+
+def test_a_repeated_key_in_a_yaml_file_is_an_error(tmp_path, dataset_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {dataset_dir}\ntrain:\n  epochs: 2\n  seed: 1\n  epochs: 20\n")
+    assert error_of(config, []) == (
+        f"config file {config} is not valid YAML at line 6, column 3: duplicate key 'epochs' (first at line 4)."
+    )
+    config.write_text(f"data:\n  path: {dataset_dir}\ntrain:\n  epochs: 2\ntrain:\n  seed: 1\n")
+    assert "duplicate key 'train' (first at line 3)" in error_of(config, [])
+    config.write_text(f"data:\n  path: {dataset_dir}\ntrain:\n  epochs: 2\noptim:\n  epochs: 3\n")  # other sections
+    assert "unknown config key 'optim.epochs'" in error_of(config, [])
+
+
+def test_yaml_merge_keys_still_let_a_written_key_override_a_merged_one():
+    from distvit.config.loading import parse_yaml
+
+    parsed = parse_yaml("base: &b\n  epochs: 2\n  seed: 1\ntrain:\n  <<: *b\n  epochs: 5\n")
+    assert parsed["train"] == {"epochs": 5, "seed": 1}

@@ -92,3 +92,16 @@ def test_only_the_local_leader_hashes(small_dataset, tmp_path, monkeypatch):
     assert _load(data, tmp_path, "data.bad_shards=skip")[2] == {
         shard.name: f"5 bytes, the manifest says {shard.num_bytes} (truncated or changed)"
     }
+
+
+def test_a_global_batch_larger_than_the_training_images_is_refused(small_dataset, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _load(small_dataset, tmp_path, "train.batch_size=201")
+    assert str(err.value) == (
+        f"train.batch_size=201 is larger than the 200 training images (split 'train' of {small_dataset}): "
+        "every step would be mostly padding. Choose a global batch of at most 200."
+    )
+    with pytest.raises(ConfigError, match=r"^train.batch_size=128 is larger than the 100 training images "):
+        _load(small_dataset, tmp_path, "data.train_subset=100")
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    assert _load(small_dataset, tmp_path, "train.batch_size=200")[0].train.batch_size == 200
