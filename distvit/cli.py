@@ -90,11 +90,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     """Exact evaluation of a checkpoint; run under `accelerate launch -m distvit.cli evaluate` for N ranks."""
     import json
 
-    from distvit.fileio import atomic_write_bytes
+    from distvit.fileio import atomic_write_bytes, check_output_file
     from distvit.tools.evaluate import evaluate_checkpoint, evaluation_json, format_evaluation
 
     if args.batch_size < 1:
         raise DistvitError(f"--batch-size must be positive, got {args.batch_size}.")
+    if args.json:
+        check_output_file(args.json, "--json")
     result, about = evaluate_checkpoint(args.source, args.data, args.split, args.weights, args.batch_size, args.mode)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_evaluation(result, about))
@@ -268,7 +270,7 @@ def _add_model_commands(commands) -> None:
     )
     evaluate.add_argument("source", help="a run directory (its final checkpoint) or a checkpoint file")
     evaluate.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", default=None, help="dataset split (default: the one the run evaluated on)")
     evaluate.add_argument("--weights", default="model", help="model (default) or ema")
     evaluate.add_argument("--batch-size", type=int, default=500, help="global batch size")
     evaluate.add_argument("--mode", default="auto", choices=["auto", "memory", "stream"], help="how the split is read")

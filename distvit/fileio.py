@@ -37,3 +37,16 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """A command's output file (`--json F`, `--profile F`) must be a file in an existing folder: checked
+    before the command's work, so a typo costs nothing."""
+    from distvit.errors import DistvitError
+
+    target = Path(path)
+    if target.is_dir():
+        raise DistvitError(f"{flag} {path}: is a folder; give the path of the file to write.")
+    if not target.parent.is_dir():
+        raise DistvitError(f"{flag} {path}: the folder {target.parent} does not exist; create it first.")
+    return target

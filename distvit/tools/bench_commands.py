@@ -7,6 +7,7 @@ import argparse
 import os
 
 from distvit.errors import DistvitError
+from distvit.fileio import check_output_file
 from distvit.tools.preflight import is_local_leader, load_checked_config
 
 
@@ -22,6 +23,8 @@ def data_command(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--img-size", args.img_size)):
         if value < 1:
             raise DistvitError(f"{flag} must be positive, got {value}.")
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.workers < 0 or args.warmup < 0:
         raise DistvitError("--workers and --warmup must be 0 or more.")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -70,10 +73,9 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 1:
         raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
-    if args.profile:
-        from distvit.tools.profiling import check_profile_path
-
-        check_profile_path(args.profile)
+    for flag, path in (("--profile", args.profile), ("--json", args.json)):
+        if path:
+            check_output_file(path, flag)
     args.overrides = [*args.overrides, f"run.dir={args.run_dir}", "run.overwrite=true"]  # a scratch directory
     splits = None
     if args.synthetic:

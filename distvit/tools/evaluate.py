@@ -16,13 +16,15 @@ from distvit.run.checkpoint import load_model, resolve_checkpoint
 
 
 def evaluate_checkpoint(
-    source: str, data_path: str | None, split: str, weights: str, global_batch: int, mode: str = "auto"
+    source: str, data_path: str | None, split: str | None, weights: str, global_batch: int, mode: str = "auto"
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Evaluate a checkpoint (or a run directory's final one) on a dataset split, on every rank this
     process group has; returns the result and what was evaluated (for the report)."""
     path = resolve_checkpoint(source)
     model, record, payload = load_model(path, weights, require=("model", "surgery", "config", "classes", "step"))
-    data_path = data_path or payload["config"]["data"]["path"]
+    trained_on = payload["config"].get("data") or {}
+    data_path = data_path or trained_on.get("path")
+    split = split or trained_on.get("eval_split") or "test"  # by default what the run evaluated on
     manifest = read_manifest(data_path)
     split_info = manifest.split(split, data_path, key="--split")
     if list(manifest.classes) != list(payload["classes"]):

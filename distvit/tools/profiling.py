@@ -30,7 +30,7 @@ import torch
 from distvit.data.memory import SplitTensors
 from distvit.engine.accelerator import wait_for_everyone
 from distvit.engine.timing import PhaseTimer, synchronize
-from distvit.errors import DataError, DistvitError
+from distvit.errors import DataError
 
 PROFILE_STEPS = 5
 TOP_ROWS = 25
@@ -117,12 +117,9 @@ def lesson_steps(loop, count: int, timer: PhaseTimer | None = None) -> float:
 
 def check_profile_path(path: str) -> Path:
     """`--profile PATH` must name a file in an existing folder (checked before the benchmark runs)."""
-    target = Path(path)
-    if target.is_dir():
-        raise DistvitError(f"--profile {path}: is a folder; give the path of the text file to write.")
-    if not target.parent.is_dir():
-        raise DistvitError(f"--profile {path}: the folder {target.parent} does not exist; create it first.")
-    return target
+    from distvit.fileio import check_output_file
+
+    return check_output_file(path, "--profile")
 
 
 def profile_steps(

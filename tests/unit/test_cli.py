@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from distvit.config import load_config
@@ -105,3 +106,19 @@ def test_preflight_names_a_corrupted_shard_before_training(tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
     result = run_cli(["config", *args[1:], "data.verify=size"])
     assert result.returncode == 0  # same size: only the sha256 check sees it
+
+
+@pytest.mark.parametrize("command", [["evaluate", "RUN"], ["bench", "data", "--data", "DATA"]])
+def test_an_output_file_in_a_missing_folder_or_onto_a_folder_is_refused_first(tmp_path, capsys, command):
+    """Checked before the command's work (evaluate used to fail only after the whole evaluation)."""
+    from distvit.cli import main
+
+    for target, reason in (
+        (tmp_path / "missing" / "r.json", "does not exist; create it first"),
+        (tmp_path, "is a folder"),
+    ):
+        args = [str(tmp_path / "nothing-here") if a in ("RUN", "DATA") else a for a in command]
+        assert main([*args, "--json", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"distvit: error: --json {target}: ") and reason in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1

@@ -76,3 +76,33 @@ def test_an_empty_split_reports_nan():
     assert data["num_samples"] == 0 and data["accuracy"] != data["accuracy"]  # NaN, not a division error
     assert data["per_class_accuracy"] == [] and data["top5"] != data["top5"]
     assert data["loss"] == pytest.approx(float("nan"), nan_ok=True)
+
+
+def test_evaluate_defaults_to_the_split_and_data_the_run_used(tmp_path, monkeypatch):
+    """A run that evaluated on `val` (no `test` split in its dataset) is evaluated on `val` by default."""
+    import numpy as np
+    import torch
+
+    from distvit.config import load_config
+    from distvit.data.synthetic import CLASS_NAMES, generate
+    from distvit.data.writer import write_dataset
+    from distvit.model.build import build_model
+    from distvit.run.checkpoint import save_checkpoint
+    from distvit.tools.evaluate import evaluate_checkpoint
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    images, labels = generate(12, 10, 32, seed=0)
+    splits = {name: list(zip(images, labels)) for name in ("train", "val")}
+    data = tmp_path / "data"
+    write_dataset(
+        data, dataset="t", classes=list(CLASS_NAMES), image_size=(32, 32), channels=3, splits=splits, source={}
+    )
+    cfg = load_config(None, [f"data.path={data}", "data.eval_split=val", "surgery.img_size=32"], check_data=False)
+    torch.manual_seed(0)
+    model, record = build_model(cfg.model, cfg.surgery, 10)
+    payload = {"model": model.state_dict(), "surgery": record.to_dict(), "config": cfg.to_dict()}
+    path = save_checkpoint(tmp_path / "c.pt", {**payload, "classes": list(CLASS_NAMES), "step": 3})
+    result, about = evaluate_checkpoint(str(path), None, None, "model", 12)
+    assert about["split"] == "val" and about["data"] == str(data) and result.num_samples == 12
+    assert np.sum(result.confusion) == 12
