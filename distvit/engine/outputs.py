@@ -103,7 +103,7 @@ class RunOutputs:
 
     def write(self, summary: dict[str, Any], state: TrainState, tracker: RunTracker, stops: StopRequests) -> None:
         """Main process, at the end or at a stop: export, plots, summary.json or stopped.json; a STOP file
-        that stopped the run is consumed."""
+        that stopped the run, or that came too late to stop a finished one, is consumed."""
         from distvit.run.report import write_report  # matplotlib: only where plots are drawn
 
         finished, stop_reason = summary["finished"], summary["stop_reason"]
@@ -126,7 +126,8 @@ class RunOutputs:
                     }
                 ).encode(),
             )
-        if stop_reason and stop_reason != PLANNED_STOP:
+        if finished or (stop_reason and stop_reason != PLANNED_STOP):
+            # finished: a STOP that came after the last check was for this run, not for the next one here
             stops.consume_stop_file()
 
     def _export(self, last_eval: dict[str, Any]) -> dict[str, Any]:

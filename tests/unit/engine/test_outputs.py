@@ -1,5 +1,5 @@
 """distvit.engine.outputs: the start line, the summary of a run, and what a stopped or finished run leaves
-(stopped.json or summary.json and the exported weights; a STOP file consumed only by a requested stop)."""
+(stopped.json or summary.json and the exported weights; a STOP file consumed by a requested stop or a finished run)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_data
 
     run_dir = tmp_path / "r"
     with open_trainer(small_dataset, run_dir) as trainer:
+        (run_dir / "STOP").write_text("")  # after the last stop check: must not stop the next run here
         with torch.no_grad():
             trainer.parts.ema.module.head.bias.fill_(7.0)  # tell the EMA's weights from the model's
         trainer.state.last_eval, trainer.state.step, trainer.state.epoch = last_eval, 8, 2
@@ -111,4 +112,4 @@ def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_data
     assert sorted(Path(p).name for p in written["export"]["files"]) == ["model.json", "model.safetensors"]
     exported = load_file(run_dir / "model.safetensors")
     assert torch.equal(exported["head.bias"], expected_bias)
-    assert not (run_dir / "stopped.json").exists()
+    assert not (run_dir / "stopped.json").exists() and not (run_dir / "STOP").exists()
