@@ -26,8 +26,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from distvit.config import CheckpointConfig, Config, TrainConfig
+from distvit.config import CheckpointConfig, Config, OptimConfig, TrainConfig
 from distvit.data.manifest import Manifest
+from distvit.engine.optim import lr_factor
 from distvit.engine.parts import TrainParts
 from distvit.engine.peers import PeerMonitor
 from distvit.engine.seeds import rng_state
@@ -266,6 +267,28 @@ class Resume:
                 f"cannot resume from {source} with ema.enabled={ema_enabled}: the checkpoint was written "
                 f"{'with' if payload.get('ema') is not None else 'without'} an EMA. Resume with the run's own config."
             )
+
+    def schedule_change(self, optim_cfg: OptimConfig, steps_per_epoch: int) -> str | None:
+        """What a changed train.epochs does to the lr schedule at the resumed step (the cosine is planned
+        over the whole run, so more epochs lift the lr back up), to announce it; None if unchanged."""
+        before = self.payload["config"].get("train", {}).get("epochs")
+        if not isinstance(before, int) or before == self.cfg.epochs:
+            return None
+        step = self.payload["step"]
+
+        def factor(epochs: int) -> float:
+            total = steps_per_epoch * epochs
+            warmup = min(total, round(optim_cfg.warmup_epochs * steps_per_epoch))
+            milestones = tuple(round(e * steps_per_epoch) for e in optim_cfg.step_epochs)
+            min_factor = optim_cfg.min_lr / optim_cfg.lr
+            return lr_factor(step, total, warmup, optim_cfg.schedule, min_factor, milestones, optim_cfg.step_gamma)
+
+        old, new = factor(before), factor(self.cfg.epochs)
+        return (
+            f"distvit: note: train.epochs is {self.cfg.epochs} on resume, {before} when {self.path} was written: "
+            f"the lr schedule is re-planned over {self.cfg.epochs} epochs, so at step {step} the lr goes from "
+            f"{old * optim_cfg.lr:.3g} (x{old:.4f} of the peak) to {new * optim_cfg.lr:.3g} (x{new:.4f})."
+        )
 
     def restore(self, parts: TrainParts, state: TrainState, accelerator: Accelerator) -> None:
         try:

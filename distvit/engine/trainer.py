@@ -87,6 +87,9 @@ class Trainer:
         self.state = TrainState()
         if self.resume:
             self.resume.restore(parts, self.state, accelerator)
+            replanned = self.resume.schedule_change(cfg.optim, self.sources.steps_per_epoch)
+            if replanned:
+                accelerator.print(replanned)
         else:
             set_seed(cfg.train.seed + accelerator.process_index)
         # 6. The components that act during the run, then the start line.

@@ -103,3 +103,20 @@ def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
         resume.check(record, type(identity)(**{**identity.__dict__, "global_batch": 100}), ema_enabled=True)
     assert not Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "empty")
     assert math.isinf(TrainState().best_score)
+
+
+def test_a_changed_epoch_count_on_resume_is_announced_with_the_lr_before_and_after():
+    """The issue's case: 98 steps per epoch, 2 epochs planned, resumed at the end with train.epochs=4 (cosine,
+    no warmup): the lr was at its floor and jumps back to half the peak."""
+    from distvit.config import OptimConfig, TrainConfig
+
+    resume = Resume.__new__(Resume)
+    resume.path, resume.payload = "run/checkpoints/final.pt", {"config": {"train": {"epochs": 2}}, "step": 196}
+    resume.cfg = TrainConfig(epochs=4)
+    optim = OptimConfig(lr=1e-3, min_lr=1e-7)
+    assert resume.schedule_change(optim, 98) == (
+        "distvit: note: train.epochs is 4 on resume, 2 when run/checkpoints/final.pt was written: the lr schedule "
+        "is re-planned over 4 epochs, so at step 196 the lr goes from 1e-07 (x0.0001 of the peak) to 0.0005 (x0.5000)."
+    )
+    resume.cfg = TrainConfig(epochs=2)
+    assert resume.schedule_change(optim, 98) is None  # the same plan: nothing to say
