@@ -37,6 +37,7 @@ from distvit.errors import CheckpointError, RunFinished
 from distvit.model.record import SurgeryRecord
 from distvit.run import checkpoint as files
 from distvit.run.checkpoint import BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, step_name
+from distvit.run.rundir import SUMMARY_NAME
 from distvit.run.tracking import RunTracker
 
 
@@ -215,6 +216,15 @@ class Resume:
     def __bool__(self) -> bool:
         return self.payload is not None
 
+    @property
+    def completes_outputs(self) -> bool:
+        """This run's own final state, but the run ended before its outputs (export, summary.json) were all
+        written (killed in between, say): resuming writes them and trains nothing."""
+        if not self.payload or self.payload["epoch"] < self.cfg.epochs:
+            return False
+        own = self.path.resolve().is_relative_to(self.run_dir.resolve())
+        return own and not (self.run_dir / SUMMARY_NAME).is_file()
+
     def weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The model weights to start from (None: not resuming) and where they come from."""
         return (self.payload["model"] if self.payload else None), str(self.path)
@@ -233,7 +243,7 @@ class Resume:
     def check(self, record: SurgeryRecord, identity: RunIdentity, ema_enabled: bool) -> None:
         """Refuse a checkpoint this run cannot continue exactly (before anything in the run dir changes)."""
         payload, source, cfg = self.payload, str(self.path), self.cfg
-        if payload["epoch"] >= cfg.epochs:
+        if payload["epoch"] >= cfg.epochs and not self.completes_outputs:
             raise RunFinished(
                 f"{source} already completed {payload['epoch']} of train.epochs={cfg.epochs} epochs; "
                 f"nothing to resume (the run directory is unchanged). Raise train.epochs to train longer."

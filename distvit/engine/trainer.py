@@ -100,7 +100,7 @@ class Trainer:
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
         self.tracker.start(cfg, self.outputs.tracked_config(), self.resume.own_tracker())
         self.monitor.wait_for_main()  # W&B starts on rank 0 only
-        finished = False
+        finished = state.epoch >= cfg.train.epochs  # a finished run missing its outputs: write them only
         try:
             while state.epoch < cfg.train.epochs and self.train_epoch():
                 if self.evaluator.due(state.epoch):

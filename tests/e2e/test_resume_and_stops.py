@@ -8,6 +8,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from distvit.run.checkpoint import load_checkpoint
 from distvit.run.rundir import read_summary
@@ -150,7 +151,8 @@ def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path)
 
 
 def test_resuming_a_finished_run_changes_nothing(small_dataset, tmp_path):
-    """A requeued job whose run already finished: exit 0, a message, the run directory untouched."""
+    """A requeued job whose run already finished: exit 0, a message, the run directory untouched. One that
+    was killed between its final checkpoint and its outputs is not finished: resuming writes them."""
     args = [
         "train",
         "--config",
@@ -165,6 +167,27 @@ def test_resuming_a_finished_run_changes_nothing(small_dataset, tmp_path):
     again = run_cli([*args, "train.resume=auto"])
     assert again.returncode == 0 and "nothing to resume" in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+
+    # killed after final.pt, before the export and summary.json: not finished; resuming writes only those
+    for name in ("summary.json", "model.safetensors", "model.json"):
+        (tmp_path / "r" / name).unlink()
+    final = (tmp_path / "r" / "checkpoints" / "final.pt").read_bytes()
+    completed = run_cli([*args, "train.resume=auto"])
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "nothing to resume" not in completed.stderr and "epoch 1:" not in completed.stdout  # trained nothing
+    after = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    assert after["metrics.jsonl"] == before["metrics.jsonl"]
+    # the same exported weights (not the same bytes: safetensors orders its metadata differently per process)
+    from safetensors.torch import load
+
+    old_weights, new_weights = load(before["model.safetensors"]), load(after["model.safetensors"])
+    assert old_weights.keys() == new_weights.keys() and all(
+        torch.equal(old_weights[k], new_weights[k]) for k in old_weights
+    )
+    assert json.loads(after["model.json"]) == json.loads(before["model.json"])
+    summary, earlier = json.loads(after["summary.json"]), json.loads(before["summary.json"])
+    assert summary["finished"] is True and summary["final"] == earlier["final"] and summary["steps"] == earlier["steps"]
+    assert (tmp_path / "r" / "checkpoints" / "final.pt").read_bytes() == final
 
 
 def test_stop_request_wins_over_a_planned_stop_at_the_same_step(small_dataset, tmp_path):
