@@ -9,12 +9,22 @@ datasets share one on-disk format:
 
 Each shard is written to `<name>.tmp` and renamed when complete; tar headers carry a fixed mtime and
 owner, so the same input gives the same bytes (and the same sha256).
+
+Writing into a folder that holds a dataset replaces it atomically: the new shards are written in
+DIR/.distvit-prepare/ under names the old manifest does not use (`train-b-00000.tar` beside
+`train-00000.tar`), moved in, and the new manifest is the commit; only then are the files the old
+manifest listed deleted, and nothing else in DIR ever is. A record of the swap (DIR/.distvit-prepare.json)
+lets the next prepare finish or undo a swap that a kill interrupted, and say so.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import shutil
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +33,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from distvit.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, sha256_file, write_manifest
+from distvit.data.manifest import (
+    MANIFEST_NAME,
+    SAFE_SHARD_NAME,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    parse_manifest,
+    sha256_file,
+    write_manifest,
+)
+from distvit.errors import DataError
+from distvit.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     import webdataset as wds  # annotations only: webdataset stays an optional, lazy import
 
 DEFAULT_SAMPLES_PER_SHARD = 5000
+STAGING_NAME = ".distvit-prepare"
+SWAP_RECORD = ".distvit-prepare.json"
 
 
 @dataclass(frozen=True)
@@ -53,13 +76,14 @@ def encode_png(image: np.ndarray) -> bytes:
 class SplitWriter:
     """Writes one split's samples, in the order given, into shards of at most `samples_per_shard`."""
 
-    def __init__(self, out_dir: Path, split: str, num_classes: int, samples_per_shard: int):
+    def __init__(self, out_dir: Path, split: str, num_classes: int, samples_per_shard: int, generation: str = ""):
         if "." in split or "/" in split or not split:
             raise ValueError(f"split name {split!r} must be non-empty without '.' or '/'")
         self.out_dir = out_dir
         self.split = split
         self.num_classes = num_classes
         self.samples_per_shard = samples_per_shard
+        self.generation = generation  # "" or "b-", "c-", ...: shard names the folder's old dataset does not use
         self.shards: list[ShardInfo] = []
         self.num_samples = 0
         self.image_sizes: set = set()
@@ -70,7 +94,7 @@ class SplitWriter:
     def _open_shard(self) -> None:
         import webdataset as wds  # only where shards are written: in-memory data needs no webdataset
 
-        name = f"{self.split}-{len(self.shards):05d}.tar"
+        name = f"{self.split}-{self.generation}{len(self.shards):05d}.tar"
         self._tmp_path = self.out_dir / (name + ".tmp")
         self._tar = wds.TarWriter(str(self._tmp_path), mtime=0, user="distvit", group="distvit")
         self._shard_counts = [0] * self.num_classes
@@ -112,12 +136,67 @@ class SplitWriter:
         return SplitInfo(name=self.split, num_samples=self.num_samples, shards=self.shards)
 
 
-def _remove_previous_output(out_dir: Path, splits: Iterable[str]) -> None:
-    """Drop the manifest first (the folder reads as incomplete from now on), then old shards."""
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for split in splits:
-        for stale in list(out_dir.glob(f"{split}-*.tar")) + list(out_dir.glob(f"{split}-*.tar.tmp")):
-            stale.unlink()
+def _listed_files(out: Path) -> set[str]:
+    """The shard files the folder's manifest lists (none if it has no readable manifest)."""
+    path = out / MANIFEST_NAME
+    try:
+        manifest = parse_manifest(path.read_bytes(), path)
+    except (OSError, DataError):
+        return set()
+    return {shard.name for split in manifest.splits.values() for shard in split.shards}
+
+
+def _recover_interrupted_prepare(out: Path) -> None:
+    """Finish (or undo) a swap a kill interrupted, and remove a killed prepare's staging folder; say so."""
+    record_path = out / SWAP_RECORD
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+            new, old = list(record["new"]), list(record["old"])
+        except (ValueError, KeyError, TypeError, OSError):
+            new, old = [], []
+        listed = _listed_files(out)
+        committed = bool(new) and set(new) <= listed
+        leftovers = [n for n in (old if committed else new) if n not in listed and SAFE_SHARD_NAME.fullmatch(n)]
+        for name in leftovers:
+            (out / name).unlink(missing_ok=True)
+        record_path.unlink()
+        what = "old dataset's shards" if committed else "unfinished new dataset's shards"
+        print(
+            f"distvit: note: {out}: a prepare was killed while swapping datasets; removed {len(leftovers)} "
+            f"of the {what}.",
+            file=sys.stderr,
+        )
+    staging = out / STAGING_NAME
+    if staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging)
+        print(f"distvit: note: removed {staging}, left by a prepare that did not finish.", file=sys.stderr)
+
+
+def _generation(out: Path, splits: Iterable[str]) -> str:
+    """A shard-name generation ("" for train-00000.tar, "b-" for train-b-00000.tar, ...) whose names no
+    file in the folder has: the new shards can move in beside the old dataset's."""
+    names = {p.name for p in out.iterdir()}
+    alternation = "|".join(re.escape(split) for split in splits)
+    for generation in ["", *(f"{letter}-" for letter in "bcdefghijklmnopqrstuvwxyz")]:
+        pattern = re.compile(rf"({alternation})-{re.escape(generation)}\d{{5,}}\.tar(\.tmp)?")
+        if not any(pattern.fullmatch(name) for name in names):
+            return generation
+    raise DataError(f"{out} holds shards of 25 generations; prepare into a new folder.")
+
+
+def _swap_in(out: Path, staging: Path, manifest: Manifest) -> None:
+    """Move the new shards in, commit with the new manifest, then delete what the old manifest listed."""
+    new = [shard.name for split in manifest.splits.values() for shard in split.shards]
+    old = sorted(_listed_files(out) - set(new))
+    atomic_write_bytes(out / SWAP_RECORD, json.dumps({"new": new, "old": old}).encode())
+    for name in new:
+        os.replace(staging / name, out / name)
+    write_manifest(out, manifest)
+    for name in old:
+        (out / name).unlink(missing_ok=True)
+    (out / SWAP_RECORD).unlink()
+    shutil.rmtree(staging)
 
 
 def write_dataset(
@@ -138,11 +217,43 @@ def write_dataset(
     end up empty are left out of the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_previous_output(out, splits.keys())
+    _recover_interrupted_prepare(out)
+    generation = _generation(out, splits.keys())
+    staging = out / STAGING_NAME
+    staging.mkdir()
+    try:
+        manifest = _write_splits(
+            staging, generation, dataset, classes, image_size, channels, splits, source, samples_per_shard
+        )
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(out).free
+        raise DataError(
+            f"writing the dataset in {out} failed ({err.strerror or err}: {err.filename or ''}); "
+            f"{free / 2**20:.0f} MB free there. The folder's previous dataset, if any, is unchanged."
+        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(out, staging, manifest)
+    return manifest
+
+
+def _write_splits(
+    staging: Path,
+    generation: str,
+    dataset: str,
+    classes: list[str],
+    image_size: tuple[int, int] | None | str,
+    channels: int,
+    splits: Mapping[str, Iterable[tuple[np.ndarray | EncodedImage, int]]],
+    source: dict[str, Any] | Callable[[], dict[str, Any]],
+    samples_per_shard: int,
+) -> Manifest:
     written = {}
     sizes: set = set()
     for split, samples in splits.items():
-        writer = SplitWriter(out, split, len(classes), samples_per_shard)
+        writer = SplitWriter(staging, split, len(classes), samples_per_shard, generation)
         for image, label in samples:
             if isinstance(image, EncodedImage):
                 writer.add(image.data, int(label), image.ext, image.size)
@@ -162,5 +273,4 @@ def write_dataset(
         splits=written,
         source=source() if callable(source) else source,
     )
-    write_manifest(out, manifest)
     return manifest

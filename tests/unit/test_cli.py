@@ -54,6 +54,9 @@ def test_wrong_split_and_existing_run_dir_are_clear_errors(small_dataset, tmp_pa
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("{}")
     args = ["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}", f"run.dir={tmp_path}/run"]
+    result = run_cli(args + ["run.overwrite=true"])  # a config.yaml alone is not a distvit run: never replaced
+    assert result.returncode == 2 and "is not empty (config.yaml) and holds no distvit run" in result.stderr
+    (tmp_path / "run" / "distvit-run.json").write_text('{"distvit_run": 1}')
     result = run_cli(args + ["run.overwrite=false"])
     assert result.returncode == 2 and "already holds a run" in result.stderr and "run.overwrite=true" in result.stderr
     assert run_cli(args + ["run.overwrite=true"]).returncode == 0

@@ -52,6 +52,7 @@ def test_config_command_fetches_before_any_rank(remote, tmp_path):
             f"data.path={tmp_path}/cache",
             f"data.remote=pipe:cat {remote}/{{name}}",
             f"run.dir={tmp_path}/run",
+            "train.batch_size=30",  # the remote dataset has 60 training images
         ]
     )
     assert result.returncode == 0, result.stderr

@@ -95,10 +95,13 @@ def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
         resume.check(record, type(identity)(**{**identity.__dict__, "seed": 1}), ema_enabled=True)
     with pytest.raises(CheckpointError, match="another dataset or split"):
         resume.check(record, type(identity)(**{**identity.__dict__, "manifest": "0" * 64}), ema_enabled=True)
+    done = Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": 1}), tmp_path / "r")
+    assert done.completes_outputs  # its last epoch checkpointed, no summary.json yet: resuming writes the outputs
+    done.check(record, identity, True)
+    (tmp_path / "r" / "summary.json").write_text("{}")
+    assert not done.completes_outputs
     with pytest.raises(RunFinished, match="already completed 1 of train.epochs=1 epochs"):
-        Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": 1}), tmp_path / "r").check(
-            record, identity, True
-        )
+        done.check(record, identity, True)
     with pytest.warns(UserWarning, match="the lr schedule is re-planned in steps of the new batch"):
         resume.check(record, type(identity)(**{**identity.__dict__, "global_batch": 100}), ema_enabled=True)
     assert not Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "empty")
