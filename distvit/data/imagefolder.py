@@ -47,20 +47,53 @@ class Scan:
     """True when the source had train/ (val/, test/) folders; False for a seeded split."""
     ignored: list[Path] = field(default_factory=list)
     """Hidden files (names starting with '.'), not counted as images."""
+    outside: list[Path] = field(default_factory=list)
+    """Symbolic links (files or class folders) that lead out of the source folder: not imported."""
 
 
-def _files_below(folder: Path) -> tuple[list[Path], list[Path]]:
-    files, hidden = [], []
+LEAVES_SOURCE = "a symbolic link leading out of the source folder (not imported)"
+
+
+def printable(path: Path | str) -> str:
+    """A file name for one line of a report: control characters (a newline could forge a line) and
+    undecodable bytes escaped."""
+    text = str(path).encode("utf-8", "backslashreplace").decode()
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
+
+
+def _leaves(path: Path, source: Path) -> bool:
+    return path.is_symlink() and not path.resolve().is_relative_to(source.resolve())
+
+
+def _files_below(folder: Path, source: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    files, hidden, outside = [], [], []
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
         relative = path.relative_to(folder)
-        (hidden if any(part.startswith(".") for part in relative.parts) else files).append(path)
-    return files, hidden
+        if any(part.startswith(".") for part in relative.parts):
+            hidden.append(path)
+        elif _leaves(path, source):
+            outside.append(path)
+        else:
+            files.append(path)
+    return files, hidden, outside
 
 
-def _class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_folders(root: Path, source: Path, outside: list[Path] | None = None) -> list[Path]:
+    folders = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if _leaves(path, source):
+            if outside is not None:
+                outside.append(path)
+            continue
+        if not path.name.isprintable():
+            raise DataError(
+                f"class folder {printable(path)} has a control character in its name: rename it (class names "
+                "are printed and logged one per line)."
+            )
+        folders.append(path)
+    return folders
 
 
 def scan(source: Path, val_fraction: float, seed: int) -> Scan:
@@ -68,11 +101,12 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
     if not source.is_dir():
         raise DataError(f"--source {source} is not a folder (expected class_name/image.ext folders).")
     split_roots = {name: source / name for name in SPLIT_FOLDERS if (source / name).is_dir()}
+    outside: list[Path] = []
     if "train" in split_roots:
-        classes = [p.name for p in _class_folders(split_roots["train"])]
+        classes = [p.name for p in _class_folders(split_roots["train"], source, outside)]
         roots = split_roots
     else:
-        classes = [p.name for p in _class_folders(source)]
+        classes = [p.name for p in _class_folders(source, source, outside)]
         roots = {"all": source}
     if not classes:
         raise DataError(
@@ -84,7 +118,7 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
     ignored: list[Path] = []
     by_split: dict[str, list[SourceFile]] = {}
     for split, root in roots.items():
-        present = [p.name for p in _class_folders(root)]
+        present = [p.name for p in _class_folders(root, source, outside if split not in ("train", "all") else None)]
         unknown = sorted(set(present) - set(classes))
         if unknown:
             raise DataError(
@@ -94,8 +128,11 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
         for label, name in enumerate(classes):
             if not (root / name).is_dir():
                 continue
-            found, hidden = _files_below(root / name)
+            if _leaves(root / name, source):
+                continue
+            found, hidden, leaving = _files_below(root / name, source)
             ignored += hidden
+            outside += leaving
             if not found and split in ("all", "train"):
                 raise DataError(f"class folder {root / name} holds no files: remove it or add images.")
             files += [SourceFile(path, label) for path in found]
@@ -103,8 +140,9 @@ def scan(source: Path, val_fraction: float, seed: int) -> Scan:
     if not any(by_split.values()):
         raise DataError(f"{source} holds no image files.")
     if "all" in by_split:
-        return Scan(classes, _split_per_class(by_split["all"], len(classes), val_fraction, seed), False, ignored)
-    return Scan(classes, by_split, True, ignored)
+        splits = _split_per_class(by_split["all"], len(classes), val_fraction, seed)
+        return Scan(classes, splits, False, ignored, outside)
+    return Scan(classes, by_split, True, ignored, outside)
 
 
 def _split_per_class(
@@ -191,8 +229,14 @@ def prepare_imagefolder(
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
     found = scan(source, val_fraction, seed)
+    if strict and found.outside:
+        listing = "\n  ".join(printable(path) for path in found.outside[:20])
+        raise DataError(
+            f"{len(found.outside)} symbolic link(s) in {printable(source)} lead out of it (--strict): copy what they "
+            f"point to into the source folder, or leave --strict off to skip them:\n  {listing}"
+        )
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    skipped: list[tuple[Path, str]] = []
+    skipped: list[tuple[Path, str]] = [(path, LEAVES_SOURCE) for path in found.outside]
     hashes: list[bytes] = []
 
     def samples(split_index: int, split: str, files: list[SourceFile], pool) -> Iterator:
@@ -206,7 +250,7 @@ def prepare_imagefolder(
             present.add(file.label)
             yield EncodedImage(decoded.png, "png", decoded.size), file.label
         if strict and skipped:
-            listing = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:20])
+            listing = "\n  ".join(f"{printable(path)}: {reason}" for path, reason in skipped[:20])
             raise DataError(f"{len(skipped)} file(s) in {source} are not usable images (--strict):\n  {listing}")
         missing = [name for label, name in enumerate(found.classes) if label not in present]
         if split == "train" and missing:

@@ -63,7 +63,7 @@ def cifar10_command(args: argparse.Namespace) -> int:
 
 
 def imagefolder_command(args: argparse.Namespace) -> int:
-    from distvit.data.imagefolder import prepare_imagefolder
+    from distvit.data.imagefolder import LEAVES_SOURCE, prepare_imagefolder, printable
 
     if args.image_size is not None and args.image_size < 8:
         raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
@@ -73,7 +73,10 @@ def imagefolder_command(args: argparse.Namespace) -> int:
     write = lambda: prepare_imagefolder(args.source, args.out, **options, workers=args.workers, **_order(args))  # noqa: E731
     report = write_dataset(args, "image-folder", write)
     for path, reason in report.skipped:
-        printable = str(path).encode("utf-8", "backslashreplace").decode()  # undecodable file names too
-        print(f"skipped {printable}: {reason}", file=sys.stderr)
-    print(f"{len(report.skipped)} file(s) skipped as not decodable, {len(report.ignored)} hidden file(s) ignored")
+        print(f"skipped {printable(path)}: {reason}", file=sys.stderr)  # control characters escaped
+    leaving = sum(reason == LEAVES_SOURCE for _, reason in report.skipped)
+    print(
+        f"{len(report.skipped) - leaving} file(s) skipped as not decodable, {leaving} symbolic link(s) leading out "
+        f"of the source skipped, {len(report.ignored)} hidden file(s) ignored"
+    )
     return 0

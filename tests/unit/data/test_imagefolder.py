@@ -143,8 +143,48 @@ def test_cli_prepare_imagefolder(messy_folder, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "notes.txt" in result.stderr
-    assert "3 file(s) skipped as not decodable, 1 hidden file(s) ignored" in result.stdout
+    assert (
+        "3 file(s) skipped as not decodable, 0 symbolic link(s) leading out of the source skipped, "
+        "1 hidden file(s) ignored" in result.stdout
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert sum(split["num_samples"] for split in manifest["splits"].values()) == 10
     result = run_cli(["prepare", "imagefolder", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_links_out_of_the_source_are_skipped_and_reported_or_refused(tmp_path):
+    """A file symlinked from elsewhere and a class folder linked to another tree are not imported (and
+    --strict refuses them); links that stay inside the source are followed as before."""
+    root, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    for name in ("a", "b"):
+        save(root / "cat" / f"{name}.png", Image.fromarray(rgb()))
+        save(root / "dog" / f"{name}.png", Image.fromarray(rgb()))
+    save(elsewhere / "secret.png", Image.fromarray(rgb()))
+    save(elsewhere / "private" / "x.png", Image.fromarray(rgb()))
+    (root / "cat" / "linked.png").symlink_to(elsewhere / "secret.png")
+    (root / "dog" / "inside.png").symlink_to(root / "cat" / "a.png")  # stays in the source: imported
+    (root / "etc").symlink_to(elsewhere / "private", target_is_directory=True)
+    report = prepare_imagefolder(root, tmp_path / "out", val_fraction=0.0)
+    assert report.manifest.classes == ["cat", "dog"] and report.manifest.splits["train"].num_samples == 5
+    assert sorted((p.name, r) for p, r in report.skipped) == [
+        ("etc", "a symbolic link leading out of the source folder (not imported)"),
+        ("linked.png", "a symbolic link leading out of the source folder (not imported)"),
+    ]
+    with pytest.raises(DataError, match=r"^2 symbolic link\(s\) in .* lead out of it \(--strict\)"):
+        prepare_imagefolder(root, tmp_path / "strict", val_fraction=0.0, strict=True)
+    assert not (tmp_path / "strict").exists()  # refused before anything was written
+
+
+def test_control_characters_in_names_are_escaped_never_dropped(tmp_path):
+    root = tmp_path / "src"
+    save(root / "cat" / "a.png", Image.fromarray(rgb()))
+    save(root / "dog" / "b.png", Image.fromarray(rgb()))
+    (root / "cat" / "forged\ndistvit: all good.png").write_bytes(b"not an image")
+    result = run_cli(["prepare", "imagefolder", "--source", str(root), "--out", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr
+    assert "forged\\ndistvit: all good.png" in result.stderr and "\ndistvit: all good" not in result.stderr
+    (root / "bad\nclass").mkdir()
+    save(root / "bad\nclass" / "c.png", Image.fromarray(rgb()))
+    with pytest.raises(DataError, match=r"class folder .*bad\\nclass has a control character in its name: rename it"):
+        prepare_imagefolder(root, tmp_path / "out2", val_fraction=0.0)
