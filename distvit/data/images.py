@@ -33,6 +33,13 @@ def resize_and_crop(array: np.ndarray, size: int) -> np.ndarray:
     height, width = array.shape[:2]
     scale = size / min(height, width)
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    resized = np.array(Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BICUBIC))  # writable copy
     top, left = (new_h - size) // 2, (new_w - size) // 2
+    image = Image.fromarray(array)
+    if new_h * new_w > 4 * size * size:
+        # A long thin image (300000 x 1 px at size 32) would be resized whole to gigabytes before the crop:
+        # resample only the source region the crop keeps (the same pixels within a level or two).
+        sy, sx = new_h / height, new_w / width
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        return np.array(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    resized = np.array(image.resize((new_w, new_h), Image.Resampling.BICUBIC))  # writable copy
     return resized[top : top + size, left : left + size]
