@@ -162,15 +162,19 @@ class Checkpointer:
     def save(self, name: str, periodic: bool = False) -> None:
         """All ranks call this; rank 0 writes `name`, then marks it latest (and prunes periodic ones)."""
         rng_states = gather_object([rng_state()])
+        error = None
         if self.accelerator.is_main_process:
             payload = to_payload(
                 self.parts, self.state, self.identity, self.accelerator.scaler, rng_states, self.tracker.run_id
             )
-            files.save_checkpoint(self.directory / name, payload)
-            files.mark_latest(self.directory, name, self.state.step, self.state.epoch)
-            if periodic:
+            try:
+                files.save_checkpoint(self.directory / name, payload)
+                files.mark_latest(self.directory, name, self.state.step, self.state.epoch)
+            except CheckpointError as err:  # a full disk, say: every rank stops with this message
+                error = str(err)
+            if periodic and error is None:
                 files.prune_periodic(self.directory, self.cfg.keep_last, self._checkpoint_step)
-        self.monitor.wait_for_main()  # not a training collective: a slow write is not a hung rank
+        self.monitor.wait_for_main(error)  # not a training collective: a slow write is not a hung rank
 
     def save_stopped(self) -> None:
         self.save(step_name(self.state.step))

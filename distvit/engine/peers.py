@@ -44,12 +44,18 @@ class PeerMonitor:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if several else None
         self.wait_group = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WORK_TIMEOUT) if several else None
 
-    def wait_for_main(self) -> None:
-        """Every rank waits here while rank 0 finishes its own work (up to MAIN_PROCESS_WORK_TIMEOUT)."""
+    def wait_for_main(self, error: str | None = None) -> None:
+        """Every rank waits here while rank 0 finishes its own work (up to MAIN_PROCESS_WORK_TIMEOUT). Rank
+        0 passes the error its work ended with, if any: every rank then raises it, so all stop together
+        with the same message instead of waiting for a rank that is gone."""
         if self.wait_group is not None:
             import torch.distributed as dist
 
-            dist.barrier(group=self.wait_group)
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0, group=self.wait_group)
+            error = shared[0]
+        if error:
+            raise DistvitError(error)
 
     def unresponsive(self, seconds: float = 15.0) -> str:
         """A description of the unresponsive ranks, as far as this rank can tell."""

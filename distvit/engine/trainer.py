@@ -40,7 +40,7 @@ from distvit.engine.sources import DataSources, agree_on_bad_shards
 from distvit.engine.state import TrainState
 from distvit.engine.step import TrainStep
 from distvit.engine.stopping import StopRequests
-from distvit.errors import PeerFailure
+from distvit.errors import DistvitError, PeerFailure
 from distvit.model.build import build_model
 from distvit.run.checkpoint import LATEST_NAME
 from distvit.run.rundir import init_run_dir
@@ -74,9 +74,9 @@ class Trainer:
             self.resume.check(record, identity, cfg.ema.enabled)
         # 3. Rank 0 prepares the run directory once every rank has passed (NCCL's init has no barrier).
         wait_for_everyone(accelerator)
-        if accelerator.is_main_process:
-            init_run_dir(run_dir, cfg, self.resume.step)
-        self.monitor.wait_for_main()
+        self.monitor.wait_for_main(
+            main_only(accelerator, lambda: init_run_dir(run_dir, cfg, self.resume.step), f"preparing {run_dir}")
+        )
         # 4. Data, then everything a step needs (the checkpoint's weights load before anything derives from them).
         self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, splits)
         self.parts = parts = build_parts(
@@ -119,9 +119,8 @@ class Trainer:
                 self.meter,
                 self.sources.feature_seconds,
             )
-            if accelerator.is_main_process:
-                self.outputs.write(summary, state, self.tracker, self.stops)
-            self.monitor.wait_for_main()
+            write = lambda: self.outputs.write(summary, state, self.tracker, self.stops)  # noqa: E731
+            self.monitor.wait_for_main(main_only(accelerator, write, f"writing the run's outputs in {self.run_dir}"))
         finally:
             self.stops.close()
             self.tracker.finish()
@@ -242,3 +241,20 @@ def run_training(cfg: Config, manifest: Manifest, bad_shards: dict[str, str] | N
             f"(train.timeout_s={cfg.train.timeout_s}); restart with train.resume=auto to continue from "
             f"{'the checkpoint in ' + str(latest) if latest.exists() else 'the start (no checkpoint yet)'}."
         ) from None
+
+
+def main_only(accelerator, work, what: str) -> str | None:
+    """Run rank 0's own work; the error it ends with (a full disk, an unwritable folder), for every rank
+    to stop with (PeerMonitor.wait_for_main), instead of rank 0 leaving alone and the others waiting."""
+    if not accelerator.is_main_process:
+        return None
+    try:
+        work()
+    except (OSError, DistvitError) as err:
+        if isinstance(err, DistvitError):
+            return str(err)
+        reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        return (
+            f"{what} failed ({reason}). Fix the cause (free space, permissions) and run again with train.resume=auto."
+        )
+    return None

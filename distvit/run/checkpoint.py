@@ -30,11 +30,30 @@ LATEST_NAME = "latest.json"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically; a failed write (a full disk: torch reports it as a RuntimeError) is
+    one CheckpointError naming the file and the free space, and the previous checkpoint stays usable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as handle:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as handle:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(_write_failure(path, err)) from None
     return path
+
+
+def _write_failure(path: Path, err: BaseException) -> str:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "its folder cannot be read"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return (
+        f"writing {path} failed ({reason}); {free}. The previous checkpoint is intact: free some space "
+        "(or choose another run.dir) and continue with train.resume=auto."
+    )
 
 
 def step_name(step: int) -> str:
@@ -43,7 +62,11 @@ def step_name(step: int) -> str:
 
 def mark_latest(checkpoint_dir: Path, name: str, step: int, epoch: int) -> None:
     """Record which checkpoint is the newest complete one (written after the checkpoint itself)."""
-    atomic_write_bytes(checkpoint_dir / LATEST_NAME, json.dumps({"file": name, "step": step, "epoch": epoch}).encode())
+    marker = checkpoint_dir / LATEST_NAME
+    try:
+        atomic_write_bytes(marker, json.dumps({"file": name, "step": step, "epoch": epoch}).encode())
+    except OSError as err:
+        raise CheckpointError(_write_failure(marker, err)) from None
 
 
 BEST_NAME = "best.pt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distvit.run.checkpoint import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launch_until_logged, subprocess_env, worker_pids
 
@@ -195,6 +197,38 @@ def test_slow_rank0_checkpoint_writes_do_not_trip_the_collective_timeout(small_d
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_summary(run_dir)["steps"] == 4
+
+
+def test_a_full_disk_while_checkpointing_stops_every_rank_with_one_line(small_dataset, tmp_path):
+    """Rank 0's checkpoint write at step 6 fails (torch's full-disk error): both ranks stop with one
+    `distvit: error:` line naming the file and the free space; latest.json still names the step-4 state."""
+    run_dir = tmp_path / "run"
+    result = accelerate_launch(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={small_dataset}",
+            f"run.dir={run_dir}",
+            "train.epochs=2",
+            "train.batch_size=50",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_best=false",
+            "tracking.backend=none",
+        ],
+        script=REPO / "tests" / "support" / "scripts" / "full_disk.py",
+        timeout=300,
+    )
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    errors = [line[line.index("distvit: error:") :] for line in result.stderr.splitlines() if "distvit: error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]  # once per node, as every input error
+    assert f"writing {run_dir / 'checkpoints' / 'step_00000006.pt'} failed (" in errors[0]
+    assert "unexpected pos" in errors[0] and " MB free there. The previous checkpoint is intact" in errors[0]
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 4 and load_checkpoint(run_dir / "checkpoints" / latest["file"])["step"] == 4
+    assert not (run_dir / "checkpoints" / "step_00000006.pt").exists()
+    assert not (run_dir / "checkpoints" / "step_00000006.pt.tmp").exists()
 
 
 def test_fingerprint_check_catches_a_perturbed_rank(small_dataset):

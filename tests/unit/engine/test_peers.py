@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch.distributed as dist
 
 from distvit.engine.peers import is_peer_failure
@@ -31,3 +32,15 @@ def test_is_peer_failure():
     assert not any(is_peer_failure(TimeoutError(m)) for m in NOT_PEER_FAILURES)
     assert is_peer_failure(dist.DistError("any message"))  # torch.distributed's own error types
     assert is_peer_failure(dist.DistNetworkError("any message"))
+
+
+def test_rank_zeros_error_is_raised_by_every_rank_that_waits_for_it():
+    """One process: wait_for_main passes, or raises rank 0's error (the same message every rank gets)."""
+    from distvit.engine.peers import PeerMonitor
+    from distvit.errors import DistvitError
+
+    monitor = PeerMonitor(world_size=1, timeout_s=10)
+    monitor.wait_for_main()
+    monitor.wait_for_main(None)
+    with pytest.raises(DistvitError, match="^writing x failed$"):
+        monitor.wait_for_main("writing x failed")

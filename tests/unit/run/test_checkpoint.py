@@ -138,7 +138,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(CheckpointError, match=r"failed \(\[Errno 28\] No space left on device\); \d+ MB free there"):
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -330,3 +330,20 @@ def test_load_model_ema_weights_only_when_the_run_kept_them(tmp_path, tiny):
     assert all(torch.equal(averaged.state_dict()[k], ema[k]) for k in ema)
     trained, _, _ = load_model(both)  # default: the trained model's weights
     assert all(torch.equal(trained.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_full_disk_while_writing_is_one_error_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"step": 1})
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1408 vs 1344\nmore")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(path, {"step": 2})
+    assert str(err.value).startswith(
+        f"writing {path} failed ([enforce fail at inline_container.cc:603] . unexpected pos 1408 vs 1344); "
+    )
+    assert " MB free there. The previous checkpoint is intact" in str(err.value)
+    assert load_checkpoint(path)["step"] == 1 and not (tmp_path / "c.pt.tmp").exists()
