@@ -43,7 +43,7 @@ from distvit.engine.stopping import StopRequests
 from distvit.errors import DistvitError, PeerFailure
 from distvit.model.build import build_model
 from distvit.run.checkpoint import LATEST_NAME
-from distvit.run.rundir import init_run_dir
+from distvit.run.rundir import init_run_dir, lock_run_dir
 from distvit.run.tracking import RunTracker
 
 
@@ -74,9 +74,12 @@ class Trainer:
             self.resume.check(record, identity, cfg.ema.enabled)
         # 3. Rank 0 prepares the run directory once every rank has passed (NCCL's init has no barrier).
         wait_for_everyone(accelerator)
-        self.monitor.wait_for_main(
-            main_only(accelerator, lambda: init_run_dir(run_dir, cfg, self.resume.step), f"preparing {run_dir}")
-        )
+
+        def prepare_run_dir() -> None:
+            lock_run_dir(run_dir)  # a second run in this folder stops here, before anything changes
+            init_run_dir(run_dir, cfg, self.resume.step)
+
+        self.monitor.wait_for_main(main_only(accelerator, prepare_run_dir, f"preparing {run_dir}"))
         # 4. Data, then everything a step needs (the checkpoint's weights load before anything derives from them).
         self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, splits)
         self.parts = parts = build_parts(

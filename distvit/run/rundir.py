@@ -14,6 +14,7 @@ RUN_DIR/tracker.json       the W&B run id, continued by resumed and requeued job
 RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
 RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)
 RUN_DIR/distvit-run.json   written first by a new run: marks the folder as a distvit run's
+RUN_DIR/.distvit-lock      held (flock) by the run's rank 0 while it runs: a second run there is refused
 
 distvit deletes or replaces files only in a folder that holds a distvit run, and only the files a run
 writes (the names above); anything else in it, a user's own files included, stays.
@@ -44,6 +45,7 @@ TRACE_DIR = "trace"
 # STOP is not cleared: a stop request that arrives while a job starts up (a signal to the Slurm batch
 # shell) must still stop it.
 RUN_RECORD = "distvit-run.json"
+LOCK_NAME = ".distvit-lock"
 _RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, STOPPED_NAME, METRICS_NAME, TRACKER_NAME, "model.safetensors", "model.json")
 # The files a run writes in each of its folders (atomic writes go through `<name>.tmp`): the only ones
 # an overwrite deletes there.
@@ -55,7 +57,7 @@ _RUN_FOLDERS = {
     WANDB_DIR: re.compile(r"(offline-)?run-.+|latest-run|debug(-internal|-cli\..+)?\.log"),
 }
 # Present before a run starts: the STOP file (a stop request for a starting job) and the Slurm scripts' logs.
-_BEFORE_A_RUN = ("STOP", "logs")
+_BEFORE_A_RUN = ("STOP", "logs", LOCK_NAME)
 
 
 def is_distvit_run(run_dir: Path) -> bool:
@@ -103,6 +105,38 @@ def check_run_dir(cfg: Config) -> Path:
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir={cfg.run.dir!r} is not writable by this user. Choose another run.dir.")
     return run_dir
+
+
+_HELD_LOCKS: dict[str, Any] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Rank 0 holds an exclusive lock on the run folder for the rest of the process (released when it
+    ends, however it ends): a second run started in the same folder is refused, naming the first one's
+    process and host, before it changes anything. (Trainers of one process share the lock.)"""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _HELD_LOCKS:
+        return
+    handle = open(run_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} is in use by another distvit run ({holder}): wait for it to end, or "
+            "choose another run.dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
 
 
 def _check_resume_source(cfg: Config, run_dir: Path, others: list[str]) -> None:

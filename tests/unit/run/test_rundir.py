@@ -117,3 +117,41 @@ def test_resumed_run_drops_lines_logged_after_its_checkpoint(small_dataset, tmp_
     for log in ("metrics.jsonl", "trace/rank0.jsonl"):
         assert [json.loads(x)["step"] for x in (run_dir / log).read_text().splitlines()] == [1, 2, 3, 4]
     assert not (run_dir / "summary.json").exists()
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_naming_the_first(tmp_path):
+    """The lock is held by the process that runs; another process asking for it gets a clear error
+    naming that process and its host; once the first process ends, the folder is free again."""
+    import socket
+    import subprocess
+    import sys
+
+    from distvit.run.rundir import lock_run_dir
+    from tests.support.helpers import REPO, subprocess_env
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib; from distvit.run.rundir import lock_run_dir; "
+            f"lock_run_dir(pathlib.Path({str(run_dir)!r})); print('locked', flush=True); sys.stdin.read()",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError) as err:
+            lock_run_dir(run_dir)
+        assert str(err.value).startswith(
+            f"run.dir={str(run_dir)!r} is in use by another distvit run (pid {holder.pid} on {socket.gethostname()}, "
+        )
+        assert str(err.value).endswith("): wait for it to end, or choose another run.dir.")
+    finally:
+        holder.communicate("", timeout=30)
+    lock_run_dir(run_dir)  # the first process ended: its lock went with it
+    lock_run_dir(run_dir)  # and this process may ask again (its trainers share the lock)
