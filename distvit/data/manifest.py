@@ -134,6 +134,7 @@ def parse_manifest(payload: bytes, path: str | os.PathLike) -> Manifest:
         raise DataError(
             f"{path} is damaged or from an incompatible tool ({type(err).__name__}: {err}). Prepare the dataset again."
         ) from None
+    _check_structure(manifest, path)
     for split in manifest.splits.values():
         for shard in split.shards:
             # Names become paths and, with data.remote, parts of shell commands: plain file names only.
@@ -148,3 +149,41 @@ def parse_manifest(payload: bytes, path: str | os.PathLike) -> Manifest:
                 f"Prepare the dataset again."
             )
     return manifest
+
+
+MAX_IMAGE_SIDE = 16384
+"""Largest stored image side a manifest may declare (the memory reader allocates from it)."""
+
+
+def _check_structure(manifest: Manifest, path: str | os.PathLike) -> None:
+    """What `prepare` never writes: repeated or blank class names, a shard listed twice (within a split
+    or by two splits), an image size or channel count no image has, an integer that is not one."""
+    classes = manifest.classes
+    if not classes or not all(isinstance(name, str) and name.strip() for name in classes):
+        raise DataError(f"{path}: class names must be non-empty text; prepare the dataset again.")
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: class name(s) {repeated} appear more than once; every class needs its own name.")
+    if manifest.channels not in (1, 3):
+        raise DataError(f"{path}: channels={manifest.channels}; distvit datasets have 1 or 3 channels.")
+    size = manifest.image_size
+    if size is not None and (
+        len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in size)
+    ):
+        raise DataError(
+            f"{path}: image_size {list(size)} is not two whole numbers from 1 to {MAX_IMAGE_SIDE}; prepare the "
+            "dataset again."
+        )
+    seen: dict[str, str] = {}
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            if not isinstance(shard.num_samples, int) or isinstance(shard.num_samples, bool) or shard.num_samples < 0:
+                raise DataError(f"{path}: shard {shard.name!r} has num_samples={shard.num_samples!r}.")
+            if shard.name in seen:
+                where = "twice in split" if seen[shard.name] == split.name else f"in splits '{seen[shard.name]}' and"
+                raise DataError(
+                    f"{path}: shard {shard.name!r} is listed {where} '{split.name}': every sample belongs to one "
+                    "split once. Prepare the dataset again."
+                )
+            seen[shard.name] = split.name

@@ -39,6 +39,12 @@ def load_checked_config(config_file: str, overrides: list[str]):
     if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise DataError(bad_shards_message(cfg.data.path, bad_shards))
     train_size = manifest.split(cfg.data.train_split, cfg.data.path).num_samples
+    if not manifest.split(cfg.data.eval_split, cfg.data.path).num_samples:
+        others = [name for name, split in manifest.splits.items() if split.num_samples and name != cfg.data.train_split]
+        raise DataError(
+            f"data.eval_split={cfg.data.eval_split!r} of {cfg.data.path} holds no images: every evaluation would "
+            f"count 0 of 0. Choose a split with images{' (' + ', '.join(others) + ')' if others else ''}."
+        )
     if cfg.data.train_subset > train_size:
         raise ConfigError(
             f"data.train_subset={cfg.data.train_subset} is larger than split '{cfg.data.train_split}' of "

@@ -19,3 +19,40 @@ def test_manifest_counts_must_add_up(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(DataError, match="says 31 samples but its shards hold 30"):
         read_manifest(tmp_path / "ds")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda m: m.update(classes=["a", "b", "a", *m["classes"][3:]]),
+            r"class name\(s\) \['a'\] appear more than once",
+        ),
+        (lambda m: m.update(classes=["", *m["classes"][1:]]), "class names must be non-empty text"),
+        (lambda m: m.update(image_size=[100000, 32]), r"image_size \[100000, 32\] is not two whole numbers from 1 to"),
+        (lambda m: m.update(image_size=[1e5, 32]), r"image_size \[100000.0, 32\] is not two whole numbers"),
+        (lambda m: m.update(channels=2), "channels=2; distvit datasets have 1 or 3 channels"),
+        (
+            lambda m: (
+                m["splits"]["test"]["shards"].append(dict(m["splits"]["train"]["shards"][0]))
+                or m["splits"]["test"].update(num_samples=m["splits"]["test"]["num_samples"] + 25)
+            ),
+            r"shard 'train-00000.tar' is listed in splits 'train' and 'test'",
+        ),
+        (
+            lambda m: (
+                m["splits"]["train"]["shards"].append(dict(m["splits"]["train"]["shards"][0]))
+                or m["splits"]["train"].update(num_samples=m["splits"]["train"]["num_samples"] + 25)
+            ),
+            r"shard 'train-00000.tar' is listed twice in split 'train'",
+        ),
+    ],
+)
+def test_a_manifest_prepare_never_writes_is_refused(tmp_path, change, message):
+    prepare_synthetic(tmp_path / "ds", train_size=50, test_size=20, samples_per_shard=25)
+    path = tmp_path / "ds" / "manifest.json"
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=f"^{path}: {message}"):
+        read_manifest(tmp_path / "ds")

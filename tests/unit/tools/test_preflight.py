@@ -105,3 +105,19 @@ def test_a_global_batch_larger_than_the_training_images_is_refused(small_dataset
         _load(small_dataset, tmp_path, "data.train_subset=100")
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
     assert _load(small_dataset, tmp_path, "train.batch_size=200")[0].train.batch_size == 200
+
+
+def test_an_empty_evaluation_split_is_refused(small_dataset, tmp_path):
+    import json
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(small_dataset, dataset)
+    raw = json.loads((dataset / "manifest.json").read_text())
+    raw["splits"]["val"] = {"name": "val", "num_samples": 0, "shards": []}
+    (dataset / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError) as err:
+        _load(dataset, tmp_path, "data.eval_split=val")
+    assert str(err.value) == (
+        f"data.eval_split='val' of {dataset} holds no images: every evaluation would count 0 of 0. "
+        "Choose a split with images (test)."
+    )
