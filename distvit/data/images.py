@@ -3,8 +3,13 @@ the image-folder import, the stream reader and `distvit predict` share."""
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 from PIL import Image, ImageOps
+
+from distvit.errors import DataError
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -26,6 +31,38 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
     return np.asarray(image.convert("RGB"))
+
+
+def decode_stored(payload: bytes, channels: int, expected: tuple[int, int] | None, where: str) -> np.ndarray:
+    """A dataset sample's image -> uint8 H x W x C (a writable copy). Its size is read from the header and
+    checked against the manifest's before anything is decoded (a decompression bomb never unpacks); every
+    problem is one DataError naming the sample."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(payload)) as image:
+                if expected is not None and image.size != (expected[1], expected[0]):
+                    width, height = image.size
+                    raise DataError(
+                        f"{where} is {width} x {height} px, the manifest says {expected[1]} x {expected[0]}. "
+                        "Prepare the dataset again."
+                    )
+                array = np.array(image.convert("RGB" if channels == 3 else "L"))
+    except DataError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as err:
+        reason = (str(err).splitlines() or [""])[0]
+        raise DataError(
+            f"{where}: image cannot be decoded ({type(err).__name__}: {reason}). Prepare the dataset again."
+        ) from None
+    return array if array.ndim == 3 else array[..., None]
 
 
 def resize_and_crop(array: np.ndarray, size: int) -> np.ndarray:

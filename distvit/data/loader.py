@@ -12,7 +12,6 @@ both, for any number of loader workers.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Iterator
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from distvit.data.devices import to_device
-from distvit.data.images import resize_and_crop
+from distvit.data.images import decode_stored, resize_and_crop
 from distvit.data.manifest import Manifest
-from distvit.data.memory import IMAGE_MEMBERS, SplitTensors, check_shard_files, load_split
+from distvit.data.memory import IMAGE_MEMBERS, SplitTensors, check_shard_files, load_split, parse_label
 from distvit.data.plan import EpochPlan, RankBatch
 from distvit.errors import DataError
 
@@ -54,6 +52,7 @@ class SampleLocation:
     image_size: int
     image_ext: str
     label: int
+    key: str = ""
 
 
 def index_shards(
@@ -66,25 +65,30 @@ def index_shards(
     for shard_index, (path, info) in enumerate(zip(paths, split.shards)):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         order: list[str] = []
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, _, ext = member.name.rpartition(".")
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext] = member
-            with open(path, "rb") as handle:
-                for key in order:
-                    members = samples[key]
-                    ext = next((e for e in IMAGE_MEMBERS if e in members), None)
-                    if ext is None or "cls" not in members:
-                        raise DataError(
-                            f"{path} sample {key} lacks its image or .cls member. Prepare the dataset again."
-                        )
-                    handle.seek(members["cls"].offset_data)
-                    label = int(handle.read(members["cls"].size))
-                    image = members[ext]
-                    locations.append(SampleLocation(shard_index, image.offset_data, image.size, ext, label))
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    key, _, ext = member.name.rpartition(".")
+                    if key not in samples:
+                        samples[key] = {}
+                        order.append(key)
+                    samples[key][ext] = member
+        except (tarfile.TarError, OSError, UnicodeDecodeError) as err:
+            raise DataError(
+                f"{path} is not a readable tar shard ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                "Prepare (or fetch) the dataset again."
+            ) from None
+        with open(path, "rb") as handle:
+            for key in order:
+                members = samples[key]
+                ext = next((e for e in IMAGE_MEMBERS if e in members), None)
+                if ext is None or "cls" not in members:
+                    raise DataError(f"{path} sample {key} lacks its image or .cls member. Prepare the dataset again.")
+                handle.seek(members["cls"].offset_data)
+                where = f"{path} sample {key}"
+                label = parse_label(handle.read(members["cls"].size), manifest.num_classes, where)
+                image = members[ext]
+                locations.append(SampleLocation(shard_index, image.offset_data, image.size, ext, label, key))
         if len(order) != info.num_samples:
             raise DataError(f"{path} holds {len(order)} samples, its manifest entry says {info.num_samples}.")
     return paths, locations
@@ -93,8 +97,16 @@ def index_shards(
 class ShardSamples(torch.utils.data.Dataset):
     """Map-style view of a split's shards: item i is (uint8 H x W x C tensor, label) of sample i."""
 
-    def __init__(self, paths: list[Path], locations: list[SampleLocation], resize_to: int | None):
+    def __init__(
+        self,
+        paths: list[Path],
+        locations: list[SampleLocation],
+        resize_to: int | None,
+        stored_size: tuple[int, int] | None = None,
+    ):
         self.paths = paths
+        self.keys = [loc.key for loc in locations]
+        self.stored_size = stored_size  # the manifest's image size, checked before decoding
         self.shards = np.array([loc.shard for loc in locations], dtype=np.int32)
         self.offsets = np.array([loc.image_offset for loc in locations], dtype=np.int64)
         self.sizes = np.array([loc.image_size for loc in locations], dtype=np.int64)
@@ -113,9 +125,12 @@ class ShardSamples(torch.utils.data.Dataset):
         handle.seek(int(self.offsets[index]))
         return handle.read(int(self.sizes[index]))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(io.BytesIO(self.read(index))) as image:
-            array = np.array(image.convert("RGB"))  # a writable copy, as torch wants
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | "SampleFailure":
+        where = f"{self.paths[int(self.shards[index])]} sample {self.keys[index]}"
+        try:
+            array = decode_stored(self.read(index), 3, self.stored_size, where)
+        except DataError as err:  # handed to the main process as data, not raised in the worker (see epoch)
+            return SampleFailure(str(err))
         if self.resize_to and array.shape[:2] != (self.resize_to, self.resize_to):
             array = resize_and_crop(array, self.resize_to)
         return torch.from_numpy(np.ascontiguousarray(array)), int(self.labels[index])
@@ -124,7 +139,18 @@ class ShardSamples(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample a worker could not read: its one-line message. A DataError raised in a DataLoader worker
+    reaches the main process wrapped in the worker's traceback; this travels as data instead."""
+
+    message: str
+
+
+def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor] | SampleFailure:
+    failed = next((s for s in samples if isinstance(s, SampleFailure)), None)
+    if failed is not None:
+        return failed
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
@@ -140,7 +166,9 @@ class StreamBatches:
     ):
         paths, locations = index_shards(dataset_dir, manifest, split)
         # Images of varying stored size cannot be stacked: bring each to the model's size in the worker.
-        self.samples = ShardSamples(paths, locations, resize_to if manifest.image_size is None else None)
+        self.samples = ShardSamples(
+            paths, locations, resize_to if manifest.image_size is None else None, manifest.image_size
+        )
         self.num_workers = num_workers
         self.device = device
 
@@ -157,7 +185,10 @@ class StreamBatches:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers else None,
         )
-        for batch, (images, labels) in zip(batches, loader):
+        for batch, item in zip(batches, loader):
+            if isinstance(item, SampleFailure):
+                raise DataError(item.message)
+            images, labels = item
             yield batch, images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 

@@ -7,15 +7,15 @@ the epoch order can be planned globally (see `plan.py`).
 
 from __future__ import annotations
 
-import io
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from distvit.data.images import decode_stored
 from distvit.data.manifest import Manifest, SplitInfo
 from distvit.data.preflight import shard_problem
 from distvit.errors import DataError
@@ -50,13 +50,16 @@ def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo) -> list[
 IMAGE_MEMBERS = ("png", "jpg")
 
 
-def _decode_image(payload: bytes, channels: int, where: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(payload)) as image:
-            array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{where}: image cannot be decoded ({err}). Prepare the dataset again.") from None
-    return array if array.ndim == 3 else array[..., None]
+def parse_label(payload: bytes, num_classes: int, where: str) -> int:
+    """A sample's .cls member: a class index, as text, in [0, num_classes); else a DataError naming it.
+    Checked whether or not the shard hashes were (data.verify=size reads only sizes)."""
+    text = payload.decode("ascii", errors="replace").strip()
+    if not text.isdigit() or not text.isascii() or int(text) >= num_classes:
+        raise DataError(
+            f"{where}: label {text[:20]!r} is not a class index from 0 to {num_classes - 1}. The shard is damaged "
+            "or from another dataset: prepare (or fetch) the dataset again."
+        )
+    return int(text)
 
 
 def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str) -> SplitTensors:
@@ -80,19 +83,22 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
             str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
         )
         start = index
-        for sample in stream:
-            where = f"{path} sample {sample['__key__']}"
-            if index >= split.num_samples or index - start >= shard.num_samples:
-                raise DataError(f"{path} holds more samples than its manifest entry ({shard.num_samples}).")
-            member = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
-            if member is None or "cls" not in sample:
-                raise DataError(f"{where} lacks its image (.png/.jpg) or .cls member. Prepare the dataset again.")
-            image = _decode_image(sample[member], manifest.channels, where)
-            if image.shape != (height, width, manifest.channels):
-                raise DataError(f"{where} is {image.shape}, the manifest says {(height, width, manifest.channels)}.")
-            images[index] = image
-            labels[index] = int(sample["cls"])
-            index += 1
+        try:
+            for sample in stream:
+                where = f"{path} sample {sample['__key__']}"
+                if index >= split.num_samples or index - start >= shard.num_samples:
+                    raise DataError(f"{path} holds more samples than its manifest entry ({shard.num_samples}).")
+                member = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
+                if member is None or "cls" not in sample:
+                    raise DataError(f"{where} lacks its image (.png/.jpg) or .cls member. Prepare the dataset again.")
+                images[index] = decode_stored(sample[member], manifest.channels, (height, width), where)
+                labels[index] = parse_label(sample["cls"], manifest.num_classes, where)
+                index += 1
+        except (tarfile.TarError, ValueError, OSError, UnicodeDecodeError) as err:  # not a tar, or a cut one
+            raise DataError(
+                f"{path} is not a readable tar shard ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                "Prepare (or fetch) the dataset again."
+            ) from None
         if index - start != shard.num_samples:
             raise DataError(
                 f"{path} holds {index - start} samples, its manifest entry says {shard.num_samples}. "
