@@ -215,8 +215,9 @@ class DistillConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: NonNegativeInt = 0
-    """Also checkpoint every N epochs (0: only the final checkpoint)."""
+    every_epochs: NonNegativeInt = 1
+    """Also checkpoint every N epochs (0: only the final checkpoint). On by default: a kill loses at most
+    an epoch's work (add every_steps for long epochs)."""
     every_steps: NonNegativeInt = 0
     """Also checkpoint every N optimizer steps (0: off), mid-epoch included."""
     keep_last: NonNegativeInt = 3
