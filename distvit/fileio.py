@@ -50,3 +50,17 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     if not target.parent.is_dir():
         raise DistvitError(f"{flag} {path}: the folder {target.parent} does not exist; create it first.")
     return target
+
+
+def write_failure(path: str | os.PathLike, err: BaseException) -> str:
+    """'writing PATH failed (reason); N MB free there': the start of the one-line error for a write that
+    failed, a full disk above all (torch reports one as a RuntimeError, 'unexpected pos')."""
+    import shutil
+
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "its folder cannot be read"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return f"writing {path} failed ({reason}); {free}"

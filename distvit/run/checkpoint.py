@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from distvit.errors import CheckpointError
-from distvit.fileio import atomic_open, atomic_write_bytes
+from distvit.fileio import atomic_open, atomic_write_bytes, write_failure
 from distvit.model.build import model_from_record
 from distvit.model.record import SurgeryRecord
 
@@ -27,6 +27,12 @@ FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "final.pt"
 LATEST_NAME = "latest.json"
+
+
+KEPT = (
+    "The previous checkpoint is intact: free some space (or choose another run.dir) and continue with "
+    "train.resume=auto."
+)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -38,22 +44,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         with atomic_open(path) as handle:
             torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
     except (OSError, RuntimeError) as err:
-        raise CheckpointError(_write_failure(path, err)) from None
+        raise CheckpointError(f"{write_failure(path, err)}. {KEPT}") from None
     return path
-
-
-def _write_failure(path: Path, err: BaseException) -> str:
-    import shutil
-
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
-    except OSError:
-        free = "its folder cannot be read"
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    return (
-        f"writing {path} failed ({reason}); {free}. The previous checkpoint is intact: free some space "
-        "(or choose another run.dir) and continue with train.resume=auto."
-    )
 
 
 def step_name(step: int) -> str:
@@ -66,7 +58,7 @@ def mark_latest(checkpoint_dir: Path, name: str, step: int, epoch: int) -> None:
     try:
         atomic_write_bytes(marker, json.dumps({"file": name, "step": step, "epoch": epoch}).encode())
     except OSError as err:
-        raise CheckpointError(_write_failure(marker, err)) from None
+        raise CheckpointError(f"{write_failure(marker, err)}. {KEPT}") from None
 
 
 BEST_NAME = "best.pt"

@@ -18,7 +18,8 @@ from typing import Any
 from accelerate import Accelerator
 
 from distvit.config import Config
-from distvit.fileio import atomic_write_bytes
+from distvit.errors import DistvitError
+from distvit.fileio import atomic_write_bytes, write_failure
 
 METRICS_NAME = "metrics.jsonl"
 TRACKER_NAME = "tracker.json"
@@ -119,7 +120,13 @@ class RunTracker:
         if not self.accelerator.is_main_process:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        self._handle.write(json.dumps(record) + "\n")
+        try:
+            self._handle.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: one line, and the checkpoints already written stay usable
+            raise DistvitError(
+                f"{write_failure(self.metrics_path, err)}. The latest checkpoint is intact: free some space and "
+                "continue with train.resume=auto."
+            ) from None
         if self.use_wandb:
             split = record.get("split", "train")
             numbers = {

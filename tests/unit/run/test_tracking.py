@@ -109,3 +109,27 @@ def test_metrics_lines_are_strict_json_with_nan_and_inf_as_null(tmp_path):
     resumed.log({"split": "train", "epoch": 2, "step": 3, "loss": 0.5})
     resumed.finish()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_full_disk_while_logging_is_one_clear_error(tmp_path):
+    from accelerate import Accelerator
+
+    from distvit.config import Config
+    from distvit.errors import DistvitError
+    from distvit.run.tracking import RunTracker
+
+    tracker = RunTracker(Accelerator(cpu=True), Config(), tmp_path)
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    tracker._handle = FullDisk()
+    with pytest.raises(DistvitError) as err:
+        tracker.log({"split": "train", "step": 3, "loss": 1.0})
+    assert str(err.value).startswith(
+        f"writing {tmp_path / 'metrics.jsonl'} failed ([Errno 28] No space left on device); "
+    )
+    assert str(err.value).endswith(
+        "MB free there. The latest checkpoint is intact: free some space and continue with train.resume=auto."
+    )
