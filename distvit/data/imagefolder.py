@@ -16,16 +16,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from distvit.data.images import resize_and_crop, to_rgb
+from distvit.data.images import DECODE_ERRORS, open_image, resize_and_crop, to_rgb
 from distvit.data.manifest import Manifest
 from distvit.data.writer import EncodedImage, encode_png, write_dataset
 from distvit.errors import DataError
@@ -175,12 +173,10 @@ def decode_file(path: Path, image_size: int | None) -> Decoded:
     if not payload:
         return Decoded(path, None, None, digest, "empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as image:
-                image.seek(0)
-                array = to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        with open_image(io.BytesIO(payload)) as image:
+            image.seek(0)
+            array = to_rgb(image)
+    except DECODE_ERRORS as err:
         return Decoded(path, None, None, digest, f"not a decodable image ({type(err).__name__}: {err})")
     if image_size:
         array = resize_and_crop(array, image_size)

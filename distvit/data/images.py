@@ -3,8 +3,10 @@ the image-folder import, the stream reader and `distvit predict` share."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,31 +35,43 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombWarning,
+    Image.DecompressionBombError,
+)
+"""What Pillow raises for a file that is not a decodable image (or one over its pixel limit)."""
+
+
+@contextlib.contextmanager
+def open_image(source) -> Iterator[Image.Image]:
+    """Image.open with Pillow's decompression-bomb warning (over MAX_IMAGE_PIXELS) raised as an error:
+    no image over the limit is decoded. Catch DECODE_ERRORS around it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            yield image
+
+
 def decode_stored(payload: bytes, channels: int, expected: tuple[int, int] | None, where: str) -> np.ndarray:
     """A dataset sample's image -> uint8 H x W x C (a writable copy). Its size is read from the header and
     checked against the manifest's before anything is decoded (a decompression bomb never unpacks); every
     problem is one DataError naming the sample."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as image:
-                if expected is not None and image.size != (expected[1], expected[0]):
-                    width, height = image.size
-                    raise DataError(
-                        f"{where} is {width} x {height} px, the manifest says {expected[1]} x {expected[0]}. "
-                        "Prepare the dataset again."
-                    )
-                array = np.array(image.convert("RGB" if channels == 3 else "L"))
+        with open_image(io.BytesIO(payload)) as image:
+            if expected is not None and image.size != (expected[1], expected[0]):
+                width, height = image.size
+                raise DataError(
+                    f"{where} is {width} x {height} px, the manifest says {expected[1]} x {expected[0]}. "
+                    "Prepare the dataset again."
+                )
+            array = np.array(image.convert("RGB" if channels == 3 else "L"))
     except DataError:
         raise
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        EOFError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as err:
+    except DECODE_ERRORS as err:
         reason = (str(err).splitlines() or [""])[0]
         raise DataError(
             f"{where}: image cannot be decoded ({type(err).__name__}: {reason}). Prepare the dataset again."

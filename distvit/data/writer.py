@@ -19,13 +19,14 @@ lets the next prepare finish or undo a swap that a kill interrupted, and say so.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ from distvit.data.manifest import (
     write_manifest,
 )
 from distvit.errors import DataError
-from distvit.fileio import atomic_write_bytes
+from distvit.fileio import atomic_write_bytes, write_failure
 
 if TYPE_CHECKING:
     import webdataset as wds  # annotations only: webdataset stays an optional, lazy import
@@ -199,6 +200,25 @@ def _swap_in(out: Path, staging: Path, manifest: Manifest) -> None:
     shutil.rmtree(staging)
 
 
+@contextlib.contextmanager
+def _staging(out: Path, splits: Iterable[str]) -> Iterator[tuple[Path, str]]:
+    """The folder the new dataset is written in and its shard-name generation. On any error it is
+    removed; a failed write (a full disk) becomes one DataError, the folder's dataset untouched."""
+    generation = _generation(out, splits)
+    staging = out / STAGING_NAME
+    staging.mkdir()
+    try:
+        yield staging, generation
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(
+            f"{write_failure(err.filename or staging, err)}. The folder's previous dataset, if any, is unchanged."
+        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -218,59 +238,29 @@ def write_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _recover_interrupted_prepare(out)
-    generation = _generation(out, splits.keys())
-    staging = out / STAGING_NAME
-    staging.mkdir()
-    try:
-        manifest = _write_splits(
-            staging, generation, dataset, classes, image_size, channels, splits, source, samples_per_shard
+    with _staging(out, splits.keys()) as (staging, generation):
+        written = {}
+        sizes: set = set()
+        for split, samples in splits.items():
+            writer = SplitWriter(staging, split, len(classes), samples_per_shard, generation)
+            for image, label in samples:
+                if isinstance(image, EncodedImage):
+                    writer.add(image.data, int(label), image.ext, image.size)
+                else:
+                    writer.add(encode_png(image), int(label), size=image.shape[:2])
+            info = writer.close()
+            sizes |= writer.image_sizes
+            if info.num_samples:
+                written[split] = info
+        if image_size == "infer":
+            image_size = next(iter(sizes)) if len(sizes) == 1 and None not in sizes else None
+        manifest = Manifest(
+            dataset=dataset,
+            classes=list(classes),
+            image_size=tuple(image_size) if image_size else None,
+            channels=channels,
+            splits=written,
+            source=source() if callable(source) else source,
         )
-    except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        free = shutil.disk_usage(out).free
-        raise DataError(
-            f"writing the dataset in {out} failed ({err.strerror or err}: {err.filename or ''}); "
-            f"{free / 2**20:.0f} MB free there. The folder's previous dataset, if any, is unchanged."
-        ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     _swap_in(out, staging, manifest)
-    return manifest
-
-
-def _write_splits(
-    staging: Path,
-    generation: str,
-    dataset: str,
-    classes: list[str],
-    image_size: tuple[int, int] | None | str,
-    channels: int,
-    splits: Mapping[str, Iterable[tuple[np.ndarray | EncodedImage, int]]],
-    source: dict[str, Any] | Callable[[], dict[str, Any]],
-    samples_per_shard: int,
-) -> Manifest:
-    written = {}
-    sizes: set = set()
-    for split, samples in splits.items():
-        writer = SplitWriter(staging, split, len(classes), samples_per_shard, generation)
-        for image, label in samples:
-            if isinstance(image, EncodedImage):
-                writer.add(image.data, int(label), image.ext, image.size)
-            else:
-                writer.add(encode_png(image), int(label), size=image.shape[:2])
-        info = writer.close()
-        sizes |= writer.image_sizes
-        if info.num_samples:
-            written[split] = info
-    if image_size == "infer":
-        image_size = next(iter(sizes)) if len(sizes) == 1 and None not in sizes else None
-    manifest = Manifest(
-        dataset=dataset,
-        classes=list(classes),
-        image_size=tuple(image_size) if image_size else None,
-        channels=channels,
-        splits=written,
-        source=source() if callable(source) else source,
-    )
     return manifest

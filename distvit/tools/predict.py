@@ -18,7 +18,6 @@ Images are decoded and run a batch at a time, so memory is bounded whatever the 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import timm.data
 import torch
 from PIL import Image
 
-from distvit.data.images import resize_and_crop, to_rgb
+from distvit.data.images import DECODE_ERRORS, open_image, resize_and_crop, to_rgb
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
 from distvit.run.checkpoint import load_model
@@ -56,19 +55,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise DistvitError(f"image {path} is not a file.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                return np.array(to_rgb(image))  # a writable copy, independent of the file
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        EOFError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as err:
+        with open_image(path) as image:
+            image.seek(0)
+            return np.array(to_rgb(image))  # a writable copy, independent of the file
+    except DECODE_ERRORS as err:
         raise DistvitError(f"image {path} cannot be decoded ({type(err).__name__}: {err}).") from None
 
 

@@ -115,13 +115,6 @@ def lesson_steps(loop, count: int, timer: PhaseTimer | None = None) -> float:
     return loss
 
 
-def check_profile_path(path: str) -> Path:
-    """`--profile PATH` must name a file in an existing folder (checked before the benchmark runs)."""
-    from distvit.fileio import check_output_file
-
-    return check_output_file(path, "--profile")
-
-
 def profile_steps(
     run_steps: Callable[[int], None],
     device: torch.device,

@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from distvit.errors import DistvitError
+from distvit.fileio import check_output_file
 from distvit.tools.bench_train import format_train_bench
-from distvit.tools.profiling import (
-    busy_fraction,
-    check_profile_path,
-    device_share,
-    epoch_line,
-    profile_line,
-    profile_steps,
-)
+from distvit.tools.profiling import busy_fraction, device_share, epoch_line, profile_line, profile_steps
 from tests.unit.tools.test_bench_train import _bench, _measurement
 
 EPOCH = {
@@ -105,11 +99,11 @@ def test_busy_fraction_is_the_union_of_the_intervals():
 
 
 def test_the_profile_path_must_be_a_file_in_an_existing_folder(tmp_path):
-    assert check_profile_path(str(tmp_path / "p.txt")) == tmp_path / "p.txt"
+    assert check_output_file(str(tmp_path / "p.txt"), "--profile") == tmp_path / "p.txt"
     with pytest.raises(DistvitError, match="does not exist; create it first"):
-        check_profile_path(str(tmp_path / "missing" / "p.txt"))
+        check_output_file(str(tmp_path / "missing" / "p.txt"), "--profile")
     with pytest.raises(DistvitError, match="is a folder"):
-        check_profile_path(str(tmp_path))
+        check_output_file(str(tmp_path), "--profile")
 
 
 def _linear_steps():
