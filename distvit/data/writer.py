@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 DEFAULT_SAMPLES_PER_SHARD = 5000
 STAGING_NAME = ".distvit-prepare"
 SWAP_RECORD = ".distvit-prepare.json"
+STAGING_MARK = ".distvit-staging"  # inside STAGING_NAME: a folder of that name without it is not ours
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,34 @@ class SplitWriter:
         return SplitInfo(name=self.split, num_samples=self.num_samples, shards=self.shards)
 
 
-def _listed_files(out: Path) -> set[str]:
-    """The shard files the folder's manifest lists (none if it has no readable manifest)."""
+def _listed_files(out: Path) -> dict[str, int]:
+    """The shard files the folder's manifest lists, with their sizes (none without a readable manifest)."""
     path = out / MANIFEST_NAME
     try:
         manifest = parse_manifest(path.read_bytes(), path)
     except (OSError, DataError):
-        return set()
-    return {shard.name for split in manifest.splits.values() for shard in split.shards}
+        return {}
+    return {shard.name: shard.num_bytes for split in manifest.splits.values() for shard in split.shards}
+
+
+def _remove_ours(out: Path, files: dict[str, int]) -> tuple[int, list[str]]:
+    """Delete the listed files that are still what distvit wrote or listed (a plain shard name, the size
+    recorded); anything else of that name (a user's file put there since) stays. Returns (removed, kept)."""
+    removed, kept = 0, []
+    for name, size in files.items():
+        path = out / name
+        if not path.is_file() or path.is_symlink():
+            continue
+        if SAFE_SHARD_NAME.fullmatch(name) and path.stat().st_size == size:
+            path.unlink()
+            removed += 1
+        else:
+            kept.append(name)
+    return removed, kept
+
+
+def _owned_staging(staging: Path) -> bool:
+    return staging.is_dir() and not staging.is_symlink() and (staging / STAGING_MARK).is_file()
 
 
 def _recover_interrupted_prepare(out: Path) -> None:
@@ -153,25 +174,27 @@ def _recover_interrupted_prepare(out: Path) -> None:
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
-            new, old = list(record["new"]), list(record["old"])
+            new, old = dict(record["new"]), dict(record["old"])
         except (ValueError, KeyError, TypeError, OSError):
-            new, old = [], []
+            new, old = {}, {}
         listed = _listed_files(out)
-        committed = bool(new) and set(new) <= listed
-        leftovers = [n for n in (old if committed else new) if n not in listed and SAFE_SHARD_NAME.fullmatch(n)]
-        for name in leftovers:
-            (out / name).unlink(missing_ok=True)
+        committed = bool(new) and set(new) <= set(listed)
+        leftovers = {n: size for n, size in (old if committed else new).items() if n not in listed}
+        removed, kept = _remove_ours(out, leftovers)
         record_path.unlink()
         what = "old dataset's shards" if committed else "unfinished new dataset's shards"
+        note = f"; kept {', '.join(kept)} (changed since)" if kept else ""
         print(
-            f"distvit: note: {out}: a prepare was killed while swapping datasets; removed {len(leftovers)} "
-            f"of the {what}.",
+            f"distvit: note: {out}: a prepare was killed while swapping datasets; removed {removed} "
+            f"of the {what}{note}.",
             file=sys.stderr,
         )
     staging = out / STAGING_NAME
-    if staging.is_dir() and not staging.is_symlink():
+    if _owned_staging(staging):
         shutil.rmtree(staging)
         print(f"distvit: note: removed {staging}, left by a prepare that did not finish.", file=sys.stderr)
+    elif staging.exists() or staging.is_symlink():
+        raise DataError(f"{staging} exists and is not distvit's: move it away, then prepare again.")
 
 
 def _generation(out: Path, splits: Iterable[str]) -> str:
@@ -187,15 +210,23 @@ def _generation(out: Path, splits: Iterable[str]) -> str:
 
 
 def _swap_in(out: Path, staging: Path, manifest: Manifest) -> None:
-    """Move the new shards in, commit with the new manifest, then delete what the old manifest listed."""
-    new = [shard.name for split in manifest.splits.values() for shard in split.shards]
-    old = sorted(_listed_files(out) - set(new))
-    atomic_write_bytes(out / SWAP_RECORD, json.dumps({"new": new, "old": old}).encode())
-    for name in new:
-        os.replace(staging / name, out / name)
-    write_manifest(out, manifest)
-    for name in old:
-        (out / name).unlink(missing_ok=True)
+    """Move the new shards in, commit with the new manifest, then delete what the old manifest listed.
+    The record written first lets the next prepare finish or undo a swap a kill or a full disk stops."""
+    new = {shard.name: shard.num_bytes for split in manifest.splits.values() for shard in split.shards}
+    old = {name: size for name, size in _listed_files(out).items() if name not in new}
+    try:
+        atomic_write_bytes(out / SWAP_RECORD, json.dumps({"new": new, "old": old}).encode())
+        for name in new:
+            if (out / name).exists():  # appeared since the generation was chosen: never replaced
+                raise DataError(f"{out / name} appeared while the dataset was written; move it away and prepare again.")
+            os.replace(staging / name, out / name)
+        write_manifest(out, manifest)
+    except OSError as err:
+        raise DataError(
+            f"{write_failure(err.filename or out / MANIFEST_NAME, err)}. The folder's previous dataset is unchanged; "
+            "the next prepare there removes what this one moved in."
+        ) from None
+    _remove_ours(out, old)
     (out / SWAP_RECORD).unlink()
     shutil.rmtree(staging)
 
@@ -207,6 +238,7 @@ def _staging(out: Path, splits: Iterable[str]) -> Iterator[tuple[Path, str]]:
     generation = _generation(out, splits)
     staging = out / STAGING_NAME
     staging.mkdir()
+    (staging / STAGING_MARK).write_text("written by distvit prepare; removed when it ends\n")
     try:
         yield staging, generation
     except OSError as err:
