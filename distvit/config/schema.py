@@ -220,6 +220,9 @@ class CheckpointConfig:
     an epoch's work (add every_steps for long epochs)."""
     every_steps: NonNegativeInt = 0
     """Also checkpoint every N optimizer steps (0: off), mid-epoch included."""
+    every_minutes: NonNegativeFloat = 30.0
+    """Also checkpoint when this many minutes passed since the last checkpoint (0: off), so a kill in a
+    long epoch loses at most this much work. Rank 0's clock decides, at the stop checks."""
     keep_last: NonNegativeInt = 3
     """Keep the newest N periodic (step/epoch) checkpoints, delete older ones (0: keep all)."""
     keep_best: bool = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,9 @@ class MemoryBatches:
     def __len__(self) -> int:
         return len(self.data)
 
-    def epoch(self, plan: EpochPlan) -> Iterator[Batch]:
+    def epoch(self, plan: EpochPlan, on_failure: Callable[[str], None] | None = None) -> Iterator[Batch]:
+        """The plan's batches (every sample was read and checked when the split was loaded: `on_failure`
+        is never called)."""
         device = self.data.images.device
         for batch in plan.batches():
             indices = to_device(batch.indices, device)
@@ -130,10 +132,16 @@ class ShardSamples(torch.utils.data.Dataset):
         try:
             array = decode_stored(self.read(index), 3, self.stored_size, where)
         except DataError as err:  # handed to the main process as data, not raised in the worker (see epoch)
-            return SampleFailure(str(err))
+            return SampleFailure(str(err), self.sample_shape)
         if self.resize_to and array.shape[:2] != (self.resize_to, self.resize_to):
             array = resize_and_crop(array, self.resize_to)
         return torch.from_numpy(np.ascontiguousarray(array)), int(self.labels[index])
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """H x W x C of every item (the stored size, or the size items are brought to)."""
+        height, width = self.stored_size if self.resize_to is None else (self.resize_to, self.resize_to)
+        return height, width, 3
 
     def __getstate__(self):  # file handles do not travel to worker processes
         return {**self.__dict__, "_handles": {}}
@@ -145,13 +153,18 @@ class SampleFailure:
     reaches the main process wrapped in the worker's traceback; this travels as data instead."""
 
     message: str
+    shape: tuple[int, int, int]
+    """The H x W x C a readable sample would have had (its stand-in is zeros of that shape)."""
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor] | SampleFailure:
+def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """Images, labels and the first failed sample's message (None: all read). A failed sample is zeros
+    with label 0, so that a rank that goes on until all ranks can stop together has a batch to step on."""
     failed = next((s for s in samples if isinstance(s, SampleFailure)), None)
     if failed is not None:
-        return failed
-    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        samples = [(torch.zeros(s.shape, dtype=torch.uint8), 0) if isinstance(s, SampleFailure) else s for s in samples]
+    images = torch.stack([s[0] for s in samples])
+    return images, torch.tensor([s[1] for s in samples], dtype=torch.int64), failed and failed.message
 
 
 class StreamBatches:
@@ -175,7 +188,9 @@ class StreamBatches:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def epoch(self, plan: EpochPlan) -> Iterator[Batch]:
+    def epoch(self, plan: EpochPlan, on_failure: Callable[[str], None] | None = None) -> Iterator[Batch]:
+        """The plan's batches. A sample that cannot be read raises its DataError, or with `on_failure` is
+        reported to it and replaced by zeros (several ranks: see distvit.engine.failures)."""
         batches = list(plan.batches())
         loader = torch.utils.data.DataLoader(
             self.samples,
@@ -185,10 +200,11 @@ class StreamBatches:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers else None,
         )
-        for batch, item in zip(batches, loader):
-            if isinstance(item, SampleFailure):
-                raise DataError(item.message)
-            images, labels = item
+        for batch, (images, labels, failure) in zip(batches, loader):
+            if failure is not None:
+                if on_failure is None:
+                    raise DataError(failure)
+                on_failure(failure)
             yield batch, images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 

@@ -17,6 +17,7 @@ and exact mid-epoch resume on another world size needs both in the checkpoint.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ class Checkpointer:
         self.directory = run_dir / CHECKPOINT_DIR
         self.steps_per_epoch = steps_per_epoch
         self.parts, self.state, self.identity, self.tracker = parts, state, identity, tracker
+        self.last_saved = time.monotonic()
 
     def save(self, name: str, periodic: bool = False) -> None:
         """All ranks call this; rank 0 writes `name`, then marks it latest (and prunes periodic ones)."""
@@ -175,6 +177,7 @@ class Checkpointer:
             if periodic and error is None:
                 files.prune_periodic(self.directory, self.cfg.keep_last, self._checkpoint_step)
         self.monitor.wait_for_main(error)  # not a training collective: a slow write is not a hung rank
+        self.last_saved = time.monotonic()
 
     def save_stopped(self) -> None:
         self.save(step_name(self.state.step))
@@ -182,14 +185,27 @@ class Checkpointer:
     def save_final(self) -> None:
         self.save(FINAL_NAME)
 
-    def save_if_due(self, at_epoch_end: bool) -> None:
-        """Periodic checkpoints: every checkpoint.every_epochs epochs (at an epoch's end), else every
-        checkpoint.every_steps optimizer steps."""
+    def due_by_count(self, at_epoch_end: bool) -> str | None:
+        """The periodic checkpoint due after this step by count, if any: every checkpoint.every_epochs
+        epochs (at an epoch's end), else every checkpoint.every_steps optimizer steps."""
         state, cfg = self.state, self.cfg
         if at_epoch_end and cfg.every_epochs and state.epoch % cfg.every_epochs == 0:
-            self.save(f"epoch_{state.epoch:03d}.pt", periodic=True)
-        elif cfg.every_steps and state.step % cfg.every_steps == 0:
-            self.save(step_name(state.step), periodic=True)
+            return f"epoch_{state.epoch:03d}.pt"
+        if cfg.every_steps and state.step % cfg.every_steps == 0:
+            return step_name(state.step)
+        return None
+
+    def due_by_time(self) -> bool:
+        """This rank's clock says checkpoint.every_minutes passed since the last checkpoint (rank 0's
+        answer is the one that counts: see StopRequests.agreed)."""
+        minutes = self.cfg.every_minutes
+        return bool(minutes) and time.monotonic() - self.last_saved >= minutes * 60
+
+    def save_if_due(self, at_epoch_end: bool, by_time: bool = False) -> None:
+        """The periodic checkpoint due by count, or (`by_time`, agreed by all ranks) one named by step."""
+        name = self.due_by_count(at_epoch_end) or (step_name(self.state.step) if by_time else None)
+        if name:
+            self.save(name, periodic=True)
 
     def save_if_best(self, score: float) -> None:
         if self.cfg.keep_best and score > self.state.best_score:

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from distvit.data.loader import MemoryBatches, StreamBatches
 from distvit.data.plan import EpochPlan, sequential_order
 from distvit.data.transforms import BatchTransform
+from distvit.engine.failures import SampleFailures
 
 NUM_SAMPLE_IMAGES = 16
 
@@ -79,7 +80,8 @@ def evaluate_models(
     totals = {name: torch.zeros(4, dtype=torch.float64, device=device) for name in models}  # top1, n, loss, top5
     confusion = {name: torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) for name in models}
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
-    for batch, images, labels in data.epoch(plan):
+    failures = SampleFailures(accelerator)
+    for batch, images, labels in data.epoch(plan, failures.handler):
         valid = batch.valid.to(device)
         inputs = transform(images)
         for name, model in models.items():
@@ -104,6 +106,7 @@ def evaluate_models(
                     {"image": images[i].cpu(), "label": int(labels[i]), "predicted": int(predicted[i])}
                     for i in range(count)
                 ]
+    failures.check()  # a damaged sample on any rank: every rank stops with its message
     results = {}
     for name, model in models.items():
         summed = accelerator.reduce(totals[name], reduction="sum").tolist()

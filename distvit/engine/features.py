@@ -17,6 +17,7 @@ from distvit.data.devices import to_device
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
 from distvit.data.transforms import BatchTransform
+from distvit.engine.failures import SampleFailures
 from distvit.engine.mixing import mixing_enabled
 
 
@@ -63,7 +64,8 @@ def compute_features(
     plan = EpochPlan(indices, global_batch, world, rank)
     features: torch.Tensor | None = None
     labels = torch.zeros(len(data), dtype=torch.int64, device=device)
-    for batch, images, batch_labels in data.epoch(plan):
+    failures = SampleFailures(accelerator)
+    for batch, images, batch_labels in data.epoch(plan, failures.handler):
         with accelerator.autocast():
             local = model.forward_head(model.forward_features(transform(images)), pre_logits=True).float()
         gathered = accelerator.gather(local)
@@ -76,5 +78,6 @@ def compute_features(
             features = torch.zeros(len(data), local.shape[1], device=device)
         features[index[keep]] = gathered[keep]
         labels[index[keep]] = label[keep]
+    failures.check()  # a damaged sample on any rank: every rank stops with its message
     model.train(training)
     return SplitTensors(features, labels)

@@ -12,7 +12,8 @@ section and decides itself when to act:
     Checkpointer  the checkpoint schema and when checkpoints are due                     (checkpointer.py)
     Evaluator     when to evaluate, exact counts, confusion file, best score            (evaluator.py)
     MetricsMeter  the logged training lines; SampleTrace the per-rank sample trace       (metrics.py)
-    StopRequests  signals, STOP file and train.stop_at_step, agreed by all ranks        (stopping.py)
+    StopRequests  signals, STOP file, stop_at_step, timed checkpoints, agreed by all    (stopping.py)
+    SampleFailures  a damaged sample one rank met, raised on every rank together         (failures.py)
     RunOutputs    start line, summary, export and plots                                  (outputs.py)
 """
 
@@ -32,6 +33,7 @@ from distvit.engine.accelerator import ddp_options, make_accelerator, wait_for_e
 from distvit.engine.checkpointer import Checkpointer, Resume, RunIdentity
 from distvit.engine.evaluation import EvalResult
 from distvit.engine.evaluator import Evaluator
+from distvit.engine.failures import SampleFailures
 from distvit.engine.metrics import MetricsMeter, SampleTrace
 from distvit.engine.outputs import RunOutputs
 from distvit.engine.parts import build_parts
@@ -153,7 +155,7 @@ class Trainer:
             leave=False,
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
-        for batch, images, labels in self.meter.timed(self.sources.train.epoch(plan)):
+        for batch, images, labels in self.meter.timed(self.sources.train.epoch(plan, self.failures.handler)):
             lr = self.step.peak_lr()  # what this step uses (logged)
             self.meter.add(self.step(batch, images, labels, local, plan.global_batch, state.epoch), batch.global_valid)
             state.step += 1
@@ -165,6 +167,7 @@ class Trainer:
             if mean_loss is not None:
                 progress.set_postfix(loss=f"{mean_loss:.3f}")
             if last_of_epoch:  # run() evaluates, then checkpoints or stops as due
+                self.failures.check()  # nothing of a rank's damaged sample reaches the evaluation
                 state.finish_epoch()
             elif self._stop_or_checkpoint(at_epoch_end=False):
                 progress.close()
@@ -203,7 +206,10 @@ class Trainer:
         )
         self.meter = MetricsMeter(cfg.train.log_every, accelerator, self.tracker)
         self.trace = SampleTrace(run_dir, accelerator.process_index, cfg.data.trace_samples)
-        self.stops = StopRequests(run_dir, accelerator, cfg.checkpoint.stop_check_every, cfg.train.stop_at_step)
+        self.failures = SampleFailures(accelerator)
+        self.stops = StopRequests(
+            run_dir, accelerator, cfg.checkpoint.stop_check_every, cfg.train.stop_at_step, self.failures
+        )
         self.stop_reason: str | None = None
         self.outputs = RunOutputs(cfg, run_dir, accelerator, parts, self.classes, identity.data_image_size)
         static_graph = accelerator.num_processes > 1 and ddp_options(cfg)["static_graph"]
@@ -217,12 +223,20 @@ class Trainer:
 
     def _stop_or_checkpoint(self, at_epoch_end: bool) -> bool:
         """After a step (or an epoch): stop with a checkpoint if asked to, else write a periodic checkpoint
-        if one is due. Returns whether the run stops."""
-        self.stop_reason = self.stops.reason(self.state.step, at_epoch_end)
+        if one is due. Returns whether the run stops. A damaged sample on any rank raises here, before
+        anything is saved."""
+        checkpointer = self.checkpointer
+        agreement = self.stops.reason(
+            self.state.step,
+            at_epoch_end,
+            checkpoint_due=checkpointer.due_by_count(at_epoch_end) is not None,
+            checkpoint_time=checkpointer.due_by_time(),
+        )
+        self.stop_reason = agreement.stop
         if self.stop_reason:
-            self.checkpointer.save_stopped()
+            checkpointer.save_stopped()
             return True
-        self.checkpointer.save_if_due(at_epoch_end)
+        checkpointer.save_if_due(at_epoch_end, by_time=agreement.checkpoint_time)
         return False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from tests.support.helpers import accelerate_launch, run_cli
+from tests.support.images import damage_stored_image
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,6 +40,26 @@ def test_evaluate_gives_identical_counts_on_one_and_two_ranks(demo_run, tmp_path
     assert one["top5"] >= one["accuracy"]
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert abs(one["correct"] - final["correct"]) <= 2  # training evaluated in batches of 500 on 2 ranks
+
+
+@pytest.mark.distributed
+def test_a_damaged_sample_in_a_two_rank_evaluation_stops_both_ranks_with_its_message(demo_run, demo_dataset, tmp_path):
+    """Stream mode: rank 1's first sample cannot be decoded; both ranks finish reading, then stop together
+    with that sample's message (not a lost-peer error), and no --json is written."""
+    from distvit.data.plan import EpochPlan, sequential_order
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    first_of_rank_1 = int(next(EpochPlan(sequential_order(1000), 334, 2, 1).batches()).indices[0])
+    key = damage_stored_image(data, "test", first_of_rank_1)
+    out = tmp_path / "eval.json"
+    args = ["evaluate", str(demo_run[0]), "--data", str(data), "--mode", "stream", "--batch-size", "334"]
+    result = accelerate_launch(2, ["-m", "distvit.cli", *args, "--json", str(out)], script=None)
+    output = result.stdout + result.stderr
+    errors = [line[line.index("distvit: error:") :] for line in output.splitlines() if "distvit: error:" in line]
+    assert result.returncode != 0 and len(errors) == 1, output[-3000:]
+    assert f"sample {key}" in errors[0] and errors[0].endswith("(found by rank 1)"), errors
+    assert "lost contact" not in output and "exitcode  : 1" not in output and not out.exists()
 
 
 def test_predict_names_the_right_classes(demo_run, demo_dataset, tmp_path):

@@ -17,6 +17,7 @@ import yaml
 from distvit.run.checkpoint import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launch_until_logged, subprocess_env, worker_pids
+from tests.support.images import damage_stored_image
 
 SCRIPTS = [
     REPO / "slurm" / "common.sh",
@@ -238,3 +239,46 @@ def test_fingerprint_check_catches_a_perturbed_rank(small_dataset):
     assert result.returncode != 0
     assert "rank(s) [1] disagree with rank 0" in result.stdout
     assert "rank 0: the model after surgery differs between ranks" in result.stdout  # rank 0 stops too
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_damaged_sample_streamed_by_rank_1_stops_both_ranks_with_its_message(small_dataset, tmp_path):
+    """Stream mode: only rank 1 reads the sample (its share of step 3). Both ranks stop with the sample's
+    message at the same step, not with a lost-peer error, and no checkpoint holds the steps after it."""
+    from distvit.data.plan import EpochPlan, epoch_order
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    plan = EpochPlan(epoch_order(200, 0, 0), 50, 2, 1)
+    key = damage_stored_image(data, "train", int(next(b for b in plan.batches() if b.step == 2).indices[0]))
+    run_dir = tmp_path / "run"
+    result = accelerate_launch(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "data.mode=stream",
+            "data.verify=size",
+            "data.num_workers=1",
+            "train.epochs=1",
+            "train.batch_size=50",
+            "train.seed=0",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=0",
+            "tracking.backend=none",
+        ],
+        timeout=300,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    errors = [line[line.index("distvit: error:") :] for line in output.splitlines() if "distvit: error:" in line]
+    assert len(errors) == 1, output[-3000:]  # once per node, as every input error
+    assert f"sample {key}" in errors[0] and errors[0].endswith("(found by rank 1)"), errors
+    assert "lost contact" not in output, output[-3000:]
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output  # the launcher's own is not ours
+    assert "exitcode  : 2" in output and "exitcode  : 1" not in output  # both ranks: distvit's input-error status
+    written = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert written == ["step_00000001.pt", "step_00000002.pt"]  # the failing step 3 and later: never saved

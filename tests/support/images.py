@@ -15,3 +15,17 @@ def save(path, image, **kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **kwargs)
     return path
+
+
+def damage_stored_image(dataset, split: str, index: int) -> str:
+    """Overwrite sample `index` of a dataset's split with undecodable bytes of the same size (the tar and
+    its sizes stay valid: only decoding can tell). Returns the sample's key."""
+    from distvit.data.loader import index_shards
+    from distvit.data.manifest import read_manifest
+
+    paths, locations = index_shards(dataset, read_manifest(dataset), split)
+    damaged = locations[index]
+    with open(paths[damaged.shard], "r+b") as shard:
+        shard.seek(damaged.image_offset)
+        shard.write(b"\x89PNG but not an image".ljust(damaged.image_size, b"\0"))
+    return damaged.key

@@ -77,6 +77,25 @@ def test_checkpoints_are_written_when_due(small_dataset, tmp_path):
         assert trainer.checkpointer.path_of(finished=False).name == "step_00000004.pt"
 
 
+def test_a_checkpoint_is_due_by_time_since_the_last_one(small_dataset, tmp_path):
+    """checkpoint.every_minutes: due once that long passed since the last checkpoint of any kind; the
+    agreed decision writes a step checkpoint; off at 0."""
+    with open_trainer(
+        small_dataset, tmp_path / "r", "checkpoint.every_minutes=0.5", "checkpoint.every_epochs=0"
+    ) as trainer:
+        checkpointer, state = trainer.checkpointer, trainer.state
+        assert not checkpointer.due_by_time()
+        checkpointer.last_saved -= 31  # half a minute and a second ago
+        assert checkpointer.due_by_time()
+        state.step = 7
+        checkpointer.save_if_due(at_epoch_end=False, by_time=True)
+        assert sorted(p.name for p in checkpointer.directory.glob("*.pt")) == ["step_00000007.pt"]
+        assert not checkpointer.due_by_time()  # the clock restarts at every checkpoint
+        checkpointer.cfg = type(checkpointer.cfg)(**{**checkpointer.cfg.__dict__, "every_minutes": 0.0})
+        checkpointer.last_saved -= 10**6
+        assert not checkpointer.due_by_time()
+
+
 def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
     with open_trainer(small_dataset, tmp_path / "r") as trainer:
         trainer.state.step, trainer.state.epoch = 4, 1
