@@ -106,6 +106,16 @@ def _check_data_path(cfg: Config, source: str) -> None:
     prepare_hint = "Create a dataset with `distvit prepare synthetic --out DIR` and set data.path=DIR."
     if not cfg.data.path:
         raise ConfigError(f"{source}: data.path is required (the dataset folder with {MANIFEST_NAME}). {prepare_hint}")
+    if cfg.data.cache_dir and not cfg.data.remote:
+        raise ConfigError(
+            f"{source}: data.cache_dir is set but data.remote is not: the cache holds shards fetched from "
+            "data.remote. Set data.remote (a URL or pipe: template, or a shared folder), or leave cache_dir empty."
+        )
+    if cfg.data.cache_dir and not cfg.data.cache_limit:
+        raise ConfigError(
+            f"{source}: data.cache_dir needs data.cache_limit, the bytes the cache may hold "
+            "(e.g. data.cache_limit=50000000000 for 50 GB)."
+        )
     if cfg.data.remote:
         if Path(cfg.data.path).exists() and not Path(cfg.data.path).is_dir():
             raise ConfigError(

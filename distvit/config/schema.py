@@ -89,6 +89,19 @@ class DataConfig:
     remote: str = ""
     """Where the shards live if not in data.path: a URL or `pipe:` command template with {name} (e.g.
     'pipe:aws s3 cp s3://bucket/ds/{name} -'); missing or damaged files are fetched into data.path first."""
+    cache_dir: str = ""
+    """With data.remote: stream the shards through this node-local folder instead of copying the dataset
+    into data.path first (data.path then holds only the manifest). Shards are fetched as the epoch plan
+    needs them and evicted when no rank of the node needs them again; needs data.cache_limit."""
+    cache_limit: NonNegativeInt = 0
+    """Bytes the cache may hold (shards, their indexes and fetches under way); checked against what a
+    pass needs at once (a clear error when too small)."""
+    shuffle: Literal["auto", "global", "window"] = "auto"
+    """Epoch order. global: a permutation of all samples; window: shards in a random order, samples
+    shuffled within windows of data.shuffle_window shards (a cache then holds about two windows);
+    auto: window when streaming through data.cache_dir, else global."""
+    shuffle_window: PositiveInt = 16
+    """Shards per window of data.shuffle=window: more mixes better and needs a larger cache."""
     verify: Literal["sha256", "size"] = "sha256"
     """Preflight of the shards before training: sha256 and size (default), or size only (huge datasets)."""
     bad_shards: Literal["error", "skip"] = "error"

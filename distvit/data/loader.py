@@ -7,13 +7,14 @@ both, for any number of loader workers.
 - `MemoryBatches`: the whole split decoded once into a tensor (on the GPU when there is one).
 - `StreamBatches`: random access into local tar shards through an index of member offsets built from the
   tar headers; decoding runs in DataLoader worker processes, `num_workers` batches ahead of the loop.
-  Order is preserved: a DataLoader over a batch sampler returns batches in sampler order.
+  Order is preserved: a DataLoader over a batch sampler returns batches in sampler order. With a
+  `ShardCache` the shards are fetched from data.remote as the plan needs them (distvit.data.cache): each
+  pass publishes its needs, each batch its progress.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distvit.data.cache import CacheReader, ShardCache
 from distvit.data.devices import to_device
 from distvit.data.images import decode_stored, resize_and_crop
-from distvit.data.manifest import Manifest
-from distvit.data.memory import IMAGE_MEMBERS, SplitTensors, check_shard_files, load_split, parse_label
+from distvit.data.manifest import Manifest, ShardInfo
+from distvit.data.memory import SplitTensors, check_shard_files, load_split
 from distvit.data.plan import EpochPlan, RankBatch
+from distvit.data.tarindex import SampleLocation, index_shard
 from distvit.errors import DataError
 
 Batch = tuple[RankBatch, torch.Tensor, torch.Tensor]
+PREFETCH_FACTOR = 4
+"""Batches each loader worker reads ahead of the training loop."""
 
 
 class MemoryBatches:
@@ -47,16 +52,6 @@ class MemoryBatches:
             yield batch, self.data.images[indices], self.data.labels[indices]
 
 
-@dataclass(frozen=True)
-class SampleLocation:
-    shard: int
-    image_offset: int
-    image_size: int
-    image_ext: str
-    label: int
-    key: str = ""
-
-
 def index_shards(
     dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str
 ) -> tuple[list[Path], list[SampleLocation]]:
@@ -65,34 +60,7 @@ def index_shards(
     paths = check_shard_files(dataset_dir, split)
     locations: list[SampleLocation] = []
     for shard_index, (path, info) in enumerate(zip(paths, split.shards)):
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        order: list[str] = []
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar.getmembers():
-                    key, _, ext = member.name.rpartition(".")
-                    if key not in samples:
-                        samples[key] = {}
-                        order.append(key)
-                    samples[key][ext] = member
-        except (tarfile.TarError, OSError, UnicodeDecodeError) as err:
-            raise DataError(
-                f"{path} is not a readable tar shard ({type(err).__name__}: {str(err).splitlines()[0]}). "
-                "Prepare (or fetch) the dataset again."
-            ) from None
-        with open(path, "rb") as handle:
-            for key in order:
-                members = samples[key]
-                ext = next((e for e in IMAGE_MEMBERS if e in members), None)
-                if ext is None or "cls" not in members:
-                    raise DataError(f"{path} sample {key} lacks its image or .cls member. Prepare the dataset again.")
-                handle.seek(members["cls"].offset_data)
-                where = f"{path} sample {key}"
-                label = parse_label(handle.read(members["cls"].size), manifest.num_classes, where)
-                image = members[ext]
-                locations.append(SampleLocation(shard_index, image.offset_data, image.size, ext, label, key))
-        if len(order) != info.num_samples:
-            raise DataError(f"{path} holds {len(order)} samples, its manifest entry says {info.num_samples}.")
+        locations += index_shard(path, manifest.num_classes, info.num_samples, shard_index)
     return paths, locations
 
 
@@ -129,13 +97,16 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | "SampleFailure":
         where = f"{self.paths[int(self.shards[index])]} sample {self.keys[index]}"
+        return self._decoded(lambda: self.read(index), where, int(self.labels[index]))
+
+    def _decoded(self, read: Callable[[], bytes], where: str, label: int) -> tuple[torch.Tensor, int] | "SampleFailure":
         try:
-            array = decode_stored(self.read(index), 3, self.stored_size, where)
+            array = decode_stored(read(), 3, self.stored_size, where)
         except DataError as err:  # handed to the main process as data, not raised in the worker (see epoch)
             return SampleFailure(str(err), self.sample_shape)
         if self.resize_to and array.shape[:2] != (self.resize_to, self.resize_to):
             array = resize_and_crop(array, self.resize_to)
-        return torch.from_numpy(np.ascontiguousarray(array)), int(self.labels[index])
+        return torch.from_numpy(np.ascontiguousarray(array)), label
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -145,6 +116,51 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def __getstate__(self):  # file handles do not travel to worker processes
         return {**self.__dict__, "_handles": {}}
+
+
+class CachedShardSamples(ShardSamples):
+    """The same items, from shards that reach a node-local cache only when the plan needs them
+    (distvit.data.cache): a shard's sample index comes with it; sample i of the split is sample
+    i - first(shard) of its shard, in the manifest's order of shards and counts."""
+
+    def __init__(
+        self,
+        reader: CacheReader,
+        shards: list[ShardInfo],
+        resize_to: int | None,
+        stored_size: tuple[int, int] | None = None,
+    ):
+        self.reader = reader
+        self.names = [shard.name for shard in shards]
+        self.starts = np.concatenate([[0], np.cumsum([shard.num_samples for shard in shards])]).astype(np.int64)
+        self.resize_to, self.stored_size = resize_to, stored_size
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def shard_of(self, indices: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, indices, side="right") - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | "SampleFailure":
+        shard = int(self.shard_of(np.int64(index)))
+        name = self.names[shard]
+        try:
+            key, offset, size, _, label = self.reader.index(name)[index - int(self.starts[shard])]
+        except DataError as err:  # the fetcher failed (its message) or never delivered
+            return SampleFailure(str(err), self.sample_shape)
+        return self._decoded(lambda: self.reader.read(name, offset, size), f"{name} sample {key}", label)
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def needs(self, batches: list[RankBatch]) -> dict[str, tuple[int, int]]:
+        """Shard name -> (first, last) step of `batches` that reads from it (padding slots read sample 0)."""
+        spans: dict[str, tuple[int, int]] = {}
+        for step, batch in enumerate(batches):
+            for shard in np.unique(self.shard_of(batch.indices.numpy())):
+                name = self.names[int(shard)]
+                spans[name] = (spans[name][0] if name in spans else step, step)
+        return spans
 
 
 @dataclass(frozen=True)
@@ -176,12 +192,17 @@ class StreamBatches:
         num_workers: int,
         device: torch.device,
         resize_to: int | None = None,
+        cache: ShardCache | None = None,
     ):
-        paths, locations = index_shards(dataset_dir, manifest, split)
         # Images of varying stored size cannot be stacked: bring each to the model's size in the worker.
-        self.samples = ShardSamples(
-            paths, locations, resize_to if manifest.image_size is None else None, manifest.image_size
-        )
+        resize = resize_to if manifest.image_size is None else None
+        self.cache = cache
+        if cache is not None:
+            shards = manifest.split(split, dataset_dir).shards
+            self.samples = CachedShardSamples(cache.reader, shards, resize, manifest.image_size)
+        else:
+            paths, locations = index_shards(dataset_dir, manifest, split)
+            self.samples = ShardSamples(paths, locations, resize, manifest.image_size)
         self.num_workers = num_workers
         self.device = device
 
@@ -198,9 +219,15 @@ class StreamBatches:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
         )
-        for batch, (images, labels, failure) in zip(batches, loader):
+        reporter = self.cache.reporter if self.cache is not None else None
+        if reporter is not None:
+            reporter.begin(self.samples.needs(batches), lookahead=PREFETCH_FACTOR * self.num_workers)
+        for step, (batch, (images, labels, failure)) in enumerate(zip(batches, loader)):
+            if reporter is not None:
+                self.cache.check()
+                reporter.progress(step + 1)  # this batch is read: its shards may go unless needed later
             if failure is not None:
                 if on_failure is None:
                     raise DataError(failure)
@@ -216,10 +243,14 @@ def open_batches(
     num_workers: int,
     device: torch.device,
     resize_to: int,
+    cache: ShardCache | None = None,
 ) -> MemoryBatches | StreamBatches:
-    """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits `MEMORY_LIMIT_BYTES`)."""
+    """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits `MEMORY_LIMIT_BYTES`);
+    with a `cache`, always streamed through it."""
     if mode == "auto":
         mode = "memory" if fits_in_memory(manifest, split) else "stream"
+    if cache is not None:
+        return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to, cache)
     if mode == "memory":
         return MemoryBatches(load_split(dataset_dir, manifest, split).to(device))
     return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to)

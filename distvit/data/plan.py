@@ -25,6 +25,21 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.from_numpy(rng.permutation(num_samples).astype(np.int64))
 
 
+def window_order(shard_sizes: list[int], seed: int, epoch: int, window: int) -> torch.Tensor:
+    """A permutation of the samples of shards of `shard_sizes` samples each (stored shard after shard) that
+    streaming can afford: the shards in a random order, cut into windows of `window` shards, the samples
+    of each window in a random order. Depends on (seed, epoch) only, like epoch_order; a reader needs the
+    shards of one or two windows at a time instead of all of them."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, 0x3D0C5]))
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+    shards = rng.permutation(len(shard_sizes))
+    pieces = []
+    for first in range(0, len(shards), window):
+        members = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shards[first : first + window]])
+        pieces.append(members[rng.permutation(len(members))])
+    return torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64))
+
+
 def subset_indices(num_samples: int, size: int, seed: int) -> torch.Tensor:
     """A fixed random subset of `size` of range(num_samples), sorted; depends on (seed, size) only."""
     rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, size, 0x5B5E7]))

@@ -30,7 +30,7 @@ def remote_url(template: str, name: str) -> str:
     return template.replace("{name}", name) if "{name}" in template else template + name
 
 
-def _fetch(
+def fetch_file(
     url: str, target: Path, expected_size: int | None = None, expected_sha256: str | None = None, check=None
 ) -> None:
     """Stream `url` into `target` via a temp file; `check(tmp_path)` may refuse the content before the rename."""
@@ -62,6 +62,16 @@ def _fetch(
         tmp.unlink(missing_ok=True)
 
 
+def fetch_manifest(template: str, folder: Path) -> bool:
+    """Bring the manifest into `folder` unless it is there (checked before the rename); whether it was fetched."""
+    if (folder / MANIFEST_NAME).is_file():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    url = remote_url(template, MANIFEST_NAME)
+    fetch_file(url, folder / MANIFEST_NAME, check=lambda tmp: parse_manifest(tmp.read_bytes(), url))
+    return True
+
+
 def fetch_dataset(template: str, dataset_dir: str | os.PathLike, splits: list[str], verify: str) -> list[str]:
     """Bring the manifest and the shards of `splits` into `dataset_dir`; returns the fetched file names.
     `verify`: how a local file is judged intact, 'sha256' or 'size' (what a fetched one always passes)."""
@@ -73,9 +83,7 @@ def fetch_dataset(template: str, dataset_dir: str | os.PathLike, splits: list[st
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetcher per node; the others wait, then find everything in place
         except OSError as err:
             raise DataError(f"cannot lock {folder}/.fetch.lock ({err.strerror}); use a node-local data.path.") from None
-        if not (folder / MANIFEST_NAME).is_file():
-            url = remote_url(template, MANIFEST_NAME)
-            _fetch(url, folder / MANIFEST_NAME, check=lambda tmp: parse_manifest(tmp.read_bytes(), url))
+        if fetch_manifest(template, folder):
             fetched.append(MANIFEST_NAME)
         manifest = read_manifest(folder)
         missing = [
@@ -91,6 +99,6 @@ def fetch_dataset(template: str, dataset_dir: str | os.PathLike, splits: list[st
                 f"{free / 1e9:.1f} GB are free. Point data.path at a larger disk."
             )
         for shard in missing:
-            _fetch(remote_url(template, shard.name), folder / shard.name, shard.num_bytes, shard.sha256)
+            fetch_file(remote_url(template, shard.name), folder / shard.name, shard.num_bytes, shard.sha256)
             fetched.append(shard.name)
     return fetched

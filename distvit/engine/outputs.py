@@ -47,13 +47,16 @@ class RunOutputs:
             scaled = f" (optim.lr {cfg.optim.lr:g} x {self.parts.lr_multiplier:.4g}, lr_scale={cfg.optim.lr_scale})"
         extras = describe_parts(self.parts, cfg, ddp_static_graph)
         subset = f" (subset of {sources.train_size})" if sources.subset is not None else ""
+        order = f"; windows of {sources.shuffle_window} shards shuffled" if sources.shuffle_window else ""
+        if sources.cache is not None:
+            order += f"; streamed through {cfg.data.cache_dir} (at most {cfg.data.cache_limit / 1e9:.3g} GB)"
         return (
             f"distvit: {accelerator.num_processes} process(es) on {accelerator.distributed_type.value} "
             f"({accelerator.device.type}), mixed precision {accelerator.mixed_precision}; {record.model_name} at "
             f"{record.img_size}px/patch {record.patch_size} ({record.tokens_per_image} tokens, "
             f"{record.trainable_params:,} trainable params); {sources.num_train} train{subset} / "
             f"{len(sources.eval)} {cfg.data.eval_split} images, {sources.steps_per_epoch} steps/epoch of "
-            f"{cfg.train.batch_size}; effective peak lr {self.effective_lr():.4g}{scaled}"
+            f"{cfg.train.batch_size}{order}; effective peak lr {self.effective_lr():.4g}{scaled}"
             + (f"; {', '.join(extras)}" if extras else "")
             + f"; run dir {self.run_dir}"
             + (f"; resumed from {resumed_from} at step {step}" if resumed_from else "")
@@ -78,7 +81,9 @@ class RunOutputs:
         step: TrainStep,
         meter: MetricsMeter,
         feature_seconds: float | None,
+        data_cache: dict[str, int] | None = None,
     ) -> dict[str, Any]:
+        """`data_cache`: the shard cache's counts on this node (streaming through data.cache_dir)."""
         accelerator, parts = self.accelerator, self.parts
         return {
             "finished": finished,
@@ -99,6 +104,7 @@ class RunOutputs:
             "effective_lr": self.effective_lr(),
             "ema_decay": parts.ema.decay if parts.ema else None,
             "surgery": parts.record.to_dict(),
+            "data_cache": data_cache,
         }
 
     def write(self, summary: dict[str, Any], state: TrainState, tracker: RunTracker, stops: StopRequests) -> None:

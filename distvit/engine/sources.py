@@ -15,10 +15,19 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from distvit.config import DataConfig, TrainConfig
+from distvit.data.cache import ShardCache
 from distvit.data.loader import MemoryBatches, open_batches
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
-from distvit.data.plan import EpochPlan, RankBatch, epoch_order, num_steps, sequential_order, subset_indices
+from distvit.data.plan import (
+    EpochPlan,
+    RankBatch,
+    epoch_order,
+    num_steps,
+    sequential_order,
+    subset_indices,
+    window_order,
+)
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import BatchTransform
 from distvit.engine.features import compute_features
@@ -55,12 +64,21 @@ class DataSources:
         self.batch_size, self.seed = train_cfg.batch_size, train_cfg.seed
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         device = accelerator.device
+        self.cache = None
+        if cfg.cache_dir and splits is None:
+            shards = [shard for name in (cfg.train_split, cfg.eval_split) for shard in manifest.splits[name].shards]
+            unique = list({shard.name: shard for shard in shards}.values())
+            self.cache = ShardCache(cfg.cache_dir, cfg.remote, cfg.cache_limit, unique, manifest.num_classes)
         self.train, self.eval = (
             MemoryBatches(splits[split].to(device))
             if splits is not None
-            else open_batches(cfg.path, manifest, split, cfg.mode, cfg.num_workers, device, img_size)
+            else open_batches(cfg.path, manifest, split, cfg.mode, cfg.num_workers, device, img_size, self.cache)
             for split in (cfg.train_split, cfg.eval_split)
         )
+        shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("window" if self.cache else "global")
+        self.shuffle_window = cfg.shuffle_window if shuffle == "window" else 0
+        """Shards per window of the epoch order (0: a global permutation)."""
+        self.train_shard_sizes = [shard.num_samples for shard in manifest.splits[cfg.train_split].shards]
         if not len(self.train):
             raise DataError(f"split '{cfg.train_split}' of {cfg.path} has no samples to train on.")
         if cfg.train_subset > len(self.train):
@@ -77,8 +95,20 @@ class DataSources:
         """Time spent computing cached backbone features (head-only runs), None when not cached."""
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
+        if self.shuffle_window:
+            order = window_order(self.train_shard_sizes, self.seed, epoch, self.shuffle_window)
+            return order[torch.isin(order, self.subset)] if self.subset is not None else order
         order = epoch_order(self.num_train, self.seed, epoch)
         return self.subset[order] if self.subset is not None else order
+
+    def cache_stats(self) -> dict | None:
+        """This node's shard-cache counts (limit, peak bytes, fetched, evicted, reused), when streaming
+        through data.cache_dir."""
+        return self.cache.stats() if self.cache is not None else None
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
     def epoch_plan(self, epoch: int, start_sample: int = 0) -> tuple[EpochPlan, slice]:
         """This rank's plan of `epoch` from `start_sample` on, and its slice of each global batch."""

@@ -123,10 +123,12 @@ class Trainer:
                 self.step,
                 self.meter,
                 self.sources.feature_seconds,
+                self.sources.cache_stats(),
             )
             write = lambda: self.outputs.write(summary, state, self.tracker, self.stops)  # noqa: E731
             self.monitor.wait_for_main(main_only(accelerator, write, f"writing the run's outputs in {self.run_dir}"))
         finally:
+            self.sources.close()
             self.stops.close()
             self.tracker.finish()
             self.trace.close()

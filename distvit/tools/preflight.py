@@ -5,6 +5,7 @@ that the command prints as one message."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from distvit.errors import ConfigError, DataError
 
@@ -20,7 +21,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
     from distvit.data.preflight import bad_shards_message, find_bad_shards
-    from distvit.data.remote import fetch_dataset
+    from distvit.data.remote import fetch_dataset, fetch_manifest
     from distvit.model.build import check_model_config
     from distvit.run.rundir import check_run_dir
 
@@ -29,7 +30,9 @@ def load_checked_config(config_file: str, overrides: list[str]):
     # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
     # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
     verify = cfg.data.verify if is_local_leader() else "size"
-    if cfg.data.remote:
+    if cfg.data.cache_dir:  # shards are fetched and verified as training needs them (distvit.data.cache)
+        fetch_manifest(cfg.data.remote, Path(cfg.data.path))
+    elif cfg.data.remote:
         # fetching checks every local shard with the same rule and replaces the bad ones (or raises)
         fetch_dataset(cfg.data.remote, cfg.data.path, splits, verify)
     manifest = read_manifest(cfg.data.path)

@@ -53,3 +53,10 @@ def test_missing_data_path_explains_how_to_create_one(tmp_path):
 def test_pretrained_path_must_exist(dataset_dir, tmp_path):
     message = error_of(None, [f"data.path={dataset_dir}", f"model.pretrained={tmp_path / 'w.pth'}"])
     assert "model.pretrained=" in message and "weights file" in message
+
+
+def test_a_cache_needs_a_remote_and_a_limit(dataset_dir):
+    message = error_of(None, [f"data.path={dataset_dir}", "data.cache_dir=/tmp/c", "data.cache_limit=1000"])
+    assert "data.cache_dir is set but data.remote is not" in message
+    remote = ["data.remote=https://host/{name}", "data.cache_dir=/tmp/c"]
+    assert "data.cache_dir needs data.cache_limit" in error_of(None, [f"data.path={dataset_dir}", *remote])

@@ -1,0 +1,86 @@
+"""Training straight from a remote through a bounded cache: shards served over HTTP on loopback, a cache
+of a quarter of the dataset, 2 ranks, a stop and a resume on 1 rank."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from distvit.data.synthetic import prepare_synthetic
+from distvit.run.checkpoint import load_checkpoint
+from distvit.run.rundir import read_summary
+from tests.support.helpers import launch_ok, trace_ids
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def served_dataset(tmp_path_factory):
+    """200 train / 101 test images in shards of 10, served by an HTTP server on 127.0.0.1; (url, bytes)."""
+    folder = tmp_path_factory.mktemp("remote") / "ds"
+    prepare_synthetic(folder, train_size=200, test_size=101, samples_per_shard=10)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        total = sum(p.stat().st_size for p in folder.glob("*.tar"))
+        yield f"http://127.0.0.1:{server.server_address[1]}/{{name}}", total
+    finally:
+        server.shutdown()
+
+
+def test_a_quarter_size_cache_trains_every_sample_once_and_resumes_exactly(served_dataset, tmp_path):
+    url, total = served_dataset
+    limit = total // 4
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.remote={url}",
+        f"data.cache_limit={limit}",
+        "data.shuffle_window=1",
+        "data.num_workers=0",
+        "data.trace_samples=true",
+        "train.epochs=2",
+        "train.batch_size=20",
+        "train.eval_batch_size=20",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "train.mixed_precision=no",
+        "tracking.backend=none",
+    ]
+
+    def run(ranks: int, name: str, *extra: str):
+        where = [f"data.path={tmp_path / name / 'manifest'}", f"data.cache_dir={tmp_path / name / 'cache'}"]
+        return launch_ok(ranks, [*common, *where, f"run.dir={tmp_path / name / 'run'}", *extra])
+
+    full = run(2, "full")
+    assert "windows of 1 shards shuffled; streamed through" in full.stdout
+    cut = tmp_path / "cut" / "run"
+    run(2, "cut", "train.stop_at_step=13")  # 3 steps into epoch 2
+    assert json.loads((cut / "checkpoints" / "latest.json").read_text())["step"] == 13
+    resumed = run(1, "cut", "train.resume=auto")
+    assert "resumed from" in resumed.stdout and "at step 13" in resumed.stdout
+    for epoch, ids in trace_ids(cut).items():
+        assert sorted(ids) == list(range(200)), f"epoch {epoch}: samples missed or repeated"
+    for name in ("full", "cut"):
+        cache = read_summary(tmp_path / name / "run")["data_cache"]
+        assert cache["limit"] == limit and 0 < cache["peak_bytes"] <= limit, cache
+        assert cache["evicted"] > 0  # the dataset did not fit: shards came and went
+        on_disk = sum(p.stat().st_size for p in (tmp_path / name / "cache").iterdir() if p.is_file())
+        assert on_disk <= limit
+    a, b = load_checkpoint(tmp_path / "full" / "run"), load_checkpoint(cut)
+    assert a["step"] == b["step"] == 20
+    difference = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert difference < 1e-5  # 2 ranks -> 1 rank: the same samples per step, summed in another order
+    assert Path(tmp_path / "full" / "manifest" / "manifest.json").is_file()
+    assert not list((tmp_path / "full" / "manifest").glob("*.tar"))  # no copy of the dataset beside it
