@@ -5,6 +5,7 @@
     distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
     distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
     distvit bench train --config X [--baseline lesson] training step images/s, breakdown, FLOP/s vs the lesson
+    distvit bench preflight [--shards N]            start-up shard hashing: serial, parallel, requeue
                         [--epoch] [--profile F]    one epoch end to end; a profile of a few steps
     distvit evaluate RUN_DIR|CHECKPOINT [--split test]  exact accuracy, per class, confusion matrix
     distvit predict --checkpoint RUN_DIR img.png ...   top-k classes (or --model NAME --pretrained)
@@ -255,6 +256,14 @@ def _add_bench_commands(commands) -> None:
         help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
     )
     train_bench.set_defaults(action=bench_commands.train_command)
+
+    preflight = benches.add_parser(
+        "preflight", help="start-up shard hashing: serial vs parallel, and a requeue that skips verified shards"
+    )
+    preflight.add_argument("--shards", type=int, default=1000, help="number of shards")
+    preflight.add_argument("--shard-mb", type=float, default=1.0, help="size of each shard in MB")
+    preflight.add_argument("--workers", type=int, default=0, help="hashing threads (0: the usable cores)")
+    preflight.set_defaults(action=bench_commands.preflight_command)
 
 
 def _add_model_commands(commands) -> None:

@@ -104,6 +104,9 @@ class DataConfig:
     """Shards per window of data.shuffle=window: more mixes better and needs a larger cache."""
     verify: Literal["sha256", "size"] = "sha256"
     """Preflight of the shards before training: sha256 and size (default), or size only (huge datasets)."""
+    preflight_timeout_s: PositiveInt = 3600
+    """How long the other ranks of a node wait for its leader's preflight hashing (not train.timeout_s:
+    hashing a large dataset is not a hung rank)."""
     bad_shards: Literal["error", "skip"] = "error"
     """A missing, truncated or corrupted shard: stop with an error, or leave it out (same shards on all ranks)."""
     trace_samples: bool = False
@@ -166,6 +169,9 @@ class TrainConfig:
     config) says if it asks for bf16 or fp16, else bf16 on a GPU that supports it, else no (fp32)."""
     log_every: PositiveInt = 10
     """Write a training line to metrics.jsonl every N optimizer steps."""
+    cpu_threads: NonNegativeInt = 0
+    """Torch intra-op threads per rank when training on CPU. 0: the usable cores / the ranks on the node
+    (a launcher's OMP_NUM_THREADS=1 would leave one core per rank busy and the rest idle)."""
     eval_every: NonNegativeInt = 1
     """Evaluate every N epochs (0: only after the last epoch; the last epoch is always evaluated)."""
     resume: str = ""

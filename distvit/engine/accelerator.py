@@ -123,3 +123,18 @@ def compile_supported() -> tuple[bool, str]:
     except Exception as err:  # missing or broken dynamo
         return False, f"torch.compile is unavailable ({type(err).__name__}: {err})"
     return True, ""
+
+
+def size_cpu_threads(cfg: Config, device: torch.device) -> str:
+    """On CPU, set torch's intra-op threads per rank (train.cpu_threads, else the node's usable cores
+    shared by its ranks: accelerate launch sets OMP_NUM_THREADS=1 when it is unset, which leaves one core
+    working per rank); what was chosen and why, for the start line. On a GPU nothing changes."""
+    if device.type != "cpu":
+        return ""
+    from distvit.data.preflight import usable_cores
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = cfg.train.cpu_threads or max(1, usable_cores() // local)
+    torch.set_num_threads(threads)
+    why = "train.cpu_threads" if cfg.train.cpu_threads else f"{usable_cores()} cores / {local} rank(s) on this node"
+    return f"; {threads} torch thread(s) per rank ({why})"

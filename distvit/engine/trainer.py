@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
-from distvit.engine.accelerator import ddp_options, make_accelerator, wait_for_everyone
+from distvit.data.preflight import preflight_marker
+from distvit.engine.accelerator import ddp_options, make_accelerator, size_cpu_threads, wait_for_everyone
 from distvit.engine.checkpointer import Checkpointer, Resume, RunIdentity
 from distvit.engine.evaluation import EvalResult
 from distvit.engine.evaluator import Evaluator
@@ -63,6 +64,7 @@ class Trainer:
         # 1. Processes first: every later step may use collectives, and a lost peer must be nameable.
         self.accelerator = accelerator = make_accelerator(cfg)
         self.monitor = PeerMonitor(accelerator.num_processes, cfg.train.timeout_s)
+        self.threads = size_cpu_threads(cfg, accelerator.device)
         # 2. One dataset on every rank (bad shards agreed), one model on every rank (fingerprints compared),
         #    and a resume checked against both: all before anything in the run directory changes.
         manifest = agree_on_bad_shards(cfg.data, manifest, bad_shards or {}, accelerator)
@@ -76,6 +78,8 @@ class Trainer:
             self.resume.check(record, identity, cfg.ema.enabled)
         # 3. Rank 0 prepares the run directory once every rank has passed (NCCL's init has no barrier).
         wait_for_everyone(accelerator)
+        if accelerator.is_local_main_process:
+            preflight_marker().unlink(missing_ok=True)  # the node's ranks are past their preflight wait
 
         def prepare_run_dir() -> None:
             lock_run_dir(run_dir)  # a second run in this folder stops here, before anything changes
@@ -215,7 +219,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.outputs = RunOutputs(cfg, run_dir, accelerator, parts, self.classes, identity.data_image_size)
         static_graph = accelerator.num_processes > 1 and ddp_options(cfg)["static_graph"]
-        accelerator.print(self.outputs.start_line(self.sources, static_graph, self.resume.path, self.state.step))
+        start = self.outputs.start_line(self.sources, static_graph, self.resume.path, self.state.step)
+        accelerator.print(start + self.threads)
 
     def _models(self) -> dict[str, Any]:
         models = {"model": self.parts.model}

@@ -100,3 +100,16 @@ def train_command(args: argparse.Namespace) -> int:
         if args.json:
             write_bench_json(args.json, result)
     return 1 if result.check and not result.check["passed"] else 0
+
+
+def preflight_command(args: argparse.Namespace) -> int:
+    """`distvit bench preflight`: hashing a dataset's shards at start-up, serial vs parallel vs requeue."""
+    from distvit.data.preflight import usable_cores
+    from distvit.tools.bench_preflight import bench_preflight, format_preflight
+
+    if args.shards < 1 or args.shard_mb <= 0 or args.workers < 0:
+        raise DistvitError("--shards and --shard-mb must be positive, --workers 0 or more.")
+    workers = args.workers or usable_cores()
+    shard_bytes = int(args.shard_mb * 1e6)
+    print(format_preflight(bench_preflight(args.shards, shard_bytes, workers), args.shards, shard_bytes))
+    return 0

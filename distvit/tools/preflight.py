@@ -5,6 +5,7 @@ that the command prints as one message."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from distvit.errors import ConfigError, DataError
@@ -20,7 +21,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
     model, run dir."""
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
-    from distvit.data.preflight import bad_shards_message, find_bad_shards
+    from distvit.data.preflight import bad_shards_message
     from distvit.data.remote import fetch_dataset, fetch_manifest
     from distvit.model.build import check_model_config
     from distvit.run.rundir import check_run_dir
@@ -38,7 +39,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
     manifest = read_manifest(cfg.data.path)
     for key, split in zip(("data.train_split", "data.eval_split"), splits):
         manifest.split(split, cfg.data.path, key=key)
-    bad_shards = {} if cfg.data.remote else find_bad_shards(cfg.data.path, manifest, splits, verify)
+    bad_shards = {} if cfg.data.remote else _preflight(cfg, manifest, splits, verify)
     if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise DataError(bad_shards_message(cfg.data.path, bad_shards))
     train_size = manifest.split(cfg.data.train_split, cfg.data.path).num_samples
@@ -63,3 +64,34 @@ def load_checked_config(config_file: str, overrides: list[str]):
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     check_run_dir(cfg)
     return cfg, manifest, bad_shards
+
+
+def _preflight(cfg, manifest, splits: list[str], verify: str) -> dict[str, str]:
+    """The shard checks: hashing on the node's leader (parallel, skipping shards verified before), sizes
+    on the other local ranks, which wait for the leader under data.preflight_timeout_s (not
+    train.timeout_s: a long hash is not a hung rank) before they go on to meet the other ranks."""
+    import time
+
+    from distvit.data.preflight import find_bad_shards, hashing_estimate, preflight_marker
+
+    done = preflight_marker()
+    if not is_local_leader():
+        bad = find_bad_shards(cfg.data.path, manifest, splits, "size")
+        deadline = time.monotonic() + cfg.data.preflight_timeout_s
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return bad
+    try:
+        if verify == "sha256":
+            pending, seconds = hashing_estimate(cfg.data.path, manifest, splits)
+            if seconds > 60:
+                print(
+                    f"distvit: note: hashing {pending / 1e9:.1f} GB of shards, about {seconds:.0f} s; shards "
+                    "verified once are not hashed again while unchanged. data.verify=size checks sizes only.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return find_bad_shards(cfg.data.path, manifest, splits, verify)
+    finally:
+        if "LOCAL_RANK" in os.environ:
+            done.touch()

@@ -380,3 +380,14 @@ def test_gpu_paths_checks_fail_on_what_they_look_for(tmp_path):
     assert check.passed is False and check.summary.endswith("['correct'] differ")
     two.exit = 1
     assert gpu_paths.check_eval(one, two, tmp_path).summary == "eval2 exit 1"
+
+
+def test_bench_preflight_times_serial_parallel_and_a_requeue():
+    result = run_cli(["bench", "preflight", "--shards", "30", "--shard-mb", "0.2", "--workers", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("distvit bench preflight: 30 shards of 0.2 MB (0.01 GB)")
+    rows = {line[:32].strip(): line[32:].split() for line in lines[2:]}
+    assert list(rows) == ["serial (1 thread)", "parallel (2 threads)", "requeue (all verified before)"]
+    assert rows["serial (1 thread)"][2] == "1.0" and all(float(row[0]) > 0 for row in rows.values())
+    assert "--shards" in run_cli(["bench", "preflight", "--shards", "0"]).stderr

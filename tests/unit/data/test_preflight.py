@@ -33,3 +33,32 @@ def test_preflight_finds_missing_truncated_and_corrupted_shards(tmp_path):
     assert len(load_split(ds, kept, "train")) == 25
     with pytest.raises(DataError, match="every shard of split 'train'"):
         without_shards(manifest, {s.name for s in manifest.splits["train"].shards}, ds)
+
+
+def test_hashing_is_parallel_and_skips_shards_verified_before(tmp_path, monkeypatch):
+    """The second preflight (a requeue) hashes only the shard that changed since (its mtime moved)."""
+    import os
+
+    from distvit.data import preflight
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    prepare_synthetic(tmp_path / "ds", train_size=100, test_size=20, samples_per_shard=25)
+    ds, manifest = tmp_path / "ds", read_manifest(tmp_path / "ds")
+    hashed = []
+    real = preflight.sha256_file
+    monkeypatch.setattr(preflight, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    assert find_bad_shards(ds, manifest, ["train", "test"], "sha256", workers=2) == {}
+    assert sorted(hashed) == ["test-00000.tar", *(f"train-0000{i}.tar" for i in range(4))]
+    assert preflight.hashing_estimate(ds, manifest, ["train", "test"])[0] == 0
+    hashed.clear()
+    os.utime(ds / "train-00002.tar")  # touched: no longer known to be the verified bytes
+    assert find_bad_shards(ds, manifest, ["train", "test"], "sha256", workers=2) == {}
+    assert hashed == ["train-00002.tar"]
+    hashed.clear()
+    payload = bytearray((ds / "train-00003.tar").read_bytes())
+    payload[1500] ^= 0xFF
+    (ds / "train-00003.tar").write_bytes(bytes(payload))
+    assert find_bad_shards(ds, manifest, ["train"], "sha256") == {
+        "train-00003.tar": "sha256 differs from the manifest (corrupted or changed)"
+    }
+    assert not list(ds.glob(".*"))  # the record lives in the cache folder, never in the dataset

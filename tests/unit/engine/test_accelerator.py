@@ -160,3 +160,29 @@ def test_compile_supported_says_why_not(monkeypatch):
 
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", broken)
     assert compile_supported() == (False, "torch.compile is unavailable (RuntimeError: no dynamo here)")
+
+
+def test_cpu_threads_are_the_nodes_cores_shared_by_its_ranks(monkeypatch):
+    import torch
+
+    from distvit.config import load_config
+    from distvit.data.preflight import usable_cores
+    from distvit.engine.accelerator import size_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        cfg = load_config(None, [], check_data=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        note = size_cpu_threads(cfg, torch.device("cpu"))
+        assert torch.get_num_threads() == usable_cores()  # not the launcher's OMP_NUM_THREADS=1
+        assert note == f"; {usable_cores()} torch thread(s) per rank ({usable_cores()} cores / 1 rank(s) on this node)"
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable_cores() * 4))
+        size_cpu_threads(cfg, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        cfg.train.cpu_threads = 3
+        assert size_cpu_threads(cfg, torch.device("cpu")).endswith("(train.cpu_threads)")
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(before)
+        assert size_cpu_threads(cfg, torch.device("cuda")) == "" and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
