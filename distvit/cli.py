@@ -147,6 +147,17 @@ def _doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.run_dir, args.timeout, args.bandwidth_mb, args.rendezvous)
 
 
+def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=("png", "jpeg"),
+        default="png",
+        help="how images are stored: png (lossless; small for CIFAR-sized images) or jpeg (photos: a quarter of "
+        "the bytes, faster to decode, decodable on the GPU)",
+    )
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality, 1..100 (with --format jpeg)")
+
+
 def _add_prepare_commands(commands) -> None:
     prepare_parser = commands.add_parser("prepare", help="write a dataset as webdataset shards + manifest")
     sources = prepare_parser.add_subparsers(dest="source", required=True)
@@ -158,6 +169,7 @@ def _add_prepare_commands(commands) -> None:
     synthetic.add_argument("--image-size", type=int, default=32)
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--samples-per-shard", type=int, default=5000)
+    _add_format_arguments(synthetic)
     synthetic.set_defaults(action=prepare.synthetic_command)
     cifar10 = sources.add_parser("cifar10", help="CIFAR-10 (python version): download, local archive or folder")
     cifar10.add_argument("--out", required=True, help="output dataset folder")
@@ -169,6 +181,7 @@ def _add_prepare_commands(commands) -> None:
     cifar10.add_argument("--skip-checksum", action="store_true", help="use a source whose md5 is not the official one")
     cifar10.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
     cifar10.add_argument("--samples-per-shard", type=int, default=5000)
+    _add_format_arguments(cifar10)
     cifar10.set_defaults(action=prepare.cifar10_command)
     folder = sources.add_parser("imagefolder", help="a class_name/image.ext folder (optionally train/ val/ test/)")
     folder.add_argument("--source", required=True, help="folder of class folders (or of train/ and val/)")
@@ -182,6 +195,7 @@ def _add_prepare_commands(commands) -> None:
     folder.add_argument("--strict", action="store_true", help="a file that is not a decodable image is an error")
     folder.add_argument("--seed", type=int, default=0, help="seed of the split and of the write order")
     folder.add_argument("--samples-per-shard", type=int, default=5000)
+    _add_format_arguments(folder)
     folder.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     folder.set_defaults(action=prepare.imagefolder_command)
 

@@ -84,8 +84,12 @@ class DataConfig:
     mode: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode the split once and keep it on the training device; stream: read and decode from the
     shards in loader workers each epoch; auto: memory when the decoded split is at most 4 GiB."""
-    num_workers: NonNegativeInt = 2
-    """Decoding processes per rank in stream mode (0: in the training process)."""
+    num_workers: Optional[NonNegativeInt] = None
+    """Decoding processes per rank in stream mode (0: in the training process). Empty: the node's usable
+    cores / its ranks, at most 8 (the training process keeps one)."""
+    decode: Literal["auto", "workers", "device"] = "auto"
+    """Stream mode: decode in the loader workers, or (JPEG shards of one size) only read there and decode
+    each batch on the training device (nvJPEG on a GPU). auto: device on a GPU where it applies."""
     remote: str = ""
     """Where the shards live if not in data.path: a URL or `pipe:` command template with {name} (e.g.
     'pipe:aws s3 cp s3://bucket/ds/{name} -'); missing or damaged files are fetched into data.path first."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from distvit.data.manifest import Manifest
 from distvit.data.safe_pickle import safe_loads
-from distvit.data.writer import write_dataset
+from distvit.data.writer import StoredFormat, write_dataset
 from distvit.errors import DataError
 from distvit.fileio import file_digest
 
@@ -197,6 +197,7 @@ def prepare_cifar10(
     skip_checksum: bool = False,
     seed: int = 0,
     samples_per_shard: int = 5000,
+    stored_format: StoredFormat | None = None,
 ) -> Manifest:
     """Write CIFAR-10's train (50,000) and test (10,000) splits as shards, in a seeded random order."""
     out = Path(out_dir)
@@ -215,4 +216,5 @@ def prepare_cifar10(
         },
         source={"name": "cifar10", **origin, "seed": seed},
         samples_per_shard=samples_per_shard,
+        stored_format=stored_format,
     )

@@ -25,7 +25,7 @@ import numpy as np
 
 from distvit.data.images import DECODE_ERRORS, open_image, resize_and_crop, to_rgb
 from distvit.data.manifest import Manifest
-from distvit.data.writer import EncodedImage, encode_png, write_dataset
+from distvit.data.writer import PNG, EncodedImage, StoredFormat, write_dataset
 from distvit.errors import DataError
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -160,14 +160,17 @@ def _split_per_class(
 @dataclass(frozen=True)
 class Decoded:
     path: Path
-    png: bytes | None
+    encoded: bytes | None
     size: tuple[int, int] | None
     sha256: str
     error: str = ""
+    ext: str = "png"
 
 
-def decode_file(path: Path, image_size: int | None) -> Decoded:
-    """Read, decode, convert and (optionally) resize one file; never raises for bad content."""
+def decode_file(path: Path, image_size: int | None, stored: StoredFormat = PNG) -> Decoded:
+    """Read, decode, convert and (optionally) resize one file, and encode it as stored; never raises for
+    bad content. A JPEG that is already what would be stored (JPEG asked for, the target size, upright,
+    RGB or grey) keeps its original bytes: no second lossy encoding."""
     payload = path.read_bytes()
     digest = hashlib.sha256(payload).hexdigest()
     if not payload:
@@ -175,25 +178,35 @@ def decode_file(path: Path, image_size: int | None) -> Decoded:
     try:
         with open_image(io.BytesIO(payload)) as image:
             image.seek(0)
+            keep = stored.name == "jpeg" and _storable_as_is(image, image_size)
             array = to_rgb(image)
     except DECODE_ERRORS as err:
         return Decoded(path, None, None, digest, f"not a decodable image ({type(err).__name__}: {err})")
+    if keep:
+        return Decoded(path, payload, array.shape[:2], digest, ext="jpg")
     if image_size:
         array = resize_and_crop(array, image_size)
-    return Decoded(path, encode_png(np.ascontiguousarray(array)), array.shape[:2], digest)
+    return Decoded(path, stored.encode(np.ascontiguousarray(array)), array.shape[:2], digest, ext=stored.ext)
+
+
+def _storable_as_is(image, image_size: int | None) -> bool:
+    """A JPEG the readers decode to exactly what the import would store, before its re-encoding."""
+    orientation = image.getexif().get(0x0112, 1)  # EXIF orientation: 1 is upright
+    right_size = image_size is None or image.size == (image_size, image_size)
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1 and right_size
 
 
 def _decoded_in_order(
-    files: list[SourceFile], image_size: int | None, pool: ProcessPoolExecutor | None
+    files: list[SourceFile], image_size: int | None, stored: StoredFormat, pool: ProcessPoolExecutor | None
 ) -> Iterator[tuple[SourceFile, Decoded]]:
     """Decode `files` in order, a block at a time, so memory holds one block of encoded images."""
     for start in range(0, len(files), DECODE_BLOCK):
         block = files[start : start + DECODE_BLOCK]
         paths = [f.path for f in block]
         if pool is None:
-            results = [decode_file(p, image_size) for p in paths]
+            results = [decode_file(p, image_size, stored) for p in paths]
         else:
-            results = pool.map(decode_file, paths, [image_size] * len(paths), chunksize=16)
+            results = pool.map(decode_file, paths, [image_size] * len(paths), [stored] * len(paths), chunksize=16)
         yield from zip(block, results)
 
 
@@ -217,6 +230,7 @@ def prepare_imagefolder(
     seed: int = 0,
     samples_per_shard: int = 5000,
     workers: int | None = None,
+    stored_format: StoredFormat = PNG,
 ) -> ImportReport:
     """Decode and write each split in a seeded random order, streaming: shards are written as images are
     decoded. The checks that need a whole split (--strict, classes without images) run at its end, before
@@ -238,13 +252,13 @@ def prepare_imagefolder(
     def samples(split_index: int, split: str, files: list[SourceFile], pool) -> Iterator:
         order = np.random.default_rng([seed, split_index]).permutation(len(files))
         present = set()
-        for file, decoded in _decoded_in_order([files[i] for i in order], image_size, pool):
+        for file, decoded in _decoded_in_order([files[i] for i in order], image_size, stored_format, pool):
             hashes.append(os.fsencode(file.path.relative_to(source)) + f":{split}:{decoded.sha256}\n".encode())
             if decoded.error:
                 skipped.append((decoded.path, decoded.error))
                 continue
             present.add(file.label)
-            yield EncodedImage(decoded.png, "png", decoded.size), file.label
+            yield EncodedImage(decoded.encoded, decoded.ext, decoded.size), file.label
         if strict and skipped:
             listing = "\n  ".join(f"{printable(path)}: {reason}" for path, reason in skipped[:20])
             raise DataError(f"{len(skipped)} file(s) in {source} are not usable images (--strict):\n  {listing}")
@@ -276,6 +290,7 @@ def prepare_imagefolder(
             splits={split: samples(i, split, files, pool) for i, (split, files) in enumerate(found.splits.items())},
             source=source_record,
             samples_per_shard=samples_per_shard,
+            stored_format=stored_format,
         )
     finally:
         if pool is not None:

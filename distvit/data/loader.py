@@ -14,6 +14,7 @@ both, for any number of loader workers.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from distvit.data.cache import CacheReader, ShardCache
 from distvit.data.devices import to_device
-from distvit.data.images import decode_stored, resize_and_crop
+from distvit.data.images import checked_jpeg, decode_jpeg, decode_stored, resize_and_crop
 from distvit.data.manifest import Manifest, ShardInfo
 from distvit.data.memory import SplitTensors, check_shard_files, load_split
 from distvit.data.plan import EpochPlan, RankBatch
@@ -99,11 +101,16 @@ class ShardSamples(torch.utils.data.Dataset):
         where = f"{self.paths[int(self.shards[index])]} sample {self.keys[index]}"
         return self._decoded(lambda: self.read(index), where, int(self.labels[index]))
 
+    raw_jpeg = False
+    """Items are the JPEG bytes (header checked) for decoding in batches on the training device."""
+
     def _decoded(self, read: Callable[[], bytes], where: str, label: int) -> tuple[torch.Tensor, int] | "SampleFailure":
         try:
+            if self.raw_jpeg:
+                return torch.from_numpy(np.frombuffer(checked_jpeg(read(), self.stored_size, where), np.uint8)), label
             array = decode_stored(read(), 3, self.stored_size, where)
         except DataError as err:  # handed to the main process as data, not raised in the worker (see epoch)
-            return SampleFailure(str(err), self.sample_shape)
+            return SampleFailure(str(err), self.sample_shape, self.raw_jpeg)
         if self.resize_to and array.shape[:2] != (self.resize_to, self.resize_to):
             array = resize_and_crop(array, self.resize_to)
         return torch.from_numpy(np.ascontiguousarray(array)), label
@@ -170,17 +177,45 @@ class SampleFailure:
 
     message: str
     shape: tuple[int, int, int]
-    """The H x W x C a readable sample would have had (its stand-in is zeros of that shape)."""
+    """The H x W x C a readable sample would have had (its stand-in is black of that shape)."""
+    raw_jpeg: bool = False
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, str | None]:
-    """Images, labels and the first failed sample's message (None: all read). A failed sample is zeros
-    with label 0, so that a rank that goes on until all ranks can stop together has a batch to step on."""
+def _collate(samples: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, str | None]:
+    """Images (stacked; a list of JPEG byte tensors for device decoding), labels and the first failed
+    sample's message (None: all read). A failed sample is black with label 0, so that a rank that goes on
+    until all ranks can stop together has a batch to step on."""
     failed = next((s for s in samples if isinstance(s, SampleFailure)), None)
     if failed is not None:
-        samples = [(torch.zeros(s.shape, dtype=torch.uint8), 0) if isinstance(s, SampleFailure) else s for s in samples]
-    images = torch.stack([s[0] for s in samples])
-    return images, torch.tensor([s[1] for s in samples], dtype=torch.int64), failed and failed.message
+        samples = [(_stand_in(s), 0) if isinstance(s, SampleFailure) else s for s in samples]
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    if samples[0][0].dim() == 1:  # JPEG bytes (stand-ins included) for decoding on the device
+        return [s[0] for s in samples], labels, failed and failed.message
+    return torch.stack([s[0] for s in samples]), labels, failed and failed.message
+
+
+def _stand_in(failure: SampleFailure) -> torch.Tensor:
+    if not failure.raw_jpeg:
+        return torch.zeros(failure.shape, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.new("RGB", (failure.shape[1], failure.shape[0])).save(buffer, format="JPEG")
+    return torch.from_numpy(np.frombuffer(buffer.getvalue(), np.uint8).copy())
+
+
+def decode_jpeg_batch(payloads: list[torch.Tensor], device: torch.device, where: Callable[[int], str]) -> torch.Tensor:
+    """JPEG byte tensors -> uint8 N x H x W x 3 on `device`, decoded there in one call (nvJPEG on a GPU,
+    libjpeg-turbo on a CPU). A damaged one is a DataError naming it (`where(i)`)."""
+    try:
+        decoded = decode_jpeg(payloads, device=device)
+    except RuntimeError:
+        for i, payload in enumerate(payloads):  # which one: decode them one by one
+            try:
+                decode_jpeg(payload)
+            except RuntimeError as err:
+                reason = (str(err).splitlines() or [""])[0]
+                raise DataError(f"{where(i)}: image cannot be decoded ({reason}). Prepare the dataset again.") from None
+        raise
+    return torch.stack(decoded).permute(0, 2, 3, 1)  # N x H x W x C, as the other readers give
 
 
 class StreamBatches:
@@ -193,7 +228,10 @@ class StreamBatches:
         device: torch.device,
         resize_to: int | None = None,
         cache: ShardCache | None = None,
+        decode: str = "workers",
     ):
+        """`decode`: 'workers' (in the loader workers), 'device' (JPEG shards of one size: the workers only
+        read, the batch is decoded on `device`), 'auto' (device on a GPU where that applies)."""
         # Images of varying stored size cannot be stacked: bring each to the model's size in the worker.
         resize = resize_to if manifest.image_size is None else None
         self.cache = cache
@@ -205,9 +243,17 @@ class StreamBatches:
             self.samples = ShardSamples(paths, locations, resize, manifest.image_size)
         self.num_workers = num_workers
         self.device = device
+        self.samples.raw_jpeg = device_decoding(decode, manifest, device, split, dataset_dir)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def where(self, index: int) -> str:
+        """The shard and key of sample `index`, for messages."""
+        samples = self.samples
+        if isinstance(samples, CachedShardSamples):
+            return f"{samples.names[int(samples.shard_of(np.int64(index)))]} sample index {index}"
+        return f"{samples.paths[int(samples.shards[index])]} sample {samples.keys[index]}"
 
     def epoch(self, plan: EpochPlan, on_failure: Callable[[str], None] | None = None) -> Iterator[Batch]:
         """The plan's batches. A sample that cannot be read raises its DataError, or with `on_failure` is
@@ -232,7 +278,25 @@ class StreamBatches:
                 if on_failure is None:
                     raise DataError(failure)
                 on_failure(failure)
+            if isinstance(images, list):
+                indices = batch.indices.tolist()
+                images = decode_jpeg_batch(images, self.device, lambda i: self.where(indices[i]))
             yield batch, images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def device_decoding(decode: str, manifest: Manifest, device: torch.device, split: str, where) -> bool:
+    """Whether batches are decoded on the training device (see StreamBatches); a clear error when asked
+    for where it cannot apply."""
+    jpeg = manifest.source.get("image_format") == "jpeg" and manifest.image_size is not None
+    if decode == "auto":
+        return jpeg and device.type == "cuda"
+    if decode == "device" and not jpeg:
+        raise DataError(
+            f"data.decode=device needs JPEG shards of one image size; {where} (split {split}) holds "
+            f"{manifest.source.get('image_format', 'png')} images{'' if manifest.image_size else ' of varying size'}. "
+            "Prepare it with --format jpeg --image-size S, or use data.decode=workers."
+        )
+    return decode == "device"
 
 
 def open_batches(
@@ -244,16 +308,15 @@ def open_batches(
     device: torch.device,
     resize_to: int,
     cache: ShardCache | None = None,
+    decode: str = "workers",
 ) -> MemoryBatches | StreamBatches:
     """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits `MEMORY_LIMIT_BYTES`);
     with a `cache`, always streamed through it."""
     if mode == "auto":
         mode = "memory" if fits_in_memory(manifest, split) else "stream"
-    if cache is not None:
-        return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to, cache)
-    if mode == "memory":
+    if cache is None and mode == "memory":
         return MemoryBatches(load_split(dataset_dir, manifest, split).to(device))
-    return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to)
+    return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to, cache, decode)
 
 
 MEMORY_LIMIT_BYTES = 4 << 30
@@ -264,3 +327,14 @@ def fits_in_memory(manifest: Manifest, split: str) -> bool:
         return False
     height, width = manifest.image_size
     return manifest.splits[split].num_samples * height * width * manifest.channels <= MEMORY_LIMIT_BYTES
+
+
+def loader_workers(configured: int | None) -> int:
+    """data.num_workers, or when unset what the node's cores allow: its usable cores shared by its ranks,
+    one left for each training process, at most 8 per rank."""
+    if configured is not None:
+        return configured
+    from distvit.data.preflight import usable_cores
+
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, usable_cores() // ranks - 1))

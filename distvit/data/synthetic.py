@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ CLASS_NAMES = [
 ]
 MAX_CLASSES = len(CLASS_NAMES)
 NOISE_STD = 12.0
+
+if TYPE_CHECKING:
+    from distvit.data.writer import StoredFormat
 
 
 def _uniform(rng: np.random.Generator, low: float, high: float, n: int) -> np.ndarray:
@@ -139,6 +143,7 @@ def prepare_synthetic(
     image_size: int = 32,
     seed: int = 0,
     samples_per_shard: int = 5000,
+    stored_format: StoredFormat | None = None,
 ) -> Manifest:
     """Generate train and test splits (independent seeds) and write them as shards + manifest."""
     from distvit.data.writer import write_dataset  # webdataset; `generate` alone works without it
@@ -164,4 +169,5 @@ def prepare_synthetic(
             "image_size": image_size,
         },
         samples_per_shard=samples_per_shard,
+        stored_format=stored_format,
     )

@@ -65,6 +65,38 @@ class EncodedImage:
     size: tuple[int, int] | None = None  # (height, width), for the manifest
 
 
+@dataclass(frozen=True)
+class StoredFormat:
+    """How `prepare` stores decoded images: PNG (lossless, the default: small for CIFAR-sized images) or
+    JPEG at a quality (a quarter of PNG's bytes for photos, decoded ~2x faster, and on a GPU by nvJPEG)."""
+
+    name: str = "png"
+    quality: int = 95
+
+    @property
+    def ext(self) -> str:
+        return "jpg" if self.name == "jpeg" else "png"
+
+    def encode(self, image: np.ndarray) -> bytes:
+        return encode_jpeg(image, self.quality) if self.name == "jpeg" else encode_png(image)
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of it (under `source`; nothing for PNG, as manifests before JPEG)."""
+        return {"image_format": "jpeg", "jpeg_quality": self.quality} if self.name == "jpeg" else {}
+
+
+PNG = StoredFormat()
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """uint8 HxWxC -> baseline JPEG (4:2:0 chroma as photos are usually stored); deterministic."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {image.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 HxWxC (C = 1 or 3) -> PNG bytes; deterministic for the same pixels."""
     if image.dtype != np.uint8:
@@ -261,6 +293,7 @@ def write_dataset(
     splits: Mapping[str, Iterable[tuple[np.ndarray | EncodedImage, int]]],
     source: dict[str, Any] | Callable[[], dict[str, Any]],
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    stored_format: StoredFormat | None = None,
 ) -> Manifest:
     """Write every split's (uint8 HxWxC array or EncodedImage, label) samples as shards, then the manifest.
 
@@ -269,6 +302,7 @@ def write_dataset(
     end up empty are left out of the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stored_format = stored_format or PNG
     _recover_interrupted_prepare(out)
     with _staging(out, splits.keys()) as (staging, generation):
         written = {}
@@ -279,7 +313,7 @@ def write_dataset(
                 if isinstance(image, EncodedImage):
                     writer.add(image.data, int(label), image.ext, image.size)
                 else:
-                    writer.add(encode_png(image), int(label), size=image.shape[:2])
+                    writer.add(stored_format.encode(image), int(label), stored_format.ext, image.shape[:2])
             info = writer.close()
             sizes |= writer.image_sizes
             if info.num_samples:
@@ -292,7 +326,7 @@ def write_dataset(
             image_size=tuple(image_size) if image_size else None,
             channels=channels,
             splits=written,
-            source=source() if callable(source) else source,
+            source={**(source() if callable(source) else source), **stored_format.describe()},
         )
     _swap_in(out, staging, manifest)
     return manifest

@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 
 from distvit.config import DataConfig, TrainConfig
 from distvit.data.cache import ShardCache
-from distvit.data.loader import MemoryBatches, open_batches
+from distvit.data.loader import MemoryBatches, loader_workers, open_batches
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import (
@@ -69,10 +69,11 @@ class DataSources:
             shards = [shard for name in (cfg.train_split, cfg.eval_split) for shard in manifest.splits[name].shards]
             unique = list({shard.name: shard for shard in shards}.values())
             self.cache = ShardCache(cfg.cache_dir, cfg.remote, cfg.cache_limit, unique, manifest.num_classes)
+        workers = loader_workers(cfg.num_workers)
         self.train, self.eval = (
             MemoryBatches(splits[split].to(device))
             if splits is not None
-            else open_batches(cfg.path, manifest, split, cfg.mode, cfg.num_workers, device, img_size, self.cache)
+            else open_batches(cfg.path, manifest, split, cfg.mode, workers, device, img_size, self.cache, cfg.decode)
             for split in (cfg.train_split, cfg.eval_split)
         )
         shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("window" if self.cache else "global")

@@ -6,7 +6,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distvit.data.loader import open_batches
+from distvit.data.loader import loader_workers, open_batches
 from distvit.data.manifest import read_manifest
 from distvit.data.transforms import BatchTransform
 from distvit.engine.accelerator import cpu_processes, process_group_options
@@ -38,7 +38,9 @@ def evaluate_checkpoint(
             f"--batch-size {global_batch} must be divisible by the number of processes ({accelerator.num_processes})."
         )
     model.to(accelerator.device)
-    data = open_batches(data_path, manifest, split, mode, 2, accelerator.device, record.img_size)
+    data = open_batches(
+        data_path, manifest, split, mode, loader_workers(None), accelerator.device, record.img_size, decode="auto"
+    )
     transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
     result = evaluate(model, data, transform, global_batch, accelerator, record.num_classes)
     about = {

@@ -49,9 +49,14 @@ def synthetic_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _order(args: argparse.Namespace) -> dict[str, int]:
-    """The flags every importer shares: the seed of the write order and the shard size."""
-    return {"seed": args.seed, "samples_per_shard": args.samples_per_shard}
+def _order(args: argparse.Namespace) -> dict[str, object]:
+    """The flags every importer shares: the seed of the write order, the shard size, the stored format."""
+    from distvit.data.writer import StoredFormat
+
+    if not 1 <= args.quality <= 100:
+        raise DistvitError(f"--quality must be between 1 and 100, got {args.quality}.")
+    stored = StoredFormat(args.format, args.quality)
+    return {"seed": args.seed, "samples_per_shard": args.samples_per_shard, "stored_format": stored}
 
 
 def cifar10_command(args: argparse.Namespace) -> int:
