@@ -6,6 +6,7 @@
     distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
     distvit bench train --config X [--baseline lesson] training step images/s, breakdown, FLOP/s vs the lesson
     distvit bench preflight [--shards N]            start-up shard hashing: serial, parallel, requeue
+    distvit bench decode [--stored-size 224]        PNG vs JPEG decoding per core, raw decoders, the lesson
                         [--epoch] [--profile F]    one epoch end to end; a profile of a few steps
     distvit evaluate RUN_DIR|CHECKPOINT [--split test]  exact accuracy, per class, confusion matrix
     distvit predict --checkpoint RUN_DIR img.png ...   top-k classes (or --model NAME --pretrained)
@@ -270,6 +271,17 @@ def _add_bench_commands(commands) -> None:
         help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
     )
     train_bench.set_defaults(action=bench_commands.train_command)
+
+    decode = benches.add_parser(
+        "decode", help="decoding images stored at full size: raw decoders, the lesson, PNG and JPEG shards, per core"
+    )
+    decode.add_argument("--images", type=int, default=1536, help="synthetic images written in each format")
+    decode.add_argument("--stored-size", type=int, default=224, help="the images' stored size in pixels")
+    decode.add_argument("--batch-size", type=int, default=64)
+    decode.add_argument("--steps", type=int, default=20, help="timed batches per case (after 2 warm-up batches)")
+    decode.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    decode.add_argument("--json", default=None, help="also write the results as JSON here")
+    decode.set_defaults(action=bench_commands.decode_command)
 
     preflight = benches.add_parser(
         "preflight", help="start-up shard hashing: serial vs parallel, and a requeue that skips verified shards"

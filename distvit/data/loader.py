@@ -113,7 +113,7 @@ class ShardSamples(torch.utils.data.Dataset):
             return SampleFailure(str(err), self.sample_shape, self.raw_jpeg)
         if self.resize_to and array.shape[:2] != (self.resize_to, self.resize_to):
             array = resize_and_crop(array, self.resize_to)
-        return torch.from_numpy(np.ascontiguousarray(array)), label
+        return torch.from_numpy(array), label  # strided is fine: the collate's stack copies it once
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -191,7 +191,14 @@ def _collate(samples: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Te
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     if samples[0][0].dim() == 1:  # JPEG bytes (stand-ins included) for decoding on the device
         return [s[0] for s in samples], labels, failed and failed.message
-    return torch.stack([s[0] for s in samples]), labels, failed and failed.message
+    images = [s[0] for s in samples]
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # Stack straight into shared memory, as torch's default collate does: the batch then crosses to
+        # the training process without another copy.
+        storage = images[0]._typed_storage()._new_shared(len(images) * images[0].numel(), device="cpu")
+        out = images[0].new(storage).resize_(len(images), *images[0].shape)
+    return torch.stack(images, out=out), labels, failed and failed.message
 
 
 def _stand_in(failure: SampleFailure) -> torch.Tensor:

@@ -113,3 +113,35 @@ def preflight_command(args: argparse.Namespace) -> int:
     shard_bytes = int(args.shard_mb * 1e6)
     print(format_preflight(bench_preflight(args.shards, shard_bytes, workers), args.shards, shard_bytes))
     return 0
+
+
+def decode_command(args: argparse.Namespace) -> int:
+    """`distvit bench decode`: decoding full-size images, PNG against JPEG, per core and in total."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from distvit.tools.bench_decode import as_json, bench_decode, format_decode
+
+    for flag, value in (("--images", args.images), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value < 1:
+            raise DistvitError(f"{flag} must be positive, got {value}.")
+    if args.stored_size < 8:
+        raise DistvitError(f"--stored-size must be at least 8 pixels, got {args.stored_size}.")
+    if (args.steps + 2) * args.batch_size > args.images:  # one epoch: no loader start-up inside the timing
+        raise DistvitError(
+            f"--images {args.images} is fewer than the {(args.steps + 2) * args.batch_size} images that "
+            f"{args.steps} timed + 2 warm-up batches of {args.batch_size} read; raise --images."
+        )
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise DistvitError(f"--device must be auto, cpu or cuda, got {args.device!r}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DistvitError("--device cuda: no CUDA device is available here.")
+    if args.json:
+        check_output_file(args.json, "--json")
+    results = bench_decode(args.images, args.stored_size, args.batch_size, args.steps, args.device)
+    print(format_decode(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(as_json(results), indent=1) + "\n")
+    return 0

@@ -74,11 +74,16 @@ def _preflight(cfg, manifest, splits: list[str], verify: str) -> dict[str, str]:
 
     from distvit.data.preflight import find_bad_shards, hashing_estimate, preflight_marker
 
-    done = preflight_marker()
+    done, several = preflight_marker(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
     if not is_local_leader():
         bad = find_bad_shards(cfg.data.path, manifest, splits, "size")
         deadline = time.monotonic() + cfg.data.preflight_timeout_s
-        while not done.exists() and time.monotonic() < deadline:
+        while several and not done.exists():
+            if time.monotonic() > deadline:
+                raise DataError(
+                    f"the first rank of this node did not finish checking the shards of {cfg.data.path} within "
+                    f"data.preflight_timeout_s={cfg.data.preflight_timeout_s}: raise it, or set data.verify=size."
+                )
             time.sleep(0.1)
         return bad
     try:
@@ -93,5 +98,5 @@ def _preflight(cfg, manifest, splits: list[str], verify: str) -> dict[str, str]:
                 )
         return find_bad_shards(cfg.data.path, manifest, splits, verify)
     finally:
-        if "LOCAL_RANK" in os.environ:
+        if several:
             done.touch()

@@ -391,3 +391,26 @@ def test_bench_preflight_times_serial_parallel_and_a_requeue():
     assert list(rows) == ["serial (1 thread)", "parallel (2 threads)", "requeue (all verified before)"]
     assert rows["serial (1 thread)"][2] == "1.0" and all(float(row[0]) > 0 for row in rows.values())
     assert "--shards" in run_cli(["bench", "preflight", "--shards", "0"]).stderr
+
+
+def test_bench_decode_times_raw_decoders_and_each_reader_per_core(tmp_path):
+    from distvit.data.preflight import usable_cores
+
+    out = tmp_path / "decode.json"
+    args = ["bench", "decode", "--images", "96", "--stored-size", "32", "--batch-size", "16", "--steps", "3"]
+    result = run_cli([*args, "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "libjpeg-turbo (torch), JPEG" in result.stdout and "distvit stream, JPEG shards" in result.stdout
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["raw"]] == ["Pillow, PNG", "Pillow, JPEG", "libjpeg-turbo (torch), JPEG"]
+    workers = sorted({0, 1, usable_cores()})
+    assert [(r["name"].split(",")[0], r["workers"]) for r in report["pipelines"]] == [
+        (name, w)
+        for w in workers
+        for name in ("lesson-style: PIL + ToTensor + Normalize", "distvit stream", "distvit stream")
+    ]
+    assert all(r["images_per_sec"] > 0 for r in report["raw"] + report["pipelines"])
+    png, jpeg = report["raw"][0]["bytes_per_image"], report["raw"][1]["bytes_per_image"]
+    assert jpeg < png  # the same images, stored both ways
+    refused = run_cli(["bench", "decode", "--images", "10", "--batch-size", "16"])
+    assert refused.returncode == 2 and "raise --images" in refused.stderr

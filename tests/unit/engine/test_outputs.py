@@ -67,6 +67,7 @@ def test_summary_of_a_fresh_run(small_dataset, tmp_path):
         "effective_lr": 1e-3,
         "ema_decay": 0.9,
         "surgery": trainer.parts.record.to_dict(),
+        "data_cache": None,  # not streaming through data.cache_dir
     }
     assert summary["surgery"]["model_name"] == "deit_tiny_patch16_224" and summary["surgery"]["img_size"] == 32
     json.dumps(summary)  # summary.json must be able to hold it

@@ -121,3 +121,31 @@ def test_an_empty_evaluation_split_is_refused(small_dataset, tmp_path):
         f"data.eval_split='val' of {dataset} holds no images: every evaluation would count 0 of 0. "
         "Choose a split with images (test)."
     )
+
+
+def test_a_nodes_other_ranks_wait_for_its_leaders_preflight_under_their_own_deadline(
+    small_dataset, tmp_path, monkeypatch
+):
+    """Not train.timeout_s: the other local ranks wait for the leader's marker, then go on; without it
+    they stop after data.preflight_timeout_s with a message saying what to do."""
+    import threading
+    import time
+
+    from distvit.data.preflight import preflight_marker
+    from distvit.errors import DataError
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    marker = preflight_marker()
+    marker.unlink(missing_ok=True)
+    threading.Timer(0.5, marker.touch).start()
+    start = time.monotonic()
+    _load(small_dataset, tmp_path)
+    assert time.monotonic() - start >= 0.5
+    marker.unlink()
+    with pytest.raises(DataError, match="did not finish checking the shards .* data.preflight_timeout_s=1"):
+        _load(small_dataset, tmp_path, "data.preflight_timeout_s=1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    _load(small_dataset, tmp_path)  # the leader: hashes, then marks the node's preflight done
+    assert marker.exists()
+    marker.unlink()
