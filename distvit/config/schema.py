@@ -83,7 +83,8 @@ class DataConfig:
     """Padding (pixels at stored size) of the random crop."""
     mode: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode the split once and keep it on the training device; stream: read and decode from the
-    shards in loader workers each epoch; auto: memory when the decoded split is at most 4 GiB."""
+    shards in loader workers each epoch; auto: memory when the decoded split fits in a third of the host's
+    available memory and, on a GPU, in a quarter of its memory. Decoded once per node (see shared_split)."""
     num_workers: Optional[NonNegativeInt] = None
     """Decoding processes per rank in stream mode (0: in the training process). Empty: the node's usable
     cores / its ranks, at most 8 (the training process keeps one)."""

@@ -28,8 +28,9 @@ from distvit.data.cache import CacheReader, ShardCache
 from distvit.data.devices import to_device
 from distvit.data.images import checked_jpeg, decode_jpeg, decode_stored, resize_and_crop
 from distvit.data.manifest import Manifest, ShardInfo
-from distvit.data.memory import SplitTensors, check_shard_files, load_split
+from distvit.data.memory import SplitTensors, check_shard_files
 from distvit.data.plan import EpochPlan, RankBatch
+from distvit.data.shared_split import load_split_once_per_node
 from distvit.data.tarindex import SampleLocation, index_shard
 from distvit.errors import DataError
 
@@ -320,20 +321,41 @@ def open_batches(
     """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits `MEMORY_LIMIT_BYTES`);
     with a `cache`, always streamed through it."""
     if mode == "auto":
-        mode = "memory" if fits_in_memory(manifest, split) else "stream"
+        mode = "memory" if fits_in_memory(manifest, split, device) else "stream"
     if cache is None and mode == "memory":
-        return MemoryBatches(load_split(dataset_dir, manifest, split).to(device))
+        return MemoryBatches(load_split_once_per_node(dataset_dir, manifest, split).to(device))
     return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to, cache, decode)
 
 
 MEMORY_LIMIT_BYTES = 4 << 30
+"""The most decoded bytes data.mode=auto holds in memory when it cannot read the host's free memory."""
 
 
-def fits_in_memory(manifest: Manifest, split: str) -> bool:
+def fits_in_memory(manifest: Manifest, split: str, device: torch.device | None = None) -> bool:
+    """data.mode=auto: the decoded split (once per node, see shared_split) fits in a third of the host's
+    available memory and, on a GPU, in a quarter of its memory (each rank holds it there beside the
+    model)."""
     if manifest.image_size is None:
         return False
     height, width = manifest.image_size
-    return manifest.splits[split].num_samples * height * width * manifest.channels <= MEMORY_LIMIT_BYTES
+    decoded = manifest.splits[split].num_samples * height * width * manifest.channels
+    host = available_host_memory()
+    if decoded > (host // 3 if host else MEMORY_LIMIT_BYTES):
+        return False
+    if device is not None and device.type == "cuda":
+        return decoded <= torch.cuda.get_device_properties(device).total_memory // 4
+    return True
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def loader_workers(configured: int | None) -> int:
