@@ -160,9 +160,12 @@ class Checkpointer:
         self.steps_per_epoch = steps_per_epoch
         self.parts, self.state, self.identity, self.tracker = parts, state, identity, tracker
         self.last_saved = time.monotonic()
+        self.seconds = 0.0
+        """Time spent writing checkpoints (every rank waits for rank 0's write; summary.json)."""
 
     def save(self, name: str, periodic: bool = False) -> None:
         """All ranks call this; rank 0 writes `name`, then marks it latest (and prunes periodic ones)."""
+        start = time.perf_counter()
         rng_states = gather_object([rng_state()])
         error = None
         if self.accelerator.is_main_process:
@@ -178,6 +181,7 @@ class Checkpointer:
                 files.prune_periodic(self.directory, self.cfg.keep_last, self._checkpoint_step)
         self.monitor.wait_for_main(error)  # not a training collective: a slow write is not a hung rank
         self.last_saved = time.monotonic()
+        self.seconds += time.perf_counter() - start
 
     def save_stopped(self) -> None:
         self.save(step_name(self.state.step))

@@ -4,6 +4,7 @@ record in metrics.jsonl and W&B, the confusion file, and the score that decides 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ class Evaluator:
     ):
         self.cfg, self.split, self.data, self.transform = cfg, split, data, transform
         self.classes, self.accelerator, self.tracker, self.run_dir = classes, accelerator, tracker, run_dir
+        self.seconds = 0.0
+        """Time spent in evaluations during training, records included (summary.json)."""
 
     def due(self, epoch: int) -> bool:
         """After the last epoch always, otherwise every train.eval_every epochs."""
@@ -47,6 +50,13 @@ class Evaluator:
     def run(self, models: dict[str, torch.nn.Module], state: TrainState) -> float:
         """Evaluate, record (state.last_eval, the tracker, the confusion file), print; the score the best
         checkpoint is chosen by (the EMA's accuracy when there is one)."""
+        start = time.perf_counter()
+        try:
+            return self._run(models, state)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _run(self, models: dict[str, torch.nn.Module], state: TrainState) -> float:
         results = self.evaluate(models)
         raw, ema = results["model"], results.get("ema")
         state.last_eval = {

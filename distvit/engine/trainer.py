@@ -20,12 +20,14 @@ section and decides itself when to act:
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+import distvit
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
@@ -109,6 +111,7 @@ class Trainer:
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
         self.tracker.start(cfg, self.outputs.tracked_config(), self.resume.own_tracker())
         self.monitor.wait_for_main()  # W&B starts on rank 0 only
+        start_up = time.monotonic() - distvit.STARTED
         finished = state.epoch >= cfg.train.epochs  # a finished run missing its outputs: write them only
         try:
             while state.epoch < cfg.train.epochs and self.train_epoch():
@@ -129,6 +132,13 @@ class Trainer:
                 self.sources.feature_seconds,
                 self.sources.cache_stats(),
             )
+            summary["seconds"] = {  # where the time went: the fixed costs beside the training steps
+                "start_up": start_up,
+                "training_steps": self.meter.train_seconds,
+                "evaluation": self.evaluator.seconds,
+                "checkpoints": self.checkpointer.seconds,
+                "total_before_outputs": time.monotonic() - distvit.STARTED,
+            }
             write = lambda: self.outputs.write(summary, state, self.tracker, self.stops)  # noqa: E731
             self.monitor.wait_for_main(main_only(accelerator, write, f"writing the run's outputs in {self.run_dir}"))
         finally:

@@ -112,6 +112,10 @@ def test_single_rank_same_config(demo_dataset, tmp_path):
     assert summary["final"]["num_samples"] == 1000
     assert summary["final"]["accuracy"] > 0.2  # chance is 0.1; 2 epochs of the 8-epoch recipe
     check_metrics(run_dir, [1, 2], eval_samples=1000, steps_per_epoch=79)
+    seconds = summary["seconds"]  # where the time went
+    assert set(seconds) == {"start_up", "training_steps", "evaluation", "checkpoints", "total_before_outputs"}
+    parts = seconds["start_up"] + seconds["training_steps"] + seconds["evaluation"] + seconds["checkpoints"]
+    assert all(value > 0 for value in seconds.values()) and parts <= seconds["total_before_outputs"]
 
 
 def test_bf16_on_two_cpu_ranks_with_odd_eval_split(small_dataset, tmp_path):
