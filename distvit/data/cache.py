@@ -175,13 +175,13 @@ class ShardFetcher:
                 self.present[name] = shard.num_bytes + _index_path(path).stat().st_size
         self.reserved: dict[str, int] = {}
         self.stats = {"limit": limit, "peak_bytes": 0, "fetched": 0, "fetched_bytes": 0, "evicted": 0, "reused": 0}
-        self.stats["reused"] = len(self.present)
         self._checked_passes: set[tuple[int, ...]] = set()
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="distvit-fetch")
         self._inflight: dict[str, Future] = {}
         self._stop = threading.Event()
         self.error: str | None = None
-        self._make_room(0, keep=set())  # a limit lowered since the last run
+        self._make_room(0, {}, protected=-1)  # a limit lowered since the last run
+        self.stats["reused"] = len(self.present)
         self._thread = threading.Thread(target=self._run, name="distvit-cache", daemon=True)
         self._thread.start()
 
@@ -247,28 +247,31 @@ class ShardFetcher:
         if not positions:
             return
         self._check_fits(positions)
-        distance: dict[str, int] = {}
+        distance: dict[str, int] = {}  # steps until a local rank next reads the shard (0: in use)
         for position in positions.values():
             for name, steps in position.remaining().items():
-                distance[name] = min(distance.get(name, steps), steps)
+                distance[name] = min(distance.get(name, steps), max(steps, 0))
+        lookahead = max(p.lookahead for p in positions.values())
         for name in sorted(distance, key=lambda n: (distance[n], n)):
             if name in self.present or name in self._inflight:
                 continue
             size = self.shards[name].num_bytes + _index_allowance(self.shards[name])
-            if not self._make_room(size, keep=set(distance)):
+            if not self._make_room(size, distance, max(distance[name], lookahead)):
                 return  # in order of need: a later shard never overtakes an earlier one
             self.reserved[name] = size
             self.stats["peak_bytes"] = max(self.stats["peak_bytes"], self._used())
             self._inflight[name] = self._pool.submit(self._fetch, name)
 
-    def _make_room(self, size: int, keep: set[str]) -> bool:
-        """Evict shards outside `keep` (none of the local ranks still needs them) until `size` more bytes
-        fit; False if they cannot."""
+    def _make_room(self, size: int, distance: dict[str, int], protected: int) -> bool:
+        """Evict until `size` more bytes fit, the shard needed last first (never again in the current
+        passes, then the farthest next use); shards a rank reads within `protected` steps stay (in use, read
+        ahead, or needed before the one being made room for). False if they cannot fit."""
+        never = 1 << 62
         while self._used() + size > self.limit:
-            spare = [name for name in self.present if name not in keep]
+            spare = [name for name in self.present if distance.get(name, never) > protected]
             if not spare:
                 return False
-            name = spare[0]  # the longest present
+            name = max(spare, key=lambda n: distance.get(n, never))
             (self.folder / name).unlink(missing_ok=True)
             _index_path(self.folder / name).unlink(missing_ok=True)
             del self.present[name]

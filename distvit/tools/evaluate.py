@@ -6,6 +6,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from distvit.data.cache import ShardCache
 from distvit.data.loader import loader_workers, open_batches
 from distvit.data.manifest import read_manifest
 from distvit.data.transforms import BatchTransform
@@ -38,11 +39,20 @@ def evaluate_checkpoint(
             f"--batch-size {global_batch} must be divisible by the number of processes ({accelerator.num_processes})."
         )
     model.to(accelerator.device)
-    data = open_batches(
-        data_path, manifest, split, mode, loader_workers(None), accelerator.device, record.img_size, decode="auto"
-    )
-    transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
-    result = evaluate(model, data, transform, global_batch, accelerator, record.num_classes)
+    cache, workers = None, loader_workers(None)
+    if trained_on.get("cache_dir") and data_path == trained_on.get("path"):  # the run streamed: so does this
+        where = (trained_on["cache_dir"], trained_on["remote"], trained_on["cache_limit"])
+        cache = ShardCache(*where, split_info.shards, manifest.num_classes)
+        workers = loader_workers(trained_on.get("num_workers"))  # what the run's cache was sized for
+    try:
+        data = open_batches(
+            data_path, manifest, split, mode, workers, accelerator.device, record.img_size, cache, "auto"
+        )
+        transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
+        result = evaluate(model, data, transform, global_batch, accelerator, record.num_classes)
+    finally:
+        if cache is not None:
+            cache.close()
     about = {
         "checkpoint": str(path),
         "weights": weights,

@@ -14,7 +14,7 @@ import pytest
 from distvit.data.synthetic import prepare_synthetic
 from distvit.run.checkpoint import load_checkpoint
 from distvit.run.rundir import read_summary
-from tests.support.helpers import launch_ok, trace_ids
+from tests.support.helpers import launch_ok, run_cli, trace_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -84,3 +84,9 @@ def test_a_quarter_size_cache_trains_every_sample_once_and_resumes_exactly(serve
     assert difference < 1e-5  # 2 ranks -> 1 rank: the same samples per step, summed in another order
     assert Path(tmp_path / "full" / "manifest" / "manifest.json").is_file()
     assert not list((tmp_path / "full" / "manifest").glob("*.tar"))  # no copy of the dataset beside it
+    # `distvit evaluate RUN` streams through the run's cache too, and counts what training counted
+    out = tmp_path / "eval.json"
+    result = run_cli(["evaluate", str(tmp_path / "full" / "run"), "--batch-size", "20", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = read_summary(tmp_path / "full" / "run")["final"]
+    assert json.loads(out.read_text())["correct"] == final["correct"] and final["num_samples"] == 101

@@ -136,3 +136,26 @@ def test_one_cache_folder_serves_one_run_at_a_time(remote, tmp_path):
             _cache(remote, tmp_path / "cache", limit=10**7)
     finally:
         first.close()
+
+
+def test_a_full_cache_left_by_an_earlier_run_makes_room_for_what_is_needed_first(remote, tmp_path):
+    """Every shard present from a run with a larger limit, then a smaller limit: the shard needed last
+    goes first, and the pass completes (no wait for room that never comes)."""
+    manifest = read_manifest(remote)
+    order = window_order([10] * 6, 0, 0, 1)
+    first = _cache(remote, tmp_path / "cache", limit=10**7)
+    try:
+        _read_all(
+            StreamBatches(tmp_path, manifest, "train", 0, torch.device("cpu"), cache=first), EpochPlan(order, 10, 1, 0)
+        )
+    finally:
+        first.close()
+    limit = 4 * (manifest.splits["train"].shards[0].num_bytes + 6000)
+    smaller = _cache(remote, tmp_path / "cache", limit)
+    try:
+        assert smaller.stats()["reused"] == 4  # what the new limit holds of the six left
+        batches = StreamBatches(tmp_path, manifest, "train", 0, torch.device("cpu"), cache=smaller)
+        images, _ = _read_all(batches, EpochPlan(window_order([10] * 6, 0, 1, 1), 10, 1, 0))
+        assert images.shape[0] == 60 and smaller.stats()["peak_bytes"] <= limit
+    finally:
+        smaller.close()
