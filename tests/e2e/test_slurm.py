@@ -96,6 +96,9 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, smal
         "data.trace_samples=true",
         "ema.enabled=true",
         "tracking.mode=offline",
+        # The two Slurm "nodes" share this host, and each would take all its cores; the direct run's two
+        # ranks share them: the same thread count on both sides keeps the float sums in the same order.
+        "train.cpu_threads=1",
     ]
     run_dir = tmp_path / "preempted"
     job = submit(slurm_cluster, "multi_node.sbatch", ["-N2", "--ntasks-per-node=1"], [*common, f"run.dir={run_dir}"])
