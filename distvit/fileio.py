@@ -64,3 +64,33 @@ def write_failure(path: str | os.PathLike, err: BaseException) -> str:
         free = "its folder cannot be read"
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return f"writing {path} failed ({reason}); {free}"
+
+
+def hold_lock(path: str | os.PathLike):
+    """Take an exclusive lock on `path` for as long as the returned handle stays open (released when the
+    process ends, however it ends) and write this process and host into it. None when another process
+    holds it: then `lock_holder(path)` says which."""
+    import datetime
+    import fcntl
+    import socket
+
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    handle.flush()
+    return handle
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    """Who holds the lock of `path`, as its holder wrote it (see hold_lock)."""
+    try:
+        return Path(path).read_text().strip() or "another process"
+    except OSError:
+        return "another process"

@@ -23,12 +23,9 @@ with local shards; `data.shuffle=window` makes the order one that a small cache 
 
 from __future__ import annotations
 
-import datetime
-import fcntl
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from distvit.data.manifest import ShardInfo
+from distvit.data.node import local_ranks, session_id
 from distvit.data.remote import fetch_file, remote_url
 from distvit.data.tarindex import index_shard
 from distvit.errors import DataError
-from distvit.fileio import atomic_write_bytes
+from distvit.fileio import atomic_write_bytes, hold_lock, lock_holder
 
 MARK_NAME = ".distvit-cache"
 ERROR_NAME = ".fetch-error"
@@ -51,22 +49,13 @@ READER_WAIT_S = 600.0
 FETCH_THREADS = 4
 
 
-def session_id() -> str:
-    """Shared by the local ranks of one launch (their parent is the launcher), unique per launch."""
-    return str(os.getppid() if "LOCAL_RANK" in os.environ else os.getpid())
-
-
-def local_ranks() -> tuple[int, int]:
-    """(this process's local rank, the number of ranks on this node)."""
-    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def open_cache_dir(folder: Path) -> None:
     """Create or adopt `folder` as a cache: it must be new, empty or already distvit's cache."""
     folder.mkdir(parents=True, exist_ok=True)
     mark = folder / MARK_NAME
     if not mark.is_file():
-        foreign = [p.name for p in folder.iterdir() if not p.name.startswith("session-")]
+        own = f"session-{session_id()}"  # this launch's other ranks may have made it already
+        foreign = [p.name for p in folder.iterdir() if p.name != own]
         if foreign:
             names = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
             raise DataError(
@@ -186,27 +175,19 @@ class ShardFetcher:
         self._thread.start()
 
     def _lock(self):
-        handle = open(self.folder / MARK_NAME, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+        handle = hold_lock(self.folder / MARK_NAME)
+        if handle is None:
             raise DataError(
-                f"data.cache_dir={str(self.folder)!r} is in use by another distvit run ({holder}); its fetcher "
-                "evicts what it does not need: give each run (and each node) its own cache folder."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
-        handle.flush()
+                f"data.cache_dir={str(self.folder)!r} is in use by another distvit run "
+                f"({lock_holder(self.folder / MARK_NAME)}); its fetcher evicts what it does not need: give each "
+                "run (and each node) its own cache folder."
+            )
         return handle
 
     def _remove_stale_sessions(self) -> None:
+        """Earlier launches' position folders (only in a marked cache, only distvit's `session-<pid>`)."""
         for path in self.folder.glob("session-*"):
-            if path != self.session and path.is_dir() and not path.is_symlink():
+            if path != self.session and path.name[8:].isdigit() and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:

@@ -65,32 +65,14 @@ def decode_stored(payload: bytes, channels: int, expected: tuple[int, int] | Non
         try:
             return decode_jpeg_bytes(payload)
         except RuntimeError as err:
-            raise DataError(
-                f"{where}: image cannot be decoded ({(str(err).splitlines() or [''])[0]}). Prepare the dataset again."
-            ) from None
+            raise undecodable(where, err) from None
     try:
         with open_image(io.BytesIO(payload)) as image:
-            if expected is not None and image.size != (expected[1], expected[0]):
-                width, height = image.size
-                raise DataError(
-                    f"{where} is {width} x {height} px, the manifest says {expected[1]} x {expected[0]}. "
-                    "Prepare the dataset again."
-                )
-            if image.format == "JPEG" and channels == 3:
-                array = decode_jpeg_bytes(payload)
-            else:
-                array = np.array(image.convert("RGB" if channels == 3 else "L"))
-    except DataError:
-        raise
-    except RuntimeError as err:  # torchvision's decoder on a damaged JPEG body
-        raise DataError(
-            f"{where}: image cannot be decoded ({(str(err).splitlines() or [''])[0]}). Prepare the dataset again."
-        ) from None
+            if expected is not None:
+                _check_size(image.size, expected, where)
+            array = np.array(image.convert("RGB" if channels == 3 else "L"))
     except DECODE_ERRORS as err:
-        reason = (str(err).splitlines() or [""])[0]
-        raise DataError(
-            f"{where}: image cannot be decoded ({type(err).__name__}: {reason}). Prepare the dataset again."
-        ) from None
+        raise undecodable(where, err) from None
     return array if array.ndim == 3 else array[..., None]
 
 
@@ -139,22 +121,23 @@ def decode_jpeg(data, device="cpu"):
 def checked_jpeg(payload: bytes, expected: tuple[int, int] | None, where: str) -> bytes:
     """A stored sample's bytes for decoding elsewhere (on the training device): a JPEG whose header says
     the manifest's size, else a DataError naming the sample. Nothing is decoded here."""
-    try:
-        with open_image(io.BytesIO(payload)) as image:
-            size, kind = image.size, image.format
-    except DECODE_ERRORS as err:
-        reason = (str(err).splitlines() or [""])[0]
-        raise DataError(
-            f"{where}: image cannot be decoded ({type(err).__name__}: {reason}). Prepare the dataset again."
-        ) from None
-    if kind != "JPEG":
-        raise DataError(f"{where} is {kind}, not JPEG: decoding on the device needs JPEG shards (data.decode).")
-    if expected is not None and size != (expected[1], expected[0]):
-        raise DataError(
-            f"{where} is {size[0]} x {size[1]} px, the manifest says {expected[1]} x {expected[0]}. "
-            "Prepare the dataset again."
-        )
+    size = jpeg_size(payload)
+    if size is None:  # not a JPEG, or one whose frame header is not where prepare puts it: ask Pillow
+        try:
+            with open_image(io.BytesIO(payload)) as image:
+                size, kind = image.size, image.format
+        except DECODE_ERRORS as err:
+            raise undecodable(where, err) from None
+        if kind != "JPEG":
+            raise DataError(f"{where} is {kind}, not JPEG: decoding on the device needs JPEG shards (data.decode).")
+    _check_size(size, expected, where)
     return payload
+
+
+def undecodable(where: str, err: Exception) -> DataError:
+    """The one message for a stored image that does not decode."""
+    reason = (str(err).splitlines() or [""])[0]
+    return DataError(f"{where}: image cannot be decoded ({type(err).__name__}: {reason}). Prepare the dataset again.")
 
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

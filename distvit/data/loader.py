@@ -26,9 +26,10 @@ from PIL import Image
 
 from distvit.data.cache import CacheReader, ShardCache
 from distvit.data.devices import to_device
-from distvit.data.images import checked_jpeg, decode_jpeg, decode_stored, resize_and_crop
+from distvit.data.images import checked_jpeg, decode_jpeg, decode_stored, resize_and_crop, undecodable
 from distvit.data.manifest import Manifest, ShardInfo
 from distvit.data.memory import SplitTensors, check_shard_files
+from distvit.data.node import available_host_memory, local_ranks, usable_cores
 from distvit.data.plan import EpochPlan, RankBatch
 from distvit.data.shared_split import load_split_once_per_node
 from distvit.data.tarindex import SampleLocation, index_shard
@@ -158,9 +159,6 @@ class CachedShardSamples(ShardSamples):
             return SampleFailure(str(err), self.sample_shape)
         return self._decoded(lambda: self.reader.read(name, offset, size), f"{name} sample {key}", label)
 
-    def __getstate__(self):
-        return self.__dict__
-
     def needs(self, batches: list[RankBatch]) -> dict[str, tuple[int, int]]:
         """Shard name -> (first, last) step of `batches` that reads from it (padding slots read sample 0)."""
         spans: dict[str, tuple[int, int]] = {}
@@ -192,14 +190,8 @@ def _collate(samples: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Te
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     if samples[0][0].dim() == 1:  # JPEG bytes (stand-ins included) for decoding on the device
         return [s[0] for s in samples], labels, failed and failed.message
-    images = [s[0] for s in samples]
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        # Stack straight into shared memory, as torch's default collate does: the batch then crosses to
-        # the training process without another copy.
-        storage = images[0]._typed_storage()._new_shared(len(images) * images[0].numel(), device="cpu")
-        out = images[0].new(storage).resize_(len(images), *images[0].shape)
-    return torch.stack(images, out=out), labels, failed and failed.message
+    # torch's default collate stacks straight into shared memory in a worker: no copy on the way over
+    return torch.utils.data.default_collate([s[0] for s in samples]), labels, failed and failed.message
 
 
 def _stand_in(failure: SampleFailure) -> torch.Tensor:
@@ -220,8 +212,7 @@ def decode_jpeg_batch(payloads: list[torch.Tensor], device: torch.device, where:
             try:
                 decode_jpeg(payload)
             except RuntimeError as err:
-                reason = (str(err).splitlines() or [""])[0]
-                raise DataError(f"{where(i)}: image cannot be decoded ({reason}). Prepare the dataset again.") from None
+                raise undecodable(where(i), err) from None
         raise
     return torch.stack(decoded).permute(0, 2, 3, 1)  # N x H x W x C, as the other readers give
 
@@ -347,23 +338,9 @@ def fits_in_memory(manifest: Manifest, split: str, device: torch.device | None =
     return True
 
 
-def available_host_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def loader_workers(configured: int | None) -> int:
     """data.num_workers, or when unset what the node's cores allow: its usable cores shared by its ranks,
     one left for each training process, at most 8 per rank."""
     if configured is not None:
         return configured
-    from distvit.data.preflight import usable_cores
-
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, usable_cores() // ranks - 1))
+    return max(1, min(8, usable_cores() // local_ranks()[1] - 1))

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from distvit.data.manifest import Manifest, ShardInfo, SplitInfo, sha256_file
+from distvit.data.node import session_id, usable_cores
 from distvit.errors import DataError
 from distvit.fileio import atomic_write_bytes
 
@@ -27,8 +28,6 @@ from distvit.fileio import atomic_write_bytes
 def preflight_marker() -> Path:
     """Created by a node's leader when its preflight ends: the node's other ranks wait for it."""
     import tempfile
-
-    from distvit.data.cache import session_id
 
     return Path(tempfile.gettempdir()) / f"distvit-preflight-{session_id()}"
 
@@ -65,7 +64,7 @@ def find_bad_shards(
     verified record (same size and mtime) are hashed by `workers` threads (default: the usable cores),
     and the record is updated where the folder is writable."""
     folder = Path(dataset_dir)
-    shards = {shard.name: shard for split in dict.fromkeys(splits) for shard in manifest.splits[split].shards}
+    shards = _shards_of(manifest, splits)
     bad = {name: problem for name, shard in shards.items() if (problem := _size_problem(folder, shard))}
     if verify != "sha256":
         return bad
@@ -90,13 +89,14 @@ def hashing_estimate(dataset_dir: str | os.PathLike, manifest: Manifest, splits:
     """Bytes a sha256 preflight would hash now (the verified record considered) and the seconds it would
     take on the usable cores, roughly."""
     folder, record = Path(dataset_dir), read_verified(Path(dataset_dir))
-    shards = {shard.name: shard for split in dict.fromkeys(splits) for shard in manifest.splits[split].shards}
+    shards = _shards_of(manifest, splits)
     pending = sum(shard.num_bytes for shard in shards.values() if not _recorded(folder, shard, record))
     return pending, pending / (HASH_BYTES_PER_SECOND * min(usable_cores(), 16))
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _shards_of(manifest: Manifest, splits: list[str]) -> dict[str, ShardInfo]:
+    """The shards of the splits in use, by name (a split named twice counts once)."""
+    return {shard.name: shard for split in dict.fromkeys(splits) for shard in manifest.splits[split].shards}
 
 
 def read_verified(folder: Path) -> dict[str, list]:

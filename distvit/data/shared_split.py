@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distvit.data.cache import local_ranks, session_id
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors, load_split
+from distvit.data.node import local_ranks, session_id
 from distvit.errors import DataError
 
 WAIT_S = 3600.0
 """How long the other ranks wait for the first rank's decode of a split."""
-_LEFTOVER = re.compile(r"distvit-(\d+)-[0-9a-f]{12}-[A-Za-z0-9_-]+\.(u8|labels\.npy|error)")
+_LEFTOVER = re.compile(r"distvit-(\d+)-[0-9a-f]{12}-[A-Za-z0-9_-]+\.(u8|labels\.npy|error)(\.tmp)?")
 
 
 def shared_folder() -> Path:
@@ -50,13 +50,14 @@ def load_split_once_per_node(dataset_dir: str | os.PathLike, manifest: Manifest,
     images, labels, error = (Path(f"{stem}.{suffix}") for suffix in ("u8", "labels.npy", "error"))
     if rank == 0:
         _remove_leftovers(folder)
-        atexit.register(lambda: [p.unlink(missing_ok=True) for p in (images, labels, error)])
+        labels_tmp, images_tmp = Path(f"{labels}.tmp"), Path(f"{images}.tmp")
+        ours = (images, labels, error, images_tmp, labels_tmp)
+        atexit.register(lambda: [p.unlink(missing_ok=True) for p in ours])
         try:
             data = load_split(dataset_dir, manifest, split)
         except DataError as err:
             error.write_text(str(err))
             raise
-        labels_tmp, images_tmp = Path(f"{labels}.tmp"), Path(f"{images}.tmp")
         with open(labels_tmp, "wb") as handle:  # a handle: np.save would append .npy to the name
             np.save(handle, data.labels.numpy(), allow_pickle=False)
         os.replace(labels_tmp, labels)  # labels first: a complete image file means both are there

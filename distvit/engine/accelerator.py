@@ -131,9 +131,9 @@ def size_cpu_threads(cfg: Config, device: torch.device) -> str:
     working per rank); what was chosen and why, for the start line. On a GPU nothing changes."""
     if device.type != "cpu":
         return ""
-    from distvit.data.preflight import usable_cores
+    from distvit.data.node import local_ranks, usable_cores
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = local_ranks()[1]
     threads = cfg.train.cpu_threads or max(1, usable_cores() // local)
     torch.set_num_threads(threads)
     why = "train.cpu_threads" if cfg.train.cpu_threads else f"{usable_cores()} cores / {local} rank(s) on this node"

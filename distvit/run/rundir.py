@@ -32,7 +32,7 @@ from typing import Any
 
 from distvit.config import Config
 from distvit.errors import ConfigError
-from distvit.fileio import atomic_write_bytes
+from distvit.fileio import atomic_write_bytes, hold_lock, lock_holder
 from distvit.run.checkpoint import CHECKPOINT_DIR
 from distvit.run.tracking import METRICS_NAME, TRACKER_NAME
 
@@ -114,28 +114,16 @@ def lock_run_dir(run_dir: Path) -> None:
     """Rank 0 holds an exclusive lock on the run folder for the rest of the process (released when it
     ends, however it ends): a second run started in the same folder is refused, naming the first one's
     process and host, before it changes anything. (Trainers of one process share the lock.)"""
-    import fcntl
-
     run_dir.mkdir(parents=True, exist_ok=True)
     key = str(run_dir.resolve())
     if key in _HELD_LOCKS:
         return
-    handle = open(run_dir / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+    handle = hold_lock(run_dir / LOCK_NAME)
+    if handle is None:
         raise ConfigError(
-            f"run.dir={str(run_dir)!r} is in use by another distvit run ({holder}): wait for it to end, or "
-            "choose another run.dir."
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
-    handle.flush()
+            f"run.dir={str(run_dir)!r} is in use by another distvit run ({lock_holder(run_dir / LOCK_NAME)}): wait "
+            "for it to end, or choose another run.dir."
+        )
     _HELD_LOCKS[key] = handle
 
 

@@ -104,7 +104,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 def preflight_command(args: argparse.Namespace) -> int:
     """`distvit bench preflight`: hashing a dataset's shards at start-up, serial vs parallel vs requeue."""
-    from distvit.data.preflight import usable_cores
+    from distvit.data.node import usable_cores
     from distvit.tools.bench_preflight import bench_preflight, format_preflight
 
     if args.shards < 1 or args.shard_mb <= 0 or args.workers < 0:

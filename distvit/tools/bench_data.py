@@ -35,7 +35,8 @@ class BenchResult:
     ratio_to_lesson: float = 0.0
 
 
-def _timed(batches: Iterator, warmup: int, steps: int, device: torch.device, batch_size: int, name: str) -> BenchResult:
+def images_per_second(batches: Iterator, warmup: int, steps: int, device: torch.device, batch_size: int) -> float:
+    """Images/s of `steps` batches of `batch_size` after `warmup` ones, the device synchronised around."""
     for _ in range(warmup):
         next(batches)
     synchronize(device)
@@ -43,8 +44,12 @@ def _timed(batches: Iterator, warmup: int, steps: int, device: torch.device, bat
     for _ in range(steps):
         next(batches)
     synchronize(device)
-    seconds = time.perf_counter() - start
-    return BenchResult(name, steps * batch_size / seconds, steps, seconds)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def _timed(batches: Iterator, warmup: int, steps: int, device: torch.device, batch_size: int, name: str) -> BenchResult:
+    rate = images_per_second(batches, warmup, steps, device, batch_size)
+    return BenchResult(name, rate, steps, steps * batch_size / rate)
 
 
 def _distvit_batches(source, transform: BatchTransform, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:

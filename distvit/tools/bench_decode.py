@@ -32,11 +32,11 @@ from PIL import Image
 from distvit.data.images import decode_jpeg
 from distvit.data.loader import StreamBatches
 from distvit.data.manifest import Manifest
+from distvit.data.node import usable_cores
 from distvit.data.plan import EpochPlan, epoch_order
-from distvit.data.preflight import usable_cores
 from distvit.data.synthetic import prepare_synthetic
 from distvit.data.writer import StoredFormat
-from distvit.engine.timing import synchronize
+from distvit.tools.bench_data import images_per_second
 from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -87,17 +87,6 @@ class _LessonPhotos(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         with Image.open(io.BytesIO(self.payloads[index])) as image:
             return self.transform(image.convert("RGB")), 0
-
-
-def _timed(batches: Iterator, batch_size: int, device: torch.device, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        next(batches)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(batches)
-    synchronize(device)
-    return steps * batch_size / (time.perf_counter() - start)
 
 
 def _lesson(payloads: list[bytes], workers: int, batch_size: int) -> Iterator:
@@ -166,7 +155,7 @@ def bench_decode(
                     ("distvit stream, JPEG decoded on the GPU", _stream(device_decoded, batch_size), jpeg_size)
                 )
             for name, batches, size in cases:
-                rate = _timed(batches, batch_size, target, warmup=2, steps=steps)
+                rate = images_per_second(batches, warmup=2, steps=steps, device=target, batch_size=batch_size)
                 pipelines.append(DecodeResult(name, workers, rate, size))
         context = {
             "images": images,

@@ -72,9 +72,10 @@ def _preflight(cfg, manifest, splits: list[str], verify: str) -> dict[str, str]:
     train.timeout_s: a long hash is not a hung rank) before they go on to meet the other ranks."""
     import time
 
+    from distvit.data.node import local_ranks
     from distvit.data.preflight import find_bad_shards, hashing_estimate, preflight_marker
 
-    done, several = preflight_marker(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
+    done, several = preflight_marker(), local_ranks()[1] > 1
     if not is_local_leader():
         bad = find_bad_shards(cfg.data.path, manifest, splits, "size")
         deadline = time.monotonic() + cfg.data.preflight_timeout_s

@@ -395,7 +395,7 @@ def test_bench_preflight_times_serial_parallel_and_a_requeue():
 
 
 def test_bench_decode_times_raw_decoders_and_each_reader_per_core(tmp_path):
-    from distvit.data.preflight import usable_cores
+    from distvit.data.node import usable_cores
 
     out = tmp_path / "decode.json"
     args = ["bench", "decode", "--images", "96", "--stored-size", "32", "--batch-size", "16", "--steps", "3"]

@@ -159,3 +159,22 @@ def test_a_full_cache_left_by_an_earlier_run_makes_room_for_what_is_needed_first
         assert images.shape[0] == 60 and smaller.stats()["peak_bytes"] <= limit
     finally:
         smaller.close()
+
+
+def test_the_cache_deletes_only_its_own_files(remote, tmp_path):
+    """A user's folder that merely looks like a cache's (a `session-...` folder) is refused, not adopted; in
+    distvit's own cache only a killed fetch's temporary file and earlier launches' position folders go."""
+    users = tmp_path / "users"
+    (users / "session-notes").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds files distvit did not write \\(session-notes\\)"):
+        open_cache_dir(users)
+    folder = tmp_path / "cache"
+    _cache(remote, folder, limit=10**7).close()
+    name = read_manifest(remote).splits["train"].shards[0].name
+    (folder / f"{name}.4242.tmp").write_bytes(b"half a fetch")
+    (folder / "session-1").mkdir()
+    (folder / "session-mine").mkdir()
+    (folder / "session-mine" / "keep.txt").write_text("not distvit's")
+    _cache(remote, folder, limit=10**7).close()
+    assert not (folder / f"{name}.4242.tmp").exists() and not (folder / "session-1").exists()
+    assert (folder / "session-mine" / "keep.txt").read_text() == "not distvit's"

@@ -54,9 +54,10 @@ def test_a_decode_error_on_the_first_rank_stops_the_others_with_its_message(
 
 def test_leftovers_of_a_gone_launch_are_removed_and_nothing_else(two_local_ranks):
     gone = two_local_ranks / "distvit-999999999-0123456789ab-train.u8"
+    half_written = two_local_ranks / "distvit-999999999-0123456789ab-train.u8.tmp"
     running = two_local_ranks / f"distvit-{os.getpid()}-0123456789ab-train.u8"
     other = two_local_ranks / "distvit-notes.txt"
-    for path in (gone, running, other):
+    for path in (gone, half_written, running, other):
         path.write_bytes(b"x")
     shared_split._remove_leftovers(two_local_ranks)
-    assert not gone.exists() and running.exists() and other.exists()
+    assert not gone.exists() and not half_written.exists() and running.exists() and other.exists()

@@ -166,7 +166,7 @@ def test_cpu_threads_are_the_nodes_cores_shared_by_its_ranks(monkeypatch):
     import torch
 
     from distvit.config import load_config
-    from distvit.data.preflight import usable_cores
+    from distvit.data.node import usable_cores
     from distvit.engine.accelerator import size_cpu_threads
 
     before = torch.get_num_threads()
