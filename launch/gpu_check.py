@@ -1,4 +1,4 @@
-"""GPU check of distvit, one command, nothing downloaded (about 7 minutes on one H100 or H200):
+"""GPU check of distvit, one command, nothing downloaded (about 8 minutes on one H100 or H200):
 
     python3 launch/gpu_check.py OUT_DIR [--budget SECONDS]
 
@@ -16,9 +16,11 @@ does not depend on the weights). In order of importance, each phase within what 
    accumulation without recompiles, 1 vs 2 ranks, exact resume in bf16, fp16 overflow and scaler
    resume, evaluation counts on 1 and 2 ranks);
 4. the data readers (`distvit bench data` at 32 px and 224 px: the lesson's pipeline, memory, stream);
-5. the lesson's first experiment end to end (10k images, 1 epoch, head only at 224 px, batch 64,
+5. decoding at 224 px stored size (`distvit bench decode`: raw decoders, PNG and JPEG shards in 0, 1 and
+   all-core workers, JPEG decoded in batches on the GPU), against the >= 25k img/s target;
+6. the lesson's first experiment end to end (10k images, 1 epoch, head only at 224 px, batch 64,
    feature pass included) against the lesson's loop;
-6. deit_tiny 32/p16 and deit_small 224/p16.
+7. deit_tiny 32/p16 and deit_small 224/p16.
 
 Writes OUT_DIR/gpu_check.md (the table, hardware and versions, the targets marked met or missed),
 gpu_check.json, gpu_check.log, gpu_profiles.txt and gpu_paths.{md,json,log}; exits 1 if a check fails
@@ -41,6 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 HEAD_ONLY = "lesson exp. 1: head only 224"
 PATHS = "CUDA paths (gpu_paths.py)"
 READERS = "data readers (bench data)"
+DECODE = "decoding at 224 px (bench decode)"
+DEVICE_DECODE_TARGET = 25_000  # img/s from JPEG shards at 224 px on one H100 (the streaming issue)
 # name, config, overrides (random init), extra bench flags, longest time the case may take (s); in the
 # order they run: what matters most first, so a short budget cuts the least important
 CASES = [
@@ -61,6 +65,7 @@ CASES = [
     ),
     (PATHS, "", [], [], 150),
     (READERS, "", [], [], 60),
+    (DECODE, "", [], [], 90),
     # the lesson's recipe as distvit runs it (its precision, cached features) against the lesson's loop
     (
         HEAD_ONLY,
@@ -174,6 +179,51 @@ def run_readers(timeout: float, out: Path, scratch: Path, quick: bool) -> dict:
     return {"name": READERS, "exit": 0, "readers": results}
 
 
+def run_decode(timeout: float, out: Path, scratch: Path, quick: bool) -> dict:
+    """`distvit bench decode` on this machine's device: batches large enough that a GPU's rate is timed
+    over more than a moment."""
+    try:
+        import webdataset  # noqa: F401 - the bench writes shards
+    except ImportError:
+        return {"name": DECODE, "skipped": "webdataset is not installed (carry its wheel and braceexpand's)"}
+    sizes = ["--images", "256", "--stored-size", "64", "--batch-size", "16", "--steps", "4"]
+    if not quick:
+        sizes = ["--images", "8192", "--batch-size", "256", "--steps", "24"]
+    json_file = scratch / "decode.json"
+    command = [sys.executable, "-m", "distvit.cli", "bench", "decode", *sizes, "--json", str(json_file)]
+    completed = _run(command, timeout, out)
+    if completed.returncode or not json_file.exists():
+        return {"name": DECODE, "error": f"exit {completed.returncode}"}
+    return {"name": DECODE, "exit": 0, "decode": json.loads(json_file.read_text())}
+
+
+def _decode_lines(case: dict) -> list[str]:
+    lines = ["Decoding (`distvit bench decode`; images/s in total, per worker core, of the raw decoder's rate):"]
+    if "decode" not in case:
+        return [*lines, f"- {'skipped: ' + case['skipped'] if 'skipped' in case else 'FAILED: ' + case['error']}"]
+    bench = case["decode"]
+    context = bench["context"]
+    lines.append(
+        f"- {context['images']} images at {context['stored_size']} px, batch {context['batch_size']}, "
+        f"{context['usable_cores']} cores, {context['device']}"
+    )
+    lines += [f"- raw, one core: {r['name']} {r['images_per_sec']:,.0f}" for r in bench["raw"]]
+    turbo = bench["raw"][-1]["images_per_sec"]
+    for r in bench["pipelines"]:
+        per_core = r["images_per_sec"] / max(r["workers"], 1)
+        of_raw = f", {per_core / turbo:.2f} of raw" if "JPEG shards" in r["name"] else ""
+        lines.append(
+            f"- {r['name']}, workers {r['workers']}: {r['images_per_sec']:,.0f} ({per_core:,.0f} per core{of_raw})"
+        )
+    on_gpu = [r["images_per_sec"] for r in bench["pipelines"] if "GPU" in r["name"]]
+    if on_gpu:
+        met = "met" if max(on_gpu) >= DEVICE_DECODE_TARGET else "MISSED"
+        lines.append(
+            f"- JPEG decoded on the GPU, best {max(on_gpu):,.0f} img/s: **{met}**: >= {DEVICE_DECODE_TARGET:,}"
+        )
+    return lines
+
+
 def run_paths(timeout: float, out: Path, quick: bool) -> dict:
     """launch/gpu_paths.py as one phase: its own table and JSON land in OUT_DIR beside this one's."""
     try:
@@ -228,8 +278,11 @@ def markdown(cases: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     checks = []
-    paths, epochs, profiles, readers, syncs = [], [], [], [], []
+    paths, epochs, profiles, readers, decode, syncs = [], [], [], [], [], []
     for case in cases:
+        if case["name"] == DECODE:
+            decode = _decode_lines(case)
+            continue
         if case["name"] == PATHS:
             paths = _paths_lines(case)
             continue
@@ -280,6 +333,8 @@ def markdown(cases: list[dict]) -> str:
         lines += ["", "Host synchronisations in the checked warm-up steps, where they were called:", *syncs]
     if readers:
         lines += ["", *readers]
+    if decode:
+        lines += ["", *decode]
     if paths:
         lines += ["", *paths]
     return "\n".join(lines + [""])
@@ -341,7 +396,7 @@ def main() -> int:
     parser.add_argument("out", help="output folder (gpu_check.md, gpu_check.json, per-case JSON and the log)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, any device: checks the script itself")
     parser.add_argument(
-        "--budget", type=float, default=420, help="seconds for all phases; what does not fit is skipped (said so)"
+        "--budget", type=float, default=510, help="seconds for all phases; what does not fit is skipped (said so)"
     )
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -359,6 +414,8 @@ def main() -> int:
                 cases.append(run_paths(left, out, args.quick))
             elif name == READERS:
                 cases.append(run_readers(left, out, Path(scratch), args.quick))
+            elif name == DECODE:
+                cases.append(run_decode(left, out, Path(scratch), args.quick))
             else:
                 cases.append(run_case(name, config, overrides, flags, left, out, Path(scratch), args.quick))
             # written after every case: a later case that hangs or dies leaves the earlier ones

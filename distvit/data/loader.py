@@ -31,6 +31,7 @@ from distvit.data.manifest import Manifest, ShardInfo
 from distvit.data.memory import SplitTensors, check_shard_files
 from distvit.data.node import available_host_memory, local_ranks, usable_cores
 from distvit.data.plan import EpochPlan, RankBatch
+from distvit.data.ring import BatchRing, RingSlot, StepIndices, StepSamples
 from distvit.data.shared_split import load_split_once_per_node
 from distvit.data.tarindex import SampleLocation, index_shard
 from distvit.errors import DataError
@@ -98,6 +99,10 @@ class ShardSamples(torch.utils.data.Dataset):
             handle = self._handles[shard] = open(self.paths[shard], "rb")
         handle.seek(int(self.offsets[index]))
         return handle.read(int(self.sizes[index]))
+
+    def __getitems__(self, indices: list[int]) -> StepSamples:
+        """A batch's items, with its step when the loader passes one (see distvit.data.ring)."""
+        return StepSamples([self[i] for i in indices], getattr(indices, "step", None))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | "SampleFailure":
         where = f"{self.paths[int(self.shards[index])]} sample {self.keys[index]}"
@@ -180,18 +185,27 @@ class SampleFailure:
     raw_jpeg: bool = False
 
 
-def _collate(samples: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, str | None]:
-    """Images (stacked; a list of JPEG byte tensors for device decoding), labels and the first failed
-    sample's message (None: all read). A failed sample is black with label 0, so that a rank that goes on
-    until all ranks can stop together has a batch to step on."""
-    failed = next((s for s in samples if isinstance(s, SampleFailure)), None)
-    if failed is not None:
-        samples = [(_stand_in(s), 0) if isinstance(s, SampleFailure) else s for s in samples]
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    if samples[0][0].dim() == 1:  # JPEG bytes (stand-ins included) for decoding on the device
-        return [s[0] for s in samples], labels, failed and failed.message
-    # torch's default collate stacks straight into shared memory in a worker: no copy on the way over
-    return torch.utils.data.default_collate([s[0] for s in samples]), labels, failed and failed.message
+@dataclass(frozen=True)
+class Collate:
+    """Samples -> images, labels and the first failed sample's message (None: all read). Images are
+    stacked (into the `ring` slot of the batch's step where there is one; a list of JPEG byte tensors for
+    device decoding). A failed sample is black with label 0, so that a rank that goes on until all ranks
+    can stop together has a batch to step on."""
+
+    ring: BatchRing | None = None
+
+    def __call__(self, samples: list) -> tuple[torch.Tensor | list[torch.Tensor] | RingSlot, torch.Tensor, str | None]:
+        failed = next((s for s in samples if isinstance(s, SampleFailure)), None)
+        images = [_stand_in(s) if isinstance(s, SampleFailure) else s[0] for s in samples]
+        labels = torch.tensor([0 if isinstance(s, SampleFailure) else s[1] for s in samples], dtype=torch.int64)
+        message = failed and failed.message
+        if images[0].dim() == 1:  # JPEG bytes (stand-ins included) for decoding on the device
+            return images, labels, message
+        step = getattr(samples, "step", None)
+        if self.ring is not None and step is not None:
+            return self.ring.put(step, images), labels, message
+        # torch's default collate stacks straight into shared memory in a worker: no copy on the way over
+        return torch.utils.data.default_collate(images), labels, message
 
 
 def _stand_in(failure: SampleFailure) -> torch.Tensor:
@@ -243,6 +257,7 @@ class StreamBatches:
         self.num_workers = num_workers
         self.device = device
         self.samples.raw_jpeg = device_decoding(decode, manifest, device, split, dataset_dir)
+        self.ring: BatchRing | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -256,31 +271,62 @@ class StreamBatches:
 
     def epoch(self, plan: EpochPlan, on_failure: Callable[[str], None] | None = None) -> Iterator[Batch]:
         """The plan's batches. A sample that cannot be read raises its DataError, or with `on_failure` is
-        reported to it and replaced by zeros (several ranks: see distvit.engine.failures)."""
+        reported to it and replaced by zeros (several ranks: see distvit.engine.failures).
+
+        A batch's images are valid until the next batch is asked for: with loader workers on a CPU they
+        are a slot of the shared ring, which a worker refills then (a copy per batch would cost the
+        training process as much as the fresh pages the ring saves). Keep one with `.clone()`."""
         batches = list(plan.batches())
+        ring = self._ring(plan.local_batch)
         loader = torch.utils.data.DataLoader(
             self.samples,
-            batch_sampler=[batch.indices.tolist() for batch in batches],
+            batch_sampler=[StepIndices(batch.indices.tolist(), step) for step, batch in enumerate(batches)],
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=Collate(ring),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
         )
         reporter = self.cache.reporter if self.cache is not None else None
         if reporter is not None:
             reporter.begin(self.samples.needs(batches), lookahead=PREFETCH_FACTOR * self.num_workers)
-        for step, (batch, (images, labels, failure)) in enumerate(zip(batches, loader)):
-            if reporter is not None:
-                self.cache.check()
-                reporter.progress(step + 1)  # this batch is read: its shards may go unless needed later
-            if failure is not None:
-                if on_failure is None:
-                    raise DataError(failure)
-                on_failure(failure)
-            if isinstance(images, list):
-                indices = batch.indices.tolist()
-                images = decode_jpeg_batch(images, self.device, lambda i: self.where(indices[i]))
-            yield batch, images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if ring is not None:
+            ring.begin_pass()
+        iterator = iter(loader)
+        try:
+            for step, (batch, (images, labels, failure)) in enumerate(zip(batches, iterator)):
+                if reporter is not None:
+                    self.cache.check()
+                    reporter.progress(step + 1)  # this batch is read: its shards may go unless needed later
+                if failure is not None:
+                    if on_failure is None:
+                        raise DataError(failure)
+                    on_failure(failure)
+                if isinstance(images, list):
+                    indices = batch.indices.tolist()
+                    images = decode_jpeg_batch(images, self.device, lambda i: self.where(indices[i]))
+                elif isinstance(images, RingSlot):
+                    images = ring.take(images)
+                yield batch, images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                if ring is not None:
+                    ring.release(step)  # the loop asks for the next batch: it is done with this one
+        finally:
+            if ring is not None:
+                ring.end_pass()
+                # The next pass restarts the ring's count: no worker of this one may still write into it.
+                # torch stops them when the iterator is collected; this pass may end before then.
+                iterator._shutdown_workers()
+
+    def _ring(self, batch_size: int) -> BatchRing | None:
+        """Shared slots for decoded batches (see distvit.data.ring): with loader workers, on a CPU device.
+        On a GPU torch's pinned hand-off stays (the copy to the device needs page-locked memory)."""
+        if not self.num_workers or self.samples.raw_jpeg or self.device.type != "cpu":
+            return None
+        shape = self.samples.sample_shape
+        if self.ring is None or not self.ring.fits(batch_size, shape):
+            self.ring = None  # the old slots go before the new ones are counted against /dev/shm
+            slots = PREFETCH_FACTOR * self.num_workers + 2
+            self.ring = BatchRing(slots, batch_size, shape, self.num_workers, local_ranks()[1])
+        return self.ring
 
 
 def device_decoding(decode: str, manifest: Manifest, device: torch.device, split: str, where) -> bool:

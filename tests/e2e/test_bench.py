@@ -283,22 +283,23 @@ def test_gpu_check_script_runs_with_only_torch_timm_accelerate(tmp_path):
         "deit_tiny 32/p4",
         "CUDA paths (gpu_paths.py)",
         "data readers (bench data)",
+        "decoding at 224 px (bench decode)",
         "lesson exp. 1: head only 224",
         "deit_tiny 32/p16",
         "deit_small 224/p16",
     ]
     benches = [c for c in cases if "results" in c]
     assert len(benches) == 5 and all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in benches)
-    for skipped in cases[2:4]:
+    for skipped in cases[2:5]:
         assert skipped["skipped"] == "webdataset is not installed (carry its wheel and braceexpand's)"
     assert cases[0]["check"]["passed"] and cases[1]["tokens_per_image"] == 65
-    assert [c["profile"]["steps"] for c in cases[:2]] == [5, 5] and cases[5]["profile"] is None
-    head_only = cases[4]
+    assert [c["profile"]["steps"] for c in cases[:2]] == [5, 5] and cases[6]["profile"] is None
+    head_only = cases[5]
     assert head_only["epoch"]["images"] == 200 and head_only["epoch"]["feature_seconds"] > 0
     table = (out / "gpu_check.md").read_text()
     assert table.count("| distvit |") == 5 and table.count("| lesson |") == 5 and "**PASS**" in table
     assert "- lesson exp. 1: head only 224: 200 images, distvit " in table
-    assert table.count("skipped: webdataset is not installed") == 2
+    assert table.count("skipped: webdataset is not installed") == 3
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu_check.json",
         "gpu_check.log",
@@ -415,3 +416,23 @@ def test_bench_decode_times_raw_decoders_and_each_reader_per_core(tmp_path):
     assert jpeg < png  # the same images, stored both ways
     refused = run_cli(["bench", "decode", "--images", "10", "--batch-size", "16"])
     assert refused.returncode == 2 and "raise --images" in refused.stderr
+    _check_gpu_check_decode_lines(report)
+
+
+def _check_gpu_check_decode_lines(report: dict) -> None:
+    """launch/gpu_check.py's decode section from a real report, and its verdict on a GPU row either side
+    of the 25k img/s target."""
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    lines = gpu_check._decode_lines({"name": gpu_check.DECODE, "exit": 0, "decode": report})
+    jpeg_rows = [line for line in lines if "distvit stream, JPEG shards" in line]
+    assert len(jpeg_rows) == len(report["pipelines"]) // 3 and all("of raw" in line for line in jpeg_rows)
+    assert not any("GPU" in line for line in lines)  # no GPU here: no verdict to give
+    for rate, verdict in ((25_000.0, "**met**"), (24_999.0, "**MISSED**")):
+        gpu_row = {"name": "distvit stream, JPEG decoded on the GPU", "workers": 8, "images_per_sec": rate}
+        on_gpu = {**report, "pipelines": [*report["pipelines"], {**gpu_row, "bytes_per_image": 1.0}]}
+        last = gpu_check._decode_lines({"name": gpu_check.DECODE, "exit": 0, "decode": on_gpu})[-1]
+        assert last == f"- JPEG decoded on the GPU, best {rate:,.0f} img/s: {verdict}: >= 25,000"
