@@ -72,8 +72,16 @@ def _config(args: argparse.Namespace) -> int:
             raise ConfigError(f"--get {args.get}: not a config key (section.key, e.g. run.dir).")
         print(values[section][key])
         return 0
-    cfg, _, _ = load_checked_config(args.config, args.overrides)
+    cfg, manifest, _ = load_checked_config(args.config, args.overrides)
+    from distvit.augment import recipe_of
+    from distvit.augment.recipe import flip_warning
+
+    recipe = recipe_of(cfg.data, cfg.augment)
     print(cfg.to_yaml(), end="")
+    print(f"# augmentation: {recipe.describe()}")
+    warning = flip_warning(recipe, manifest.flip_safe, cfg.data.path)
+    if warning:
+        print(f"distvit: {warning}", file=sys.stderr)
     return 0
 
 
@@ -149,6 +157,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every prepare subcommand's flags on how images are stored, and on what a flip does to them."""
     parser.add_argument(
         "--format",
         choices=("png", "jpeg"),
@@ -157,21 +166,43 @@ def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
         "the bytes, faster to decode, decodable on the GPU)",
     )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality, 1..100 (with --format jpeg)")
+    parser.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="horizontal flips change what these images mean (digits, text, many medical/industrial images): "
+        'the manifest records "flip_safe": false',
+    )
+
+
+def _generated_source(sources, name: str, what: str, train_size: int, test_size: int) -> argparse.ArgumentParser:
+    """`prepare synthetic|digits`: images generated offline, with their sizes, seed and the shared flags."""
+    parser = sources.add_parser(name, help=f"{what} (offline)")
+    parser.add_argument("--out", required=True, help="output dataset folder")
+    parser.add_argument("--train-size", type=int, default=train_size)
+    parser.add_argument("--test-size", type=int, default=test_size)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-per-shard", type=int, default=5000)
+    _add_format_arguments(parser)
+    return parser
 
 
 def _add_prepare_commands(commands) -> None:
     prepare_parser = commands.add_parser("prepare", help="write a dataset as webdataset shards + manifest")
     sources = prepare_parser.add_subparsers(dest="source", required=True)
-    synthetic = sources.add_parser("synthetic", help="learnable synthetic images in CIFAR-10's shape (offline)")
-    synthetic.add_argument("--out", required=True, help="output dataset folder")
-    synthetic.add_argument("--train-size", type=int, default=50_000)
-    synthetic.add_argument("--test-size", type=int, default=10_000)
+    synthetic = _generated_source(
+        sources, "synthetic", "learnable synthetic images in CIFAR-10's shape", 50_000, 10_000
+    )
     synthetic.add_argument("--num-classes", type=int, default=10)
-    synthetic.add_argument("--image-size", type=int, default=32)
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--samples-per-shard", type=int, default=5000)
-    _add_format_arguments(synthetic)
     synthetic.set_defaults(action=prepare.synthetic_command)
+    digits = _generated_source(
+        sources,
+        "digits",
+        "digit glyphs 0..9 in random pose, weight, contrast and noise: a flip-unsafe proxy",
+        1438,
+        359,
+    )
+    digits.set_defaults(action=prepare.digits_command)
     cifar10 = sources.add_parser("cifar10", help="CIFAR-10 (python version): download, local archive or folder")
     cifar10.add_argument("--out", required=True, help="output dataset folder")
     cifar10.add_argument(

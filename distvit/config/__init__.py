@@ -6,6 +6,7 @@ rules that span several keys or the file system (`checks`).
 
 from distvit.config.loading import all_keys, build_config, load_config, parse_overrides, parse_yaml, read_yaml_config
 from distvit.config.schema import (
+    AugmentConfig,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -20,6 +21,7 @@ from distvit.config.schema import (
 )
 
 __all__ = [
+    "AugmentConfig",
     "CheckpointConfig",
     "Config",
     "DataConfig",

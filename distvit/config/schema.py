@@ -77,10 +77,12 @@ class DataConfig:
     """Dataset folder holding manifest.json and the shards (made by `distvit prepare`)."""
     train_split: str = "train"
     eval_split: str = "test"
-    augment: Literal["none", "crop_flip"] = "crop_flip"
-    """Training augmentation, applied on the training device: random crop with padding + horizontal flip."""
+    augment: Literal["none", "lesson", "crop_flip", "deit"] = "crop_flip"
+    """Training augmentation preset, applied on the training device (the augment section changes its parts):
+    none; lesson (the lesson's: none, resize only); crop_flip (random crop with padding + horizontal flip);
+    deit (DeiT's recipe: random-resized crop, flip, RandAugment m9 std 0.5, random erasing 0.25, 3 repeats)."""
     crop_padding: NonNegativeInt = 4
-    """Padding (pixels at stored size) of the random crop."""
+    """Padding (pixels at stored size) of the random crop (augment.crop=pad)."""
     mode: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode the split once and keep it on the training device; stream: read and decode from the
     shards in loader workers each epoch; auto: memory when the decoded split fits in a third of the host's
@@ -127,6 +129,39 @@ class DataConfig:
     """Share of steps that mix (when mixup or cutmix is on)."""
     mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
     """With both on: share of mixing steps that use CutMix instead of Mixup."""
+
+
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+@dataclass
+class AugmentConfig:
+    """The parts of the training augmentation; an empty key takes the value of the data.augment preset."""
+
+    crop: Optional[Literal["none", "pad", "resized"]] = None
+    """pad: random crop of the stored image zero-padded by data.crop_padding; resized: random-resized crop
+    (an area of crop_scale_min..1 of the image, aspect 3/4..4/3) straight to the model's input size."""
+    crop_scale_min: Optional[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] = None
+    """Smallest area fraction a random-resized crop keeps (DeiT: 0.08)."""
+    hflip: Optional[Probability] = None
+    """Probability of a horizontal flip (0 for data whose meaning a flip changes: digits, text)."""
+    color_jitter: Optional[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = None
+    """Strength s of colour jitter: brightness, contrast and saturation factors in [1 - s, 1 + s] (0: off)."""
+    color_jitter_prob: Optional[Probability] = None
+    """Probability that an image is colour-jittered."""
+    randaugment_ops: Optional[Annotated[int, Field(ge=0, le=4, strict=True)]] = None
+    """RandAugment: operations drawn per image (0: off; DeiT: 2)."""
+    randaugment_magnitude: Optional[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]] = None
+    """RandAugment magnitude on timm's 0..10 scale (DeiT: 9)."""
+    randaugment_std: Optional[NonNegativeFloat] = None
+    """Per-operation spread of the magnitude (normal, clipped to 0..10; DeiT: 0.5)."""
+    randaugment_prob: Optional[Probability] = None
+    """Probability that each drawn operation is applied (timm: 0.5)."""
+    erasing: Optional[Probability] = None
+    """Probability of random erasing: a box of 2-33 % of the image filled with normal noise (DeiT: 0.25)."""
+    repeats: Optional[Annotated[int, Field(ge=1, le=16, strict=True)]] = None
+    """Repeated augmentation: every sample appears this many times per epoch, each time augmented anew
+    (DeiT: 3); an epoch is that many times longer."""
 
 
 @dataclass
@@ -263,6 +298,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

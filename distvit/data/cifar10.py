@@ -198,6 +198,7 @@ def prepare_cifar10(
     seed: int = 0,
     samples_per_shard: int = 5000,
     stored_format: StoredFormat | None = None,
+    flip_safe: bool = True,
 ) -> Manifest:
     """Write CIFAR-10's train (50,000) and test (10,000) splits as shards, in a seeded random order."""
     out = Path(out_dir)
@@ -217,4 +218,5 @@ def prepare_cifar10(
         source={"name": "cifar10", **origin, "seed": seed},
         samples_per_shard=samples_per_shard,
         stored_format=stored_format,
+        flip_safe=flip_safe,
     )

@@ -231,6 +231,7 @@ def prepare_imagefolder(
     samples_per_shard: int = 5000,
     workers: int | None = None,
     stored_format: StoredFormat = PNG,
+    flip_safe: bool = True,
 ) -> ImportReport:
     """Decode and write each split in a seeded random order, streaming: shards are written as images are
     decoded. The checks that need a whole split (--strict, classes without images) run at its end, before
@@ -291,6 +292,7 @@ def prepare_imagefolder(
             source=source_record,
             samples_per_shard=samples_per_shard,
             stored_format=stored_format,
+            flip_safe=flip_safe,
         )
     finally:
         if pool is not None:

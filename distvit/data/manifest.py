@@ -60,6 +60,11 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def flip_safe(self) -> bool:
+        """Whether a horizontal flip keeps what the images mean (`source["flip_safe"]`; manifests without it are)."""
+        return bool(self.source.get("flip_safe", True))
+
     def split(self, name: str, dataset_dir: str | os.PathLike = "", key: str = "") -> SplitInfo:
         """The split called `name`; a `DataError` naming the available splits otherwise."""
         if name not in self.splits:

@@ -9,7 +9,6 @@ Generation is a pure function of the seed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -129,11 +128,6 @@ def generate(
     return images, labels.astype(np.int64)
 
 
-def _samples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
-    for image, label in zip(images, labels):
-        yield image, int(label)
-
-
 def prepare_synthetic(
     out_dir: str | os.PathLike,
     *,
@@ -144,22 +138,22 @@ def prepare_synthetic(
     seed: int = 0,
     samples_per_shard: int = 5000,
     stored_format: StoredFormat | None = None,
+    flip_safe: bool = True,
 ) -> Manifest:
-    """Generate train and test splits (independent seeds) and write them as shards + manifest."""
-    from distvit.data.writer import write_dataset  # webdataset; `generate` alone works without it
+    """Generate train and test splits (independent seeds) and write them as shards + manifest.
+    `flip_safe=False` marks them as not flip-safe in the manifest (the patterns themselves are)."""
+    from distvit.data.writer import write_generated  # webdataset; `generate` alone works without it
 
     for name, value in (("train_size", train_size), ("test_size", test_size)):
         if value < num_classes:
             raise ValueError(f"{name}={value} must be at least num_classes={num_classes}")
     train = generate(train_size, num_classes, image_size, seed=seed * 2)
     test = generate(test_size, num_classes, image_size, seed=seed * 2 + 1)
-    return write_dataset(
+    return write_generated(
         out_dir,
-        dataset="synthetic",
-        classes=CLASS_NAMES[:num_classes],
-        image_size=(image_size, image_size),
-        channels=3,
-        splits={"train": _samples(*train), "test": _samples(*test)},
+        "synthetic",
+        CLASS_NAMES[:num_classes],
+        splits={"train": train, "test": test},
         source={
             "generator": "distvit.data.synthetic",
             "seed": seed,
@@ -170,4 +164,5 @@ def prepare_synthetic(
         },
         samples_per_shard=samples_per_shard,
         stored_format=stored_format,
+        flip_safe=flip_safe,
     )

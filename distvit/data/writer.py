@@ -294,12 +294,14 @@ def write_dataset(
     source: dict[str, Any] | Callable[[], dict[str, Any]],
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     stored_format: StoredFormat | None = None,
+    flip_safe: bool = True,
 ) -> Manifest:
     """Write every split's (uint8 HxWxC array or EncodedImage, label) samples as shards, then the manifest.
 
     `image_size="infer"` records the images' common size (None when sizes differ); `source` may be a
     function, called once every split is written (for checksums gathered while writing). Splits that
-    end up empty are left out of the manifest."""
+    end up empty are left out of the manifest. `flip_safe=False` (horizontal flips change what the images
+    mean) is recorded as `"flip_safe": false` under `source`; flip-safe data records nothing, as before."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stored_format = stored_format or PNG
@@ -326,7 +328,37 @@ def write_dataset(
             image_size=tuple(image_size) if image_size else None,
             channels=channels,
             splits=written,
-            source={**(source() if callable(source) else source), **stored_format.describe()},
+            source={
+                **(source() if callable(source) else source),
+                **stored_format.describe(),
+                **({} if flip_safe else {"flip_safe": False}),
+            },
         )
     _swap_in(out, staging, manifest)
     return manifest
+
+
+def write_generated(
+    out_dir: str | os.PathLike,
+    dataset: str,
+    classes: list[str],
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    source: dict[str, Any],
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    stored_format: StoredFormat | None = None,
+    flip_safe: bool = True,
+) -> Manifest:
+    """`write_dataset` for generated splits: (uint8 N x S x S x 3 images, labels) arrays by split name."""
+    size = next(iter(splits.values()))[0].shape[1]
+    return write_dataset(
+        out_dir,
+        dataset=dataset,
+        classes=classes,
+        image_size=(size, size),
+        channels=3,
+        splits={name: ((image, int(label)) for image, label in zip(*arrays)) for name, arrays in splits.items()},
+        source=source,
+        samples_per_shard=samples_per_shard,
+        stored_format=stored_format,
+        flip_safe=flip_safe,
+    )

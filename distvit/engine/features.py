@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from distvit.augment import PRESETS, recipe_of
 from distvit.config import Config
 from distvit.data.devices import to_device
 from distvit.data.memory import SplitTensors
@@ -26,8 +27,11 @@ def cache_blockers(cfg: Config, model: torch.nn.Module) -> list[str]:
     blockers = []
     if cfg.surgery.freeze != "backbone":
         blockers.append(f"surgery.freeze={cfg.surgery.freeze} (needs backbone)")
-    if cfg.data.augment != "none":
+    recipe = recipe_of(cfg.data, cfg.augment)
+    if PRESETS[cfg.data.augment].active:
         blockers.append(f"data.augment={cfg.data.augment} (needs none)")
+    elif recipe.active:
+        blockers.append(f"the augment section's {recipe.describe()} (needs no augmentation)")
     if mixing_enabled(cfg.data):
         blockers.append("mixup/cutmix is on")
     if cfg.surgery.drop_path:

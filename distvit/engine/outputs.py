@@ -48,6 +48,7 @@ class RunOutputs:
         extras = describe_parts(self.parts, cfg, ddp_static_graph)
         subset = f" (subset of {sources.train_size})" if sources.subset is not None else ""
         order = f"; windows of {sources.shuffle_window} shards shuffled" if sources.shuffle_window else ""
+        augmentation = self.parts.augment.recipe.describe()
         if sources.cache is not None:
             order += f"; streamed through {cfg.data.cache_dir} (at most {cfg.data.cache_limit / 1e9:.3g} GB)"
         return (
@@ -56,7 +57,8 @@ class RunOutputs:
             f"{record.img_size}px/patch {record.patch_size} ({record.tokens_per_image} tokens, "
             f"{record.trainable_params:,} trainable params); {sources.num_train} train{subset} / "
             f"{len(sources.eval)} {cfg.data.eval_split} images, {sources.steps_per_epoch} steps/epoch of "
-            f"{cfg.train.batch_size}{order}; effective peak lr {self.effective_lr():.4g}{scaled}"
+            f"{cfg.train.batch_size}{order}; augmentation: {augmentation}; "
+            f"effective peak lr {self.effective_lr():.4g}{scaled}"
             + (f"; {', '.join(extras)}" if extras else "")
             + f"; run dir {self.run_dir}"
             + (f"; resumed from {resumed_from} at step {step}" if resumed_from else "")

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from distvit.augment import Augmenter, recipe_of
 from distvit.config import Config
 from distvit.data.transforms import BatchTransform
 from distvit.engine.accelerator import compile_supported
@@ -33,6 +34,8 @@ class TrainParts:
     """The model itself: state dicts, EMA updates and evaluation use it (no DDP or compile wrapper)."""
     record: SurgeryRecord
     transform: BatchTransform
+    augment: Augmenter
+    """The training input: the augmentation recipe's parts around `transform`."""
     optimizer: torch.optim.Optimizer
     """Prepared by Accelerate (gradient scaling, DDP-aware zeroing)."""
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -93,6 +96,7 @@ def build_parts(
         model=model,
         record=record,
         transform=transform,
+        augment=Augmenter(recipe_of(cfg.data, cfg.augment), transform),
         optimizer=optimizer,
         scheduler=scheduler,
         ema=ema,

@@ -59,8 +59,11 @@ class DataSources:
         accelerator: Accelerator,
         img_size: int,
         splits: dict[str, SplitTensors] | None = None,
+        repeats: int = 1,
     ):
-        """`splits`: in-memory data by split name instead of the shards of cfg.path (benchmarks)."""
+        """`splits`: in-memory data by split name instead of the shards of cfg.path (benchmarks);
+        `repeats`: each sample's appearances per epoch (repeated augmentation)."""
+        self.repeats = repeats
         self.batch_size, self.seed = train_cfg.batch_size, train_cfg.seed
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         device = accelerator.device
@@ -91,16 +94,21 @@ class DataSources:
         """Images in the training split (before any subset)."""
         self.subset = subset_indices(self.train_size, cfg.train_subset, self.seed) if cfg.train_subset else None
         self.num_train = len(self.subset) if self.subset is not None else self.train_size
-        self.steps_per_epoch = num_steps(self.num_train, self.batch_size)
+        self.steps_per_epoch = num_steps(self.num_train * repeats, self.batch_size)
         self.feature_seconds: float | None = None
         """Time spent computing cached backbone features (head-only runs), None when not cached."""
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's samples in order; with repeats, each sample's copies next to each other (so they
+        share a global batch, as DeiT's repeated-augmentation sampler puts them), each augmented anew
+        because a sample's augmentation follows its slot."""
         if self.shuffle_window:
             order = window_order(self.train_shard_sizes, self.seed, epoch, self.shuffle_window)
-            return order[torch.isin(order, self.subset)] if self.subset is not None else order
-        order = epoch_order(self.num_train, self.seed, epoch)
-        return self.subset[order] if self.subset is not None else order
+            order = order[torch.isin(order, self.subset)] if self.subset is not None else order
+        else:
+            order = epoch_order(self.num_train, self.seed, epoch)
+            order = self.subset[order] if self.subset is not None else order
+        return order.repeat_interleave(self.repeats) if self.repeats > 1 else order
 
     def cache_stats(self) -> dict | None:
         """This node's shard-cache counts (limit, peak bytes, fetched, evicted, reused), when streaming

@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from distvit.config import DataConfig, DistillConfig, OptimConfig, TrainConfig
 from distvit.data.devices import to_device
 from distvit.data.plan import RankBatch
-from distvit.data.transforms import Augmentation
 from distvit.engine.losses import distillation_loss, label_loss
 from distvit.engine.mixing import apply_mix, mixed_targets, sample_mix
 from distvit.engine.parts import TrainParts
@@ -53,10 +52,13 @@ class TrainStep:
         epoch: int,
         timer: PhaseTimer | None = None,
     ) -> torch.Tensor:
-        """One optimizer step; returns the summed loss (on device). `timer` (benchmarks) marks each phase."""
+        """One optimizer step; returns the summed loss (on device). `timer` (benchmarks) marks each phase:
+        the batch's fetch, then its device-side inputs (augmentation, resize, normalisation, mixing)."""
+        if timer:
+            timer.mark("fetch")
         x, soft, valid = self.inputs(batch, images, labels, local, global_batch, epoch)
         if timer:
-            timer.mark("data")
+            timer.mark("inputs")
         loss_sum = self._forward_backward(x, labels, soft, valid, batch.global_valid)
         if timer:
             timer.mark("forward_backward")
@@ -75,12 +77,13 @@ class TrainStep:
         if self.parts.features_cached:
             return images, None, valid
         seed = step_seed(self.train_cfg.seed, epoch, batch.first_slot)
-        augmentation = None
-        if self.data_cfg.augment == "crop_flip":
+        augment = self.parts.augment
+        if augment.recipe.active:
             generator = torch.Generator().manual_seed(seed)
-            augmentation = Augmentation.sample(global_batch, self.data_cfg.crop_padding, True, generator)
-            augmentation = augmentation.slice(local.start, local.stop)
-        x = self.parts.transform(images, augmentation)
+            params = augment.sample(global_batch, tuple(images.shape[1:3]), generator)
+            x = augment(images, params.slice(local.start, local.stop))
+        else:
+            x = self.parts.transform(images)
         decision = sample_mix(self.data_cfg, [seed, 1], x.shape[-2], x.shape[-1])
         soft = None
         if decision.kind != "none":

@@ -28,6 +28,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import distvit
+from distvit.augment import recipe_of
+from distvit.augment.recipe import flip_warning
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
@@ -71,6 +73,7 @@ class Trainer:
         #    and a resume checked against both: all before anything in the run directory changes.
         manifest = agree_on_bad_shards(cfg.data, manifest, bad_shards or {}, accelerator)
         self.classes = list(manifest.classes)
+        self.flip_safe = manifest.flip_safe
         self.resume = Resume(cfg.train, run_dir)
         set_seed(cfg.train.seed)  # same initial weights on every rank
         model, record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
@@ -89,7 +92,8 @@ class Trainer:
 
         self.monitor.wait_for_main(main_only(accelerator, prepare_run_dir, f"preparing {run_dir}"))
         # 4. Data, then everything a step needs (the checkpoint's weights load before anything derives from them).
-        self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, splits)
+        recipe = recipe_of(cfg.data, cfg.augment)
+        self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, splits, recipe.repeats)
         self.parts = parts = build_parts(
             cfg, model, record, self.sources, accelerator, manifest.image_size, self.classes, *self.resume.weights()
         )
@@ -231,6 +235,9 @@ class Trainer:
         static_graph = accelerator.num_processes > 1 and ddp_options(cfg)["static_graph"]
         start = self.outputs.start_line(self.sources, static_graph, self.resume.path, self.state.step)
         accelerator.print(start + self.threads)
+        warning = flip_warning(parts.augment.recipe, self.flip_safe, cfg.data.path)
+        if warning:
+            accelerator.print(f"distvit: {warning}")
 
     def _models(self) -> dict[str, Any]:
         models = {"model": self.parts.model}

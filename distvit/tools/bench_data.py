@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from distvit.augment import PRESETS, Augmenter
 from distvit.data.loader import MemoryBatches, StreamBatches
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import SplitTensors, load_split
 from distvit.data.plan import EpochPlan, epoch_order
-from distvit.data.transforms import Augmentation, BatchTransform
+from distvit.data.transforms import BatchTransform
 from distvit.engine.timing import synchronize
 from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
 
@@ -53,12 +54,13 @@ def _timed(batches: Iterator, warmup: int, steps: int, device: torch.device, bat
 
 
 def _distvit_batches(source, transform: BatchTransform, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    augment = Augmenter(PRESETS["crop_flip"], transform)
     epoch = 0
     while True:
         plan = EpochPlan(epoch_order(len(source), seed, epoch), batch_size, 1, 0)
         for batch, images, _ in source.epoch(plan):
             generator = torch.Generator().manual_seed(batch.step)
-            yield transform(images, Augmentation.sample(batch_size, 4, True, generator))
+            yield augment(images, augment.sample(batch_size, tuple(images.shape[1:3]), generator))
         epoch += 1
 
 

@@ -62,8 +62,10 @@ class Measurement:
     step_ms: float
     steps: int
     phase_fractions: dict[str, float]
-    """Share of the step time per phase (PHASES). On a GPU a phase is the device-timeline span between
-    its CUDA events, so time the device waited for the host within the phase is part of it."""
+    """Share of the step time per phase (PHASES), and of "augment": the part of "data" spent making the
+    model's input on the device (augmentation, resize, normalisation, mixing; 0 for the lesson, whose
+    transforms run in its loader workers). On a GPU a phase is the device-timeline span between its CUDA
+    events, so time the device waited for the host within the phase is part of it."""
     peak_memory_bytes: int
     peak_memory_kind: str
     achieved_tflops: float
@@ -112,6 +114,9 @@ def _measurement(
     phases = timer.seconds()
     total = sum(phases.values())
     fractions = {phase: phases.get(phase, 0.0) / total for phase in PHASES}
+    # distvit's data phase is the fetch plus the device-side inputs; "augment" is that second part
+    fractions["data"] += (phases.get("fetch", 0.0) + phases.get("inputs", 0.0)) / total
+    fractions["augment"] = phases.get("inputs", 0.0) / total
     memory, memory_kind = peak_memory(device)
     rate = images / wall
     return Measurement(
@@ -359,7 +364,7 @@ def format_train_bench(bench: TrainBench) -> str:
         + f"\npeak {bench.peak_tflops:.1f} TFLOP/s ({bench.peak_source})"
     )
     columns = (
-        f"{'loop':<8} {'images/s':>10} {'ms/step':>8} {'data':>6} {'fwd+bwd':>8} {'optim':>6} "
+        f"{'loop':<8} {'images/s':>10} {'ms/step':>8} {'data':>6} {'augment':>8} {'fwd+bwd':>8} {'optim':>6} "
         f"{'peak mem':>10} {'TFLOP/s':>8} {'of peak':>8} {'syncs':>6} {'x lesson':>9}"
     )
     rows = []
@@ -369,7 +374,7 @@ def format_train_bench(bench: TrainBench) -> str:
         ratio = f"{m.ratio_to_lesson:>8.2f}x" if m.ratio_to_lesson is not None else f"{'-':>9}"
         rows.append(
             f"{m.name:<8} {m.images_per_sec:>10.0f} {m.step_ms:>8.1f} "
-            f"{100 * f['data']:>5.1f}% {100 * f['forward_backward']:>7.1f}% "
+            f"{100 * f['data']:>5.1f}% {100 * f.get('augment', 0.0):>7.1f}% {100 * f['forward_backward']:>7.1f}% "
             f"{100 * f['optimizer']:>5.1f}% {m.peak_memory_bytes / 2**20:>8.0f}MB {m.achieved_tflops:>8.3f} "
             f"{100 * m.peak_fraction:>7.2f}% {syncs} {ratio}"
         )

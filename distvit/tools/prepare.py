@@ -1,5 +1,5 @@
-"""`distvit prepare synthetic|cifar10|imagefolder`: flag checks, the dataset write and its summary line.
-The importers themselves live in distvit.data (imported when a command runs)."""
+"""`distvit prepare synthetic|digits|cifar10|imagefolder`: flag checks, the dataset write and its summary
+line. The importers themselves live in distvit.data (imported when a command runs)."""
 
 from __future__ import annotations
 
@@ -49,14 +49,35 @@ def synthetic_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def digits_command(args: argparse.Namespace) -> int:
+    from distvit.data.digits import NUM_CLASSES, prepare_digits
+
+    for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
+        if value < NUM_CLASSES:
+            raise DistvitError(f"{flag}={value} must be at least {NUM_CLASSES} (one image per digit).")
+    if args.image_size < 8:
+        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    sizes = {"train_size": args.train_size, "test_size": args.test_size, "image_size": args.image_size}
+    order = _order(args)
+    del order["flip_safe"]  # digits are never flip-safe: the manifest says so with or without --no-flip
+    write_dataset(args, "digits", lambda: prepare_digits(args.out, **sizes, **order))
+    return 0
+
+
 def _order(args: argparse.Namespace) -> dict[str, object]:
-    """The flags every importer shares: the seed of the write order, the shard size, the stored format."""
+    """The flags every importer shares: the seed of the write order, the shard size, the stored format,
+    and whether flips keep the images' meaning (--no-flip)."""
     from distvit.data.writer import StoredFormat
 
     if not 1 <= args.quality <= 100:
         raise DistvitError(f"--quality must be between 1 and 100, got {args.quality}.")
     stored = StoredFormat(args.format, args.quality)
-    return {"seed": args.seed, "samples_per_shard": args.samples_per_shard, "stored_format": stored}
+    return {
+        "seed": args.seed,
+        "samples_per_shard": args.samples_per_shard,
+        "stored_format": stored,
+        "flip_safe": not args.no_flip,
+    }
 
 
 def cifar10_command(args: argparse.Namespace) -> int:

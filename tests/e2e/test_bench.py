@@ -92,10 +92,13 @@ def test_bench_train_with_the_lesson_baseline_on_the_real_data_path(small_datase
     for m in (distvit, lesson):
         assert m["steps"] == 3 and m["images_per_sec"] > 0 and m["peak_memory_bytes"] > 0
         assert m["step_ms"] == pytest.approx(1000 * 32 / m["images_per_sec"], rel=1e-6)
-        assert sum(m["phase_fractions"].values()) == pytest.approx(1.0)  # CPU: the phases are the step
+        phases = m["phase_fractions"]
+        assert phases["data"] + phases["forward_backward"] + phases["optimizer"] == pytest.approx(1.0)  # the step
+        assert 0 <= phases["augment"] <= phases["data"]  # the device-side inputs, a part of data
         assert m["achieved_tflops"] == pytest.approx(m["images_per_sec"] * report["train_gflops_per_image"] / 1000)
         assert 0 < m["peak_fraction"] < 1.5
-    assert lesson["ratio_to_lesson"] == 1.0
+    assert lesson["ratio_to_lesson"] == 1.0 and lesson["phase_fractions"]["augment"] == 0
+    assert distvit["phase_fractions"]["augment"] > 0  # crop_flip, timed apart from the fetch
     assert distvit["ratio_to_lesson"] == pytest.approx(distvit["images_per_sec"] / lesson["images_per_sec"])
     assert "x lesson" in result.stdout and "process peak RSS" in result.stdout
 
@@ -284,20 +287,22 @@ def test_gpu_check_script_runs_with_only_torch_timm_accelerate(tmp_path):
         "CUDA paths (gpu_paths.py)",
         "data readers (bench data)",
         "decoding at 224 px (bench decode)",
+        "deit_tiny 224/p16, DeiT augmentation",
         "lesson exp. 1: head only 224",
         "deit_tiny 32/p16",
         "deit_small 224/p16",
     ]
     benches = [c for c in cases if "results" in c]
-    assert len(benches) == 5 and all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in benches)
+    assert len(benches) == 6 and all([m["name"] for m in c["results"]] == ["distvit", "lesson"] for c in benches)
     for skipped in cases[2:5]:
         assert skipped["skipped"] == "webdataset is not installed (carry its wheel and braceexpand's)"
     assert cases[0]["check"]["passed"] and cases[1]["tokens_per_image"] == 65
-    assert [c["profile"]["steps"] for c in cases[:2]] == [5, 5] and cases[6]["profile"] is None
-    head_only = cases[5]
+    assert [c["profile"]["steps"] for c in cases[:2]] == [5, 5] and cases[7]["profile"] is None
+    assert cases[5]["results"][0]["phase_fractions"]["augment"] > 0  # DeiT's augmentation, timed apart
+    head_only = cases[6]
     assert head_only["epoch"]["images"] == 200 and head_only["epoch"]["feature_seconds"] > 0
     table = (out / "gpu_check.md").read_text()
-    assert table.count("| distvit |") == 5 and table.count("| lesson |") == 5 and "**PASS**" in table
+    assert table.count("| distvit |") == 6 and table.count("| lesson |") == 6 and "**PASS**" in table
     assert "- lesson exp. 1: head only 224: 200 images, distvit " in table
     assert table.count("skipped: webdataset is not installed") == 3
     assert sorted(p.name for p in out.iterdir()) == [
@@ -436,3 +441,30 @@ def _check_gpu_check_decode_lines(report: dict) -> None:
         on_gpu = {**report, "pipelines": [*report["pipelines"], {**gpu_row, "bytes_per_image": 1.0}]}
         last = gpu_check._decode_lines({"name": gpu_check.DECODE, "exit": 0, "decode": on_gpu})[-1]
         assert last == f"- JPEG decoded on the GPU, best {rate:,.0f} img/s: {verdict}: >= 25,000"
+
+
+@pytest.mark.slow
+def test_augment_proxy_script_prints_one_row_per_pipeline(tmp_path):
+    """launch/augment_proxy.py at tiny size on the generated digits: the five pipelines, each trained."""
+    result = subprocess.run(
+        [sys.executable, "launch/augment_proxy.py", "--data", "generated", "--seeds", "1", "--epochs", "1"]
+        + ["--train-size", "100", "--test-size", "20", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = result.stdout.strip().splitlines()
+    assert rows[0] == "| pipeline (generated digits, 1 epochs, 1 seeds) | mean accuracy | min..max | per seed |"
+    assert [row.split(" | ")[0] for row in rows[2:]] == [
+        "| none",
+        "| crop_flip (distvit's default)",
+        "| padded crop, no flip (crop_flip with augment.hflip=0)",
+        "| padded crop + RandAugment m9 + erasing 0.25, no flip",
+        "| the same with flips (p=0.5)",
+    ]
+    for run in ("0-seed0", "4-seed0"):
+        start = (tmp_path / "runs" / run / "summary.json").read_text()
+        assert '"accuracy"' in start

@@ -107,3 +107,40 @@ def test_evaluate_and_predict_errors_are_actionable(demo_run, tmp_path):
     assert unfinished.returncode == 2 and "has no checkpoints/final.pt" in unfinished.stderr
     both = run_cli(["predict", "--checkpoint", str(run_dir), "--model", "deit_tiny_patch16_224", "x.png"])
     assert both.returncode == 2 and "either --checkpoint" in both.stderr
+
+
+def test_the_augmentation_is_shown_in_words_and_flipping_digits_is_a_warning(tmp_path):
+    data = tmp_path / "digits"
+    assert run_cli(["prepare", "digits", "--out", str(data), "--train-size", "40", "--test-size", "20"]).returncode == 0
+    assert not read_manifest(data).flip_safe
+    config = ["config", "--config", "configs/demo.yaml", f"data.path={data}", "train.batch_size=20"]
+    flipped = run_cli(config)
+    assert flipped.returncode == 0
+    assert flipped.stdout.endswith("# augmentation: random crop (zero padding 4 px) -> horizontal flip p=0.5\n")
+    warning = (
+        f"distvit: warning: {data} is marked not flip-safe (prepared with --no-flip: a flip changes what its "
+        "images mean) but the augmentation flips with p=0.5; set augment.hflip=0."
+    )
+    assert flipped.stderr.strip() == warning
+    unflipped = run_cli([*config, "augment.hflip=0"])
+    assert unflipped.returncode == 0 and unflipped.stderr == ""
+    assert unflipped.stdout.endswith("# augmentation: random crop (zero padding 4 px)\n")
+    trained = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={data}",
+            f"run.dir={tmp_path}/run",
+            "train.epochs=1",
+            "train.batch_size=20",
+            "tracking.backend=none",
+            "data.augment=deit",
+        ]
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "; augmentation: horizontal flip p=0.5 -> random-resized crop (area 0.08-1, aspect 3/4-4/3) -> " in (
+        trained.stdout
+    )
+    assert "each sample 3x per epoch;" in trained.stdout and warning in trained.stdout
+    assert "6 steps/epoch of 20" in trained.stdout  # 3 x 40 samples

@@ -114,6 +114,36 @@ def test_stop_file_then_exact_resume_on_one_rank(small_dataset, tmp_path):
     assert any("test/per_class_accuracy/rings" in h for h in second["history"])
 
 
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_exact_resume_with_every_augmentation_part_on(small_dataset, tmp_path, world):
+    """DeiT's recipe (random-resized crop, flip, RandAugment, erasing, repeats) plus colour jitter and
+    mixing: a run stopped mid-epoch and resumed ends bit-equal to an uninterrupted one, on 1 and 2 ranks."""
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        f"data.path={small_dataset}",
+        "data.augment=deit",
+        "augment.color_jitter=0.4",
+        "augment.repeats=2",
+        "data.mixup_alpha=0.8",
+        "data.cutmix_alpha=1.0",
+        "ema.enabled=true",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "train.eval_batch_size=64",
+        "tracking.backend=none",
+    ]
+    launch_ok(world, [*common, f"run.dir={tmp_path}/full"])
+    cut = tmp_path / "cut"
+    launch_ok(world, [*common, f"run.dir={cut}", "train.stop_at_step=16"])  # 3 steps into epoch 2 of 13
+    result = launch_ok(world, [*common, f"run.dir={cut}", "train.resume=auto"])
+    assert "resumed from" in result.stdout and "at step 16" in result.stdout
+    assert "augmentation: horizontal flip p=0.5 -> random-resized crop" in result.stdout
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(cut)
+    assert a["step"] == b["step"] == 26
+    assert_same_state(a, b)
+
+
 @pytest.mark.distributed
 def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path):
     common = [

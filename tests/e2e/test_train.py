@@ -171,9 +171,20 @@ def test_three_ranks_count_every_sample_once(small_dataset, tmp_path):
     assert load_checkpoint(run_dir / "checkpoints" / "epoch_001.pt")["step"] == 5
 
 
-def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path):
-    """Same global batch, fp32, no augmentation, SGD (not scale-invariant like Adam): the 2-rank run must
-    match the 1-rank run, padded last step included. Measured difference: 1.2e-7 after 14 steps."""
+EVERY_AUGMENTATION = ["data.augment=deit", "augment.color_jitter=0.4", "augment.repeats=2"]
+
+
+@pytest.mark.parametrize(
+    "augmentation, loss_tolerance",
+    [(["data.augment=none"], 1e-5), (EVERY_AUGMENTATION, 1e-4)],
+    ids=["none", "deit+jitter"],
+)
+def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path, augmentation, loss_tolerance):
+    """Same global batch, fp32, SGD (not scale-invariant like Adam): the 2-rank run must match the 1-rank
+    run, padded last step included; with every augmentation part on too (a sample's augmentation does
+    not depend on the world size; kernels that sum over a rank's images, the model's included, round
+    differently for another number of images: measured 2.7e-5 in a logged loss). Measured weight
+    difference: 1.2e-7 after 14 steps without augmentation."""
     common = [
         "--config",
         "configs/demo.yaml",
@@ -181,7 +192,7 @@ def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path):
         "optim.name=sgd",
         "optim.lr=0.05",
         "optim.warmup_epochs=0",
-        "data.augment=none",
+        *augmentation,
         "train.epochs=2",
         "train.batch_size=32",
         "train.eval_batch_size=64",
@@ -197,7 +208,7 @@ def test_one_and_two_ranks_reach_the_same_weights(small_dataset, tmp_path):
     initial = build(load_config(REPO / "configs/demo.yaml", [f"data.path={small_dataset}"]), 10)[0].state_dict()
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-2
     losses = [[r["loss"] for r in read_metrics(tmp_path / d) if r["split"] == "train"] for d in ("one", "two")]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[0] == pytest.approx(losses[1], abs=loss_tolerance)
 
 
 def test_distilled_deit_trains(small_dataset, tmp_path):

@@ -20,6 +20,8 @@ EXPECTED_GEOMETRY = {  # config -> (img_size, patch_size, tokens, pos_embed, tra
     "distvit_full_224": (224, 16, 197, "interpolate", False),
     "distvit_native32_p4": (32, 4, 65, "interpolate", False),
     "distvit_128": (128, 16, 65, "interpolate", False),
+    "deit_finetune_224": (224, 16, 197, "interpolate", False),
+    "deit_native32_p4": (32, 4, 65, "interpolate", False),
 }
 
 
@@ -53,5 +55,11 @@ def test_recipe_builds_as_documented(path, cifar_shaped, tmp_path):
         assert (cfg.optim.name, cfg.train.mixed_precision, cfg.data.augment) == ("sgd", "no", "none")
     if path.stem == "lesson_head_only_224":
         assert (cfg.data.train_subset, cfg.train.epochs) == (10_000, 1)
-    if path.stem.startswith("distvit_"):
+    if path.stem.startswith("deit_"):  # DeiT's augmentation; at 32 px a padded crop instead of the resized one
+        from distvit.augment import recipe_of
+
+        recipe = recipe_of(cfg.data, cfg.augment)
+        assert (recipe.randaugment_ops, recipe.erasing, recipe.repeats, recipe.hflip) == (2, 0.25, 3, 0.5)
+        assert recipe.crop == ("pad" if img_size == 32 else "resized") and cfg.data.mixup_alpha == 0.8
+    if path.stem.startswith(("distvit_", "deit_")):
         assert cfg.ema.enabled and cfg.train.label_smoothing > 0 and cfg.optim.lr_scale == "linear"

@@ -1,12 +1,12 @@
-"""distvit.data.transforms: uint8 N x H x W x C in, normalised float N x C x S x S out; the random crop and
-flip of a seeded Augmentation, and a rank's slice of it."""
+"""distvit.data.transforms: uint8 N x H x W x C in, normalised float N x C x S x S out (augmentation:
+tests/unit/augment)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distvit.data.transforms import Augmentation, BatchTransform, hflip, random_crop
+from distvit.data.transforms import BatchTransform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -63,67 +63,3 @@ def test_grey_images_are_expanded_to_three_channels():
     assert out.shape == (2, 3, 8, 8)
     for channel in range(3):
         assert torch.equal(out[:, channel], _normalised(torch.tensor(51), channel).expand(2, 8, 8))
-
-
-def test_hflip_mirrors_only_the_selected_images():
-    images = _images(n=3)
-    out = hflip(images, torch.tensor([True, False, True]))
-    assert torch.equal(out[1], images[1])
-    for i in (0, 2):
-        assert not torch.equal(out[i], images[i])
-        for col in range(8):
-            assert torch.equal(out[i, :, col], images[i, :, 7 - col])
-
-
-def test_random_crop_shifts_each_image_by_its_offset_with_zero_fill():
-    images = _images(n=3)
-    out = random_crop(images, 2, torch.tensor([2, 0, 4]), torch.tensor([2, 4, 1]))
-    assert out.shape == images.shape and out.dtype == torch.uint8
-    assert torch.equal(out[0], images[0])  # offset == padding: the original image
-    # offset (0, 4): two zero rows on top, content moved down by 2 and left by 2
-    assert torch.equal(out[1, :2], torch.zeros(2, 8, 3, dtype=torch.uint8))
-    assert torch.equal(out[1, 2:, :6], images[1, :6, 2:])
-    assert torch.equal(out[1, :, 6:], torch.zeros(8, 2, 3, dtype=torch.uint8))
-    # offset (4, 1): moved up by 2 and right by 1
-    assert torch.equal(out[2, :6, 1:], images[2, 2:, :7])
-    assert out[2, 6:].eq(0).all() and out[2, :, 0].eq(0).all()
-    assert random_crop(images, 0, torch.tensor([5, 5, 5]), torch.tensor([5, 5, 5])) is images
-
-
-def test_sampled_augmentation_is_reproducible_from_the_seed():
-    first = Augmentation.sample(1000, 4, True, torch.Generator().manual_seed(3))
-    again = Augmentation.sample(1000, 4, True, torch.Generator().manual_seed(3))
-    other = Augmentation.sample(1000, 4, True, torch.Generator().manual_seed(4))
-    for name in ("offset_y", "offset_x", "flip"):
-        assert torch.equal(getattr(first, name), getattr(again, name))
-    assert not torch.equal(first.offset_y, other.offset_y)
-    assert first.padding == 4 and first.offset_y.shape == first.flip.shape == (1000,)
-    for offsets in (first.offset_y, first.offset_x):  # every offset in [0, 2 * padding] occurs, nothing else
-        assert offsets.unique().tolist() == list(range(9))
-    assert 400 < int(first.flip.sum()) < 600  # a fair coin per image
-    assert not torch.equal(first.offset_y, first.offset_x)
-    no_flip = Augmentation.sample(1000, 4, False, torch.Generator().manual_seed(3))
-    assert not no_flip.flip.any() and torch.equal(no_flip.offset_x, first.offset_x)
-
-
-def test_slice_selects_the_ranks_rows_and_transforms_agree_across_splits():
-    augmentation = Augmentation.sample(6, 2, True, torch.Generator().manual_seed(0))
-    rank1 = augmentation.slice(3, 6)
-    assert rank1.padding == 2
-    assert torch.equal(rank1.offset_y, augmentation.offset_y[3:6])
-    assert torch.equal(rank1.offset_x, augmentation.offset_x[3:6])
-    assert torch.equal(rank1.flip, augmentation.flip[3:6])
-    images = _images(n=6)
-    transform = BatchTransform((8, 8), MEAN, STD)
-    whole = transform(images, augmentation)
-    halves = torch.cat([transform(images[:3], augmentation.slice(0, 3)), transform(images[3:], rank1)])
-    assert torch.equal(whole, halves)
-
-
-def test_transform_crops_then_flips():
-    images = _images(n=2)
-    augmentation = Augmentation(2, torch.tensor([0, 3]), torch.tensor([1, 2]), torch.tensor([True, False]))
-    out = BatchTransform((8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(images, augmentation)
-    cropped = random_crop(images, 2, augmentation.offset_y, augmentation.offset_x)
-    expected = torch.stack([cropped[0].flip(1), cropped[1]]).permute(0, 3, 1, 2).float() / 255
-    assert torch.equal(out, expected)

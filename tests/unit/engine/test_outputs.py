@@ -27,6 +27,7 @@ def test_start_line_describes_the_run(small_dataset, tmp_path):
     assert line == (
         "distvit: 1 process(es) on NO (cpu), mixed precision no; deit_tiny_patch16_224 at 32px/patch 16 "
         f"(5 tokens, {_trainable(trainer):,} trainable params); 200 train / 101 test images, 4 steps/epoch of 50; "
+        "augmentation: random crop (zero padding 4 px) -> horizontal flip p=0.5; "
         f"effective peak lr 0.001; EMA decay 0.750000{fused}; run dir {run_dir}"
     )
     assert resumed == line.replace(f"{fused};", f"{fused}, DDP static graph;") + (
@@ -38,7 +39,7 @@ def test_start_line_with_lr_scaling_and_a_subset(small_dataset, tmp_path):
     with open_trainer(small_dataset, tmp_path / "r", "optim.lr_scale=linear", "data.train_subset=120") as trainer:
         line = trainer.outputs.start_line(trainer.sources, False, None, 0)
     # ceil(120 / 50) = 3 steps; linear scaling: 1e-3 x 50 / 512
-    assert "3 steps/epoch of 50; effective peak lr 9.766e-05 (optim.lr 0.001 x 0.09766, lr_scale=linear)" in line
+    assert "; effective peak lr 9.766e-05 (optim.lr 0.001 x 0.09766, lr_scale=linear)" in line
     assert trainer.outputs.effective_lr() == pytest.approx(1e-3 * 50 / 512)
     assert "; 120 train (subset of 200) / 101 test images, 3 steps/epoch of 50;" in line
 

@@ -46,3 +46,26 @@ def test_bad_shards_stop_or_are_left_out(small_dataset):
     )
     assert shard not in [s.name for s in kept.splits["train"].shards]
     assert kept.splits["train"].num_samples == 200 - manifest.splits["train"].shards[0].num_samples
+
+
+@pytest.mark.parametrize("shuffle", ["global", "window"])
+def test_repeated_augmentation_shows_each_sample_k_times_per_epoch_whatever_the_world_size(small_dataset, shuffle):
+    from distvit.data.plan import EpochPlan
+
+    manifest = read_manifest(small_dataset)
+    data_cfg = DataConfig(path=str(small_dataset), mode="memory", train_subset=90, shuffle=shuffle, shuffle_window=2)
+    sources = DataSources(data_cfg, TrainConfig(batch_size=24, seed=1), manifest, Accelerator(cpu=True), 32, repeats=3)
+    assert sources.steps_per_epoch == 12  # ceil(3 x 90 / 24)
+    order = sources.epoch_order(2)
+    counts = torch.bincount(order, minlength=200)
+    assert sorted(set(counts.tolist())) == [0, 3] and int((counts == 3).sum()) == 90
+    assert torch.equal(order[0::3], order[1::3]) and torch.equal(order[0::3], order[2::3])  # copies side by side
+    assert not torch.equal(order, sources.epoch_order(3))
+    for world in (1, 2, 3):  # each of the 90 samples exactly 3 times over the ranks, 12 steps on each
+        seen = torch.zeros(200, dtype=torch.long)
+        for rank in range(world):
+            plan = EpochPlan(order, 24, world, rank)
+            assert len(plan) == 12
+            for batch in plan.batches():
+                seen += torch.bincount(batch.indices[batch.valid], minlength=200)
+        assert torch.equal(seen, counts)

@@ -35,7 +35,7 @@ def _measurement(name: str, rate: float, ratio: float | None, syncs: float | Non
         images_per_sec=rate,
         step_ms=51.9,
         steps=30,
-        phase_fractions={"data": 0.1, "forward_backward": 0.75, "optimizer": 0.15},
+        phase_fractions={"data": 0.1, "augment": 0.04, "forward_backward": 0.75, "optimizer": 0.15},
         peak_memory_bytes=512 * 2**20,
         peak_memory_kind="process peak RSS (whole run)",
         achieved_tflops=0.0123,
@@ -72,13 +72,13 @@ def test_report_with_the_lesson_ratio():
     )
     assert lines[1] == "peak 0.1 TFLOP/s (measured 1024x1024 float32 matmul)"
     assert lines[2] == (
-        "loop       images/s  ms/step   data  fwd+bwd  optim   peak mem  TFLOP/s  of peak  syncs  x lesson"
+        "loop       images/s  ms/step   data  augment  fwd+bwd  optim   peak mem  TFLOP/s  of peak  syncs  x lesson"
     )
     assert lines[3] == (
-        "distvit        1234     51.9  10.0%    75.0%  15.0%      512MB    0.012    4.56%    0.0     2.50x"
+        "distvit        1234     51.9  10.0%     4.0%    75.0%  15.0%      512MB    0.012    4.56%    0.0     2.50x"
     )
     assert lines[4] == (
-        "lesson          494     51.9  10.0%    75.0%  15.0%      512MB    0.012    4.56%      -     1.00x"
+        "lesson          494     51.9  10.0%     4.0%    75.0%  15.0%      512MB    0.012    4.56%      -     1.00x"
     )
     assert len({len(line) for line in lines[2:5]}) == 1  # the columns line up
     assert lines[5:] == ["peak mem: process peak RSS (whole run)"]
