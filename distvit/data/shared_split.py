@@ -80,11 +80,16 @@ def load_split_once_per_node(dataset_dir: str | os.PathLike, manifest: Manifest,
 
 
 def _remove_leftovers(folder: Path) -> None:
-    """Files of this kind whose launch is gone (a kill): never another user's or a running launch's."""
+    """Files of this kind whose launch is gone (a kill): never another user's (in /dev/shm, shared by all
+    users and sticky, removing theirs would fail) or a running launch's."""
     for path in folder.glob("distvit-*"):
         match = _LEFTOVER.fullmatch(path.name)
-        if match and path.is_file() and not _alive(int(match.group(1))):
+        if not match or not path.is_file() or path.stat().st_uid != os.getuid() or _alive(int(match.group(1))):
+            continue
+        try:
             path.unlink(missing_ok=True)
+        except OSError:  # removed or locked by someone else meanwhile: a leftover, not this run's problem
+            pass
 
 
 def _alive(pid: int) -> bool:

@@ -61,3 +61,13 @@ def test_leftovers_of_a_gone_launch_are_removed_and_nothing_else(two_local_ranks
         path.write_bytes(b"x")
     shared_split._remove_leftovers(two_local_ranks)
     assert not gone.exists() and not half_written.exists() and running.exists() and other.exists()
+
+
+def test_another_users_leftovers_are_left_alone(two_local_ranks, monkeypatch):
+    """/dev/shm is shared by every user of the node: a gone launch's files that another user owns stay
+    (and removing them, which a sticky folder refuses, does not stop this run)."""
+    theirs = two_local_ranks / "distvit-999999999-0123456789ab-train.u8"
+    theirs.write_bytes(b"x")
+    monkeypatch.setattr(shared_split.os, "getuid", lambda: theirs.stat().st_uid + 1)  # the file is not ours
+    shared_split._remove_leftovers(two_local_ranks)
+    assert theirs.read_bytes() == b"x"
