@@ -166,6 +166,7 @@ class ShardFetcher:
         self.stats = {"limit": limit, "peak_bytes": 0, "fetched": 0, "fetched_bytes": 0, "evicted": 0, "reused": 0}
         self._checked_passes: set[tuple[int, ...]] = set()
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="distvit-fetch")
+        self._counting = threading.Lock()  # the fetch threads count their shards themselves
         self._inflight: dict[str, Future] = {}
         self._stop = threading.Event()
         self.error: str | None = None
@@ -221,8 +222,6 @@ class ShardFetcher:
                 reserved = self.reserved.pop(name)
                 future.result()  # a failed fetch raises its DataError here
                 self.present[name] = reserved
-                self.stats["fetched"] += 1
-                self.stats["fetched_bytes"] += self.shards[name].num_bytes
 
     def _schedule(self, positions: dict[int, RankPosition]) -> None:
         if not positions:
@@ -287,6 +286,9 @@ class ShardFetcher:
             locations = index_shard(tmp, self.num_classes, shard.num_samples)
             rows = [[loc.key, loc.image_offset, loc.image_size, loc.image_ext, loc.label] for loc in locations]
             atomic_write_bytes(_index_path(target), json.dumps(rows).encode())
+            with self._counting:  # counted before the rename makes it readable: stats never lag the reads
+                self.stats["fetched"] += 1
+                self.stats["fetched_bytes"] += shard.num_bytes
 
         fetch_file(remote_url(self.template, name), target, shard.num_bytes, shard.sha256, check=write_index)
 
