@@ -390,7 +390,12 @@ def _reports(work: Path, name: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- main
 def run_checks(out: Path, quick: bool, deadline_s: float) -> list[Check]:
-    work = Path(tempfile.mkdtemp(prefix="gpu_paths_"))
+    """Every check, in a scratch folder removed afterwards (its runs hold ~1.7 GB of checkpoints)."""
+    with tempfile.TemporaryDirectory(prefix="gpu_paths_") as scratch:
+        return _run_checks(Path(scratch), out, quick, deadline_s)
+
+
+def _run_checks(work: Path, out: Path, quick: bool, deadline_s: float) -> list[Check]:
     log = out / "gpu_paths.log"
     log.write_text("")
     deadline = time.time() + deadline_s
