@@ -28,9 +28,20 @@ from distvit.tools import bench_commands, prepare
 from distvit.tools.preflight import is_local_leader, load_checked_config
 
 
-def run_guarded(action: Callable[[], int | None]) -> int:
+def run_guarded(action: Callable[[], int | None], stop_signals: bool = False) -> int:
+    """Run a command's action; a DistvitError is its one line and exit status. `stop_signals` (training):
+    SIGTERM, SIGUSR1 and SIGINT are stop requests from here to the process's end (distvit.engine.signals)."""
+    from distvit.engine import signals  # the standard library only
+
+    if stop_signals:
+        signals.install()
     try:
-        return action() or 0
+        try:
+            return action() or 0
+        finally:  # the process ends now: a request is only noted (no start-up stop raised into the report)
+            signals.enter(signals.END)
+    except signals.StoppedDuringStartup as stop:  # nothing trained yet, nothing to checkpoint
+        return signals.report_startup_stop(stop)
     except RunFinished as done:  # a requeued job whose run already ended: success, nothing to redo
         if is_local_leader():
             print(f"distvit: {done}", file=sys.stderr, flush=True)
@@ -165,7 +176,9 @@ def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
         help="how images are stored: png (lossless; small for CIFAR-sized images) or jpeg (photos: a quarter of "
         "the bytes, faster to decode, decodable on the GPU)",
     )
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality, 1..100 (with --format jpeg)")
+    parser.add_argument(
+        "--quality", type=int, default=None, help="JPEG quality, 1..100 (only with --format jpeg; default 95)"
+    )
     parser.add_argument(
         "--no-flip",
         action="store_true",
@@ -180,7 +193,9 @@ def _generated_source(sources, name: str, what: str, train_size: int, test_size:
     parser.add_argument("--out", required=True, help="output dataset folder")
     parser.add_argument("--train-size", type=int, default=train_size)
     parser.add_argument("--test-size", type=int, default=test_size)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument(
+        "--image-size", type=int, default=32, help="image side in pixels, 8..16384, within the host's memory"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=5000)
     _add_format_arguments(parser)
@@ -397,15 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_guarded(lambda: args.action(args))
+    return run_guarded(lambda: args.action(args), stop_signals=args.command == "train")
 
 
 def train_main(argv: list[str] | None = None) -> int:
     """Entry of `distvit/train.py`: the arguments of `distvit train`."""
-    parser = argparse.ArgumentParser(prog="distvit/train.py", description="Train (run under accelerate launch).")
-    _add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_guarded(lambda: _train(args))
+
+    def train() -> int:
+        parser = argparse.ArgumentParser(prog="distvit/train.py", description="Train (run under accelerate launch).")
+        _add_config_arguments(parser)
+        return _train(parser.parse_args(argv))
+
+    return run_guarded(train, stop_signals=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def check_semantics(cfg: Config, source: str, check_data: bool = True) -> None:
         )
     _check_schedule(cfg, source)
     _check_distill(cfg, source)
+    if cfg.data.decode == "device" and cfg.data.mode == "memory":
+        raise ConfigError(
+            f"{source}: data.decode=device applies to stream mode only: memory mode decodes each split once, on "
+            "the host, when it is loaded, and would ignore it. Set data.mode=stream to decode batches on the "
+            "device, or data.decode=auto."
+        )
     if check_data:
         _check_data_path(cfg, source)
 

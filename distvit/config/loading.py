@@ -137,6 +137,13 @@ def _check_known_keys(raw: dict[str, Any], source: str) -> None:
                 )
 
 
+BOUND_REASONS = {
+    "data.num_workers": "each worker is a process with its own interpreter, shard handles and 4 batches read "
+    "ahead, and more than the cores only contend (empty: sized to the node's cores)"
+}
+"""Why a key's upper bound is where it is, added to pydantic's 'less than or equal' message."""
+
+
 def _format_validation_error(err: "pydantic.ValidationError", source: str) -> str:
     lines = []
     for problem in err.errors():
@@ -150,7 +157,8 @@ def _format_validation_error(err: "pydantic.ValidationError", source: str) -> st
             key_parts.append(part)
         key = ".".join(p for p in key_parts if not p.isdigit()) or "(top level)"
         given = problem.get("input")
-        lines.append(f"{key}: {problem['msg']} (got {given!r})")
+        reason = BOUND_REASONS.get(key) if problem.get("type") == "less_than_equal" else None
+        lines.append(f"{key}: {problem['msg']} (got {given!r}){': ' + reason if reason else ''}")
     unique = list(dict.fromkeys(lines))
     return f"{source}: invalid config value{'s' if len(unique) > 1 else ''}:\n  " + "\n  ".join(unique)
 

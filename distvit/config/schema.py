@@ -87,9 +87,10 @@ class DataConfig:
     """memory: decode the split once and keep it on the training device; stream: read and decode from the
     shards in loader workers each epoch; auto: memory when the decoded split fits in a third of the host's
     available memory and, on a GPU, in a quarter of its memory. Decoded once per node (see shared_split)."""
-    num_workers: Optional[NonNegativeInt] = None
+    num_workers: Optional[Annotated[int, Field(ge=0, le=64, strict=True)]] = None
     """Decoding processes per rank in stream mode (0: in the training process). Empty: the node's usable
-    cores / its ranks, at most 8 (the training process keeps one)."""
+    cores / its ranks, at most 8 (the training process keeps one). At most 64: each is a process with its
+    own interpreter, shard handles and 4 batches read ahead, and more than the cores only contend."""
     decode: Literal["auto", "workers", "device"] = "auto"
     """Stream mode: decode in the loader workers, or (JPEG shards of one size) only read there and decode
     each batch on the training device (nvJPEG on a GPU). auto: device on a GPU where it applies."""
@@ -103,6 +104,14 @@ class DataConfig:
     cache_limit: NonNegativeInt = 0
     """Bytes the cache may hold (shards, their indexes and fetches under way); checked against what a
     pass needs at once (a clear error when too small)."""
+    fetch_timeout_s: PositiveFloat = 30.0
+    """Seconds a fetch from data.remote may take to connect (http/https) before the try counts as failed."""
+    fetch_stall_s: PositiveFloat = 60.0
+    """Seconds without a byte from data.remote (waiting for the answer or in the middle of it; a pipe:
+    command's output) after which a try is given up (the command is stopped)."""
+    fetch_retries: NonNegativeInt = 3
+    """Further tries of a fetch that failed on the way (refused, stalled, cut, server error, a failed pipe:
+    command), after a short pause each; then one error says what each try met."""
     shuffle: Literal["auto", "global", "window"] = "auto"
     """Epoch order. global: a permutation of all samples; window: shards in a random order, samples
     shuffled within windows of data.shuffle_window shards (a cache then holds about two windows);

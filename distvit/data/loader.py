@@ -14,8 +14,12 @@ both, for any number of loader workers.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +33,10 @@ from distvit.data.devices import to_device
 from distvit.data.images import checked_jpeg, decode_jpeg, decode_stored, resize_and_crop, undecodable
 from distvit.data.manifest import Manifest, ShardInfo
 from distvit.data.memory import SplitTensors, check_shard_files
-from distvit.data.node import available_host_memory, local_ranks, usable_cores
+from distvit.data.node import local_ranks, usable_cores
 from distvit.data.plan import EpochPlan, RankBatch
 from distvit.data.ring import BatchRing, RingSlot, StepIndices, StepSamples
-from distvit.data.shared_split import load_split_once_per_node
+from distvit.data.shared_split import host_budget, load_split_once_per_node, placement, split_bytes
 from distvit.data.tarindex import SampleLocation, index_shard
 from distvit.errors import DataError
 
@@ -275,7 +279,11 @@ class StreamBatches:
 
         A batch's images are valid until the next batch is asked for: with loader workers on a CPU they
         are a slot of the shared ring, which a worker refills then (a copy per batch would cost the
-        training process as much as the fresh pages the ring saves). Keep one with `.clone()`."""
+        training process as much as the fresh pages the ring saves). Keep one with `.clone()`.
+
+        A loader worker that dies (the OOM killer, a crash in a decoder) is a DataError naming it, the
+        shards it was reading and the likely cause; with `on_failure` it is reported there and the rest
+        of the pass is zeros, as for a damaged sample."""
         batches = list(plan.batches())
         ring = self._ring(plan.local_batch)
         loader = torch.utils.data.DataLoader(
@@ -285,15 +293,31 @@ class StreamBatches:
             collate_fn=Collate(ring),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
+            worker_init_fn=WorkerStart(os.getpid(), threading.current_thread() is threading.main_thread()),
         )
         reporter = self.cache.reporter if self.cache is not None else None
         if reporter is not None:
             reporter.begin(self.samples.needs(batches), lookahead=PREFETCH_FACTOR * self.num_workers)
         if ring is not None:
             ring.begin_pass()
+        previous = _sigchld_handler()
         iterator = iter(loader)
+        _restore_sigchld(previous)
+        lost: str | None = None  # a dead worker's message: the rest of the pass is stand-ins
         try:
-            for step, (batch, (images, labels, failure)) in enumerate(zip(batches, iterator)):
+            for step, batch in enumerate(batches):
+                if lost is None:
+                    try:
+                        images, labels, failure = next(iterator)
+                    except RuntimeError as err:
+                        lost = self._lost_worker(iterator, batches, step, err)
+                        if on_failure is None:
+                            raise DataError(lost) from None
+                        on_failure(lost)
+                        _stop_workers(iterator, ring)
+                if lost is not None:
+                    yield batch, *self._stand_in(batch)
+                    continue
                 if reporter is not None:
                     self.cache.check()
                     reporter.progress(step + 1)  # this batch is read: its shards may go unless needed later
@@ -310,11 +334,47 @@ class StreamBatches:
                 if ring is not None:
                     ring.release(step)  # the loop asks for the next batch: it is done with this one
         finally:
-            if ring is not None:
-                ring.end_pass()
+            if ring is not None or lost is not None:
                 # The next pass restarts the ring's count: no worker of this one may still write into it.
                 # torch stops them when the iterator is collected; this pass may end before then.
-                iterator._shutdown_workers()
+                _stop_workers(iterator, ring)
+
+    def _lost_worker(self, iterator, batches: list[RankBatch], step: int, err: RuntimeError) -> str:
+        """The message for a loader worker that died (`err` is torch's "exited unexpectedly"); `err`
+        itself where no worker died."""
+        workers = getattr(iterator, "_workers", [])
+        dead = [(index, worker) for index, worker in enumerate(workers) if not worker.is_alive()]
+        if not dead or "DataLoader worker" not in str(err):
+            raise err
+        index, worker = dead[0]
+        # The batch it had been given and not delivered (workers take theirs in order): the first of its
+        # open tasks, else the one the loop waits for.
+        tasks = getattr(iterator, "_task_info", {})
+        open_tasks = sorted(task for task, info in tasks.items() if len(info) == 1 and info[0] == index)
+        reading = open_tasks[0] if open_tasks and open_tasks[0] < len(batches) else step
+        batch = batches[reading]
+        indices = batch.indices[batch.valid] if bool(batch.valid.any()) else batch.indices
+        return (
+            f"loader worker {index} (pid {worker.pid}) {_ended(worker.exitcode)} while reading "
+            f"{', '.join(self.shards_of(indices.tolist()))} (batch {reading + 1} of {len(batches)} of this pass, "
+            f"from {self.where(int(indices[0]))}). {_likely_cause(worker.exitcode, self.num_workers)}"
+        )
+
+    def shards_of(self, indices: list[int]) -> list[str]:
+        """The shards that hold the samples `indices`, in order of first appearance, for messages."""
+        samples = self.samples
+        if isinstance(samples, CachedShardSamples):
+            names = [samples.names[int(shard)] for shard in samples.shard_of(np.array(indices, dtype=np.int64))]
+        else:
+            names = [str(samples.paths[int(samples.shards[index])]) for index in indices]
+        return list(dict.fromkeys(names))
+
+    def _stand_in(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros for a batch a dead worker cannot deliver: the rank keeps stepping with the others until
+        they all stop on the failure together (distvit.engine.failures)."""
+        count = len(batch.indices)
+        images = torch.zeros((count, *self.samples.sample_shape), dtype=torch.uint8, device=self.device)
+        return images, torch.zeros(count, dtype=torch.int64, device=self.device)
 
     def _ring(self, batch_size: int) -> BatchRing | None:
         """Shared slots for decoded batches (see distvit.data.ring): with loader workers, on a CPU device.
@@ -327,6 +387,102 @@ class StreamBatches:
             slots = PREFETCH_FACTOR * self.num_workers + 2
             self.ring = BatchRing(slots, batch_size, shape, self.num_workers, local_ranks()[1])
         return self.ring
+
+
+@dataclass(frozen=True)
+class WorkerStart:
+    """Each loader worker's `worker_init_fn`: stop signals are its rank's business, and it dies with its rank.
+
+    The torchrun agent, Slurm and a terminal's Ctrl-C signal a rank's whole process group, workers
+    included: a worker that died of SIGTERM took the rank down with a RuntimeError before it could
+    checkpoint. So workers ignore SIGTERM, SIGINT and SIGUSR1 (the rank shuts them down when it stops),
+    and the kernel SIGKILLs them when the rank dies (a worker waiting for a ring slot would otherwise wait
+    forever; torch's own watchdog looks only between batches)."""
+
+    parent: int
+    """The rank's pid."""
+    main_thread: bool = True
+    """Started by the rank's main thread (the kernel's death signal follows the thread, not the process)."""
+
+    def __call__(self, worker_id: int) -> None:
+        for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if self.main_thread:
+            die_with_parent(self.parent)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux, a forked worker: the kernel SIGKILLs it when the thread that started it ends (the rank's main
+    thread: the loader is iterated there). A worker started another way (spawn, forkserver: its parent is
+    not the rank) or elsewhere keeps torch's watchdog and the ring's own check."""
+    if not sys.platform.startswith("linux") or os.getppid() != parent:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl in this libc: the other checks remain
+        return
+    if os.getppid() != parent:  # the rank died just before: nothing will ask this worker for anything
+        os._exit(0)
+
+
+def _sigchld_handler() -> object:
+    """The SIGCHLD handler before torch's loader installs its own (None where there is none to keep)."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(handler, "__module__", "") == "torch.utils.data._utils.signal_handling":
+        return signal.SIG_DFL  # torch's, from an earlier loader in this process
+    return handler
+
+
+def _restore_sigchld(previous: object) -> None:
+    """torch's SIGCHLD handler raises a dead worker's RuntimeError wherever the rank happens to be (in the
+    backward pass, in a collective), where nothing can name the worker or let the other ranks stop with
+    it. Without it the loader raises at the batch it waits for (torch checks its workers every 5 s while
+    waiting), where `StreamBatches.epoch` turns it into its message."""
+    if previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def _stop_workers(iterator, ring: BatchRing | None) -> None:
+    if ring is not None:
+        ring.end_pass()  # first: a worker waiting for a slot could not otherwise see the shutdown
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited (status {exitcode})" if exitcode else "exited"
+
+
+def _likely_cause(exitcode: int | None, workers: int) -> str:
+    lower = f"lower data.num_workers (now {workers}) or train.batch_size"
+    if exitcode == -getattr(signal, "SIGKILL", 9):
+        return (
+            "Most likely the kernel's OOM killer: memory ran out on the node or under the job's limit (dmesg or "
+            f"the job's log says so). {lower.capitalize()}, or give the job more memory."
+        )
+    if exitcode == -getattr(signal, "SIGBUS", 7):
+        return (
+            "Most likely shared memory (/dev/shm) ran out: give the machine more (docker run --shm-size=...), or "
+            f"{lower}."
+        )
+    if exitcode is not None and exitcode < 0 and -exitcode in (signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE):
+        return (
+            "A crash in native code, most likely an image decoder on one of those samples: check those shards "
+            f"(prepare them again), and if memory is short, {lower}."
+        )
+    return f"If memory ran out (the OOM killer), {lower}, or give the job more memory."
 
 
 def device_decoding(decode: str, manifest: Manifest, device: torch.device, split: str, where) -> bool:
@@ -355,29 +511,33 @@ def open_batches(
     cache: ShardCache | None = None,
     decode: str = "workers",
 ) -> MemoryBatches | StreamBatches:
-    """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits `MEMORY_LIMIT_BYTES`);
-    with a `cache`, always streamed through it."""
-    if mode == "auto":
-        mode = "memory" if fits_in_memory(manifest, split, device) else "stream"
-    if cache is None and mode == "memory":
-        return MemoryBatches(load_split_once_per_node(dataset_dir, manifest, split).to(device))
+    """`mode`: 'memory', 'stream', or 'auto' (memory when the decoded split fits: `fits_in_memory`, and
+    the node's first rank agrees, see distvit.data.shared_split); with a `cache`, always streamed through it."""
+    if cache is None and mode in ("memory", "auto"):
+        fits = None if mode == "memory" else _fits_this_rank(manifest, split, device)
+        data = load_split_once_per_node(dataset_dir, manifest, split, auto_fits=fits)
+        if data is not None:
+            return MemoryBatches(data.to(device))
     return StreamBatches(dataset_dir, manifest, split, num_workers, device, resize_to, cache, decode)
 
 
-MEMORY_LIMIT_BYTES = 4 << 30
-"""The most decoded bytes data.mode=auto holds in memory when it cannot read the host's free memory."""
-
-
 def fits_in_memory(manifest: Manifest, split: str, device: torch.device | None = None) -> bool:
-    """data.mode=auto: the decoded split (once per node, see shared_split) fits in a third of the host's
-    available memory and, on a GPU, in a quarter of its memory (each rank holds it there beside the
-    model)."""
+    """data.mode=auto: the decoded split fits in a third of the host's available memory, on a GPU in a
+    quarter of its memory (each rank holds it there beside the model), and with several ranks on the
+    node where they would hold it: the node's shared memory (/dev/shm: size and free space), or one
+    private copy each within that third (distvit.data.shared_split.placement)."""
+    ranks = local_ranks()[1]
+    fits = _fits_this_rank(manifest, split, device)
+    return fits and (ranks == 1 or placement(manifest, split, ranks, auto=True)[0] != "stream")
+
+
+def _fits_this_rank(manifest: Manifest, split: str, device: torch.device | None) -> bool:
+    """The host's third and this rank's GPU; where the node's ranks hold it is the first rank's decision
+    (distvit.data.shared_split), with its note."""
     if manifest.image_size is None:
         return False
-    height, width = manifest.image_size
-    decoded = manifest.splits[split].num_samples * height * width * manifest.channels
-    host = available_host_memory()
-    if decoded > (host // 3 if host else MEMORY_LIMIT_BYTES):
+    decoded = split_bytes(manifest, split)
+    if decoded > host_budget():
         return False
     if device is not None and device.type == "cuda":
         return decoded <= torch.cuda.get_device_properties(device).total_memory // 4

@@ -62,7 +62,8 @@ class Manifest:
 
     @property
     def flip_safe(self) -> bool:
-        """Whether a horizontal flip keeps what the images mean (`source["flip_safe"]`; manifests without it are)."""
+        """Whether a horizontal flip keeps what the images mean (`source["flip_safe"]`, a bool: checked when
+        the manifest is read; manifests without it are)."""
         return bool(self.source.get("flip_safe", True))
 
     def split(self, name: str, dataset_dir: str | os.PathLike = "", key: str = "") -> SplitInfo:
@@ -81,6 +82,14 @@ class Manifest:
     def fingerprint(self) -> str:
         """Hash of the manifest's content: changes whenever any shard's bytes change."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def readable_bytes(count: int) -> str:
+    """A byte count for messages: 92.2 kB, 161.1 GB, 3,000.0 TB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count} bytes"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -180,6 +189,7 @@ def _check_structure(manifest: Manifest, path: str | os.PathLike) -> None:
             f"{path}: image_size {list(size)} is not two whole numbers from 1 to {MAX_IMAGE_SIDE}; prepare the "
             "dataset again."
         )
+    _check_source(manifest.source, path)
     seen: dict[str, str] = {}
     for split in manifest.splits.values():
         for shard in split.shards:
@@ -192,3 +202,28 @@ def _check_structure(manifest: Manifest, path: str | os.PathLike) -> None:
                     "split once. Prepare the dataset again."
                 )
             seen[shard.name] = split.name
+
+
+IMAGE_FORMATS = ("png", "jpeg")
+
+
+def _check_source(source: Any, path: str | os.PathLike) -> None:
+    """The `source` fields readers act on, by type: JSON's "false" (a string) is truthy, so a hand-edited
+    `"flip_safe": "false"` would otherwise count as flip-safe."""
+    if not isinstance(source, dict):
+        raise DataError(
+            f"{path}: source must be a mapping of fields, got {type(source).__name__}; prepare the dataset again."
+        )
+    flip_safe = source.get("flip_safe", True)
+    if not isinstance(flip_safe, bool):
+        raise DataError(
+            f"{path}: source.flip_safe is {flip_safe!r} ({type(flip_safe).__name__}), not true or false: write "
+            "true or false without quotes (false: a horizontal flip changes what the images mean), or prepare the "
+            "dataset again."
+        )
+    image_format = source.get("image_format", "png")
+    if image_format not in IMAGE_FORMATS:
+        raise DataError(
+            f"{path}: source.image_format is {image_format!r}, not one of {', '.join(IMAGE_FORMATS)} (how the "
+            "shards store images; readers choose their decoder by it). Prepare the dataset again."
+        )

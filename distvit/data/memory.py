@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from distvit.data.images import decode_stored
-from distvit.data.manifest import Manifest, SplitInfo
+from distvit.data.manifest import Manifest, SplitInfo, readable_bytes
+from distvit.data.node import available_host_memory
 from distvit.data.preflight import shard_problem
 from distvit.errors import DataError
 
@@ -62,6 +63,31 @@ def parse_label(payload: bytes, num_classes: int, where: str) -> int:
     return int(text)
 
 
+def decoded_bytes(manifest: Manifest, split_names: list[str]) -> int:
+    """Bytes the splits take decoded as uint8 (0 when image sizes vary: they are never held so)."""
+    if manifest.image_size is None:
+        return 0
+    height, width = manifest.image_size
+    return sum(manifest.splits[name].num_samples for name in split_names) * height * width * manifest.channels
+
+
+def check_fits_host(dataset_dir: str | os.PathLike, manifest: Manifest, split_names: list[str]) -> None:
+    """Memory mode holds the splits decoded: a DataError before allocating when they exceed the host's
+    available memory (numpy would otherwise reserve it lazily and the kernel kill the run mid-decode, or
+    the allocator fail with a raw error)."""
+    needed, available = decoded_bytes(manifest, split_names), available_host_memory()
+    if available is None or needed <= available:
+        return
+    height, width = manifest.image_size
+    images = sum(manifest.splits[name].num_samples for name in split_names)
+    raise DataError(
+        f"{dataset_dir}: split(s) {', '.join(repr(name) for name in split_names)} decode to {readable_bytes(needed)} "
+        f"({images} images of {width} x {height} x {manifest.channels}), more than the {readable_bytes(available)} "
+        "of memory this host has available, and memory mode holds them decoded. Use data.mode=stream (decode "
+        "from the shards as batches need them; `evaluate --mode stream`)."
+    )
+
+
 def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: str) -> SplitTensors:
     """Decode every sample of `split_name`, in stored order, checking counts against the manifest."""
     split = manifest.split(split_name, dataset_dir)
@@ -72,6 +98,7 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
         )
     import webdataset as wds  # here, so that in-memory data (benchmarks) needs no webdataset
 
+    check_fits_host(dataset_dir, manifest, [split_name])
     paths = check_shard_files(dataset_dir, split)  # sha256: see data.preflight
     height, width = manifest.image_size
     images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)

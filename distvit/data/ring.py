@@ -65,6 +65,8 @@ class BatchRing:
         self.images = torch.empty(0, dtype=torch.uint8).set_(storage).view(slots, batch_size, *sample_shape)
         self.released = torch.zeros(1, dtype=torch.int64).share_memory_()
         """Steps of this pass the consumer is done with (every step below it)."""
+        self.owner = os.getpid()
+        """The training process: once it is gone, a worker still waiting for a slot ends itself (see `put`)."""
 
     def fits(self, batch_size: int, sample_shape: tuple[int, ...]) -> bool:
         return batch_size <= self.batch_size and tuple(self.images.shape[2:]) == tuple(sample_shape)
@@ -79,8 +81,14 @@ class BatchRing:
 
     def put(self, step: int, images: list[torch.Tensor]) -> RingSlot:
         """In a worker: stack `images` into the slot of `step` once its previous batch is released."""
+        waits = 0
         while int(self.released[0]) < step - self.slots + 1:
             time.sleep(0.0005)
+            waits += 1
+            # Nothing releases a slot once the training process is gone (where the kernel does not end its
+            # workers with it: see distvit.data.loader.WorkerStart): a worker still waiting ends itself.
+            if waits % 1000 == 0 and os.getpid() != self.owner and not _alive(self.owner):
+                os._exit(0)
         torch.stack(images, out=self.images[step % self.slots, : len(images)])
         return RingSlot(step, len(images))
 
@@ -90,6 +98,16 @@ class BatchRing:
 
     def release(self, step: int) -> None:
         self.released[0] = step + 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds that pid: ours is gone
+        return False
+    return True
 
 
 FIX = (

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,16 @@ from accelerate.utils import gather_object, set_seed
 from distvit.config import CheckpointConfig, Config, OptimConfig, TrainConfig
 from distvit.data.manifest import Manifest
 from distvit.engine.optim import lr_factor
+from distvit.engine.order import (
+    EpochOrders,
+    OrderSettings,
+    ResumeOrder,
+    ResumePoint,
+    augmentation_changes,
+    augmentation_settings,
+    compare,
+    settings_of_checkpoint,
+)
 from distvit.engine.parts import TrainParts
 from distvit.engine.peers import PeerMonitor
 from distvit.engine.seeds import rng_state
@@ -44,37 +53,39 @@ from distvit.run.tracking import RunTracker
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """What a checkpoint records about the data and settings a run's order and weights depend on."""
+    """What a checkpoint records about the data and settings a run's weights depend on (the epoch order's
+    settings are the DataSources' own: see distvit.engine.order)."""
 
-    seed: int
-    manifest: str
-    """Fingerprint of the dataset manifest."""
-    split: str
     global_batch: int
-    subset: int
     classes: list[str]
     data_image_size: list[int] | None
     """The size images are stored at (checkpoints and exports keep it for `distvit predict`)."""
+    augmentation: dict[str, Any]
+    """How a sample is augmented (distvit.engine.order.augmentation_settings)."""
     config: dict[str, Any]
 
     @classmethod
     def of(cls, cfg: Config, manifest: Manifest) -> RunIdentity:
         size = list(manifest.image_size) if manifest.image_size else None
         return cls(
-            seed=cfg.train.seed,
-            manifest=manifest.fingerprint(),
-            split=cfg.data.train_split,
             global_batch=cfg.train.batch_size,
-            subset=cfg.data.train_subset,
             classes=list(manifest.classes),
             data_image_size=size,
+            augmentation=augmentation_settings(cfg),
             config=cfg.to_dict(),
         )
 
 
 def to_payload(
-    parts: TrainParts, state: TrainState, identity: RunIdentity, scaler: Any, rng: list[dict], wandb_run_id: str | None
+    parts: TrainParts,
+    state: TrainState,
+    identity: RunIdentity,
+    order: OrderSettings,
+    scaler: Any,
+    rng: list[dict],
+    wandb_run_id: str | None,
 ) -> dict[str, Any]:
+    """`order`: the order settings of the epoch in progress (or, at an epoch's end, of the next one)."""
     ema = parts.ema
     counters = state.state_dict()
     return {
@@ -89,11 +100,13 @@ def to_payload(
         "data": {
             "epoch": counters["epoch"],
             "samples_in_epoch": counters["samples_in_epoch"],
-            "seed": identity.seed,
-            "manifest": identity.manifest,
-            "split": identity.split,
+            "seed": order.seed,
+            "manifest": order.manifest,
+            "split": order.split,
             "global_batch": identity.global_batch,
-            "subset": identity.subset,
+            "subset": order.subset,
+            "order": order.to_dict(),
+            "augmentation": dict(identity.augmentation),
         },
         "data_image_size": identity.data_image_size,
         "rng": rng,
@@ -154,8 +167,11 @@ class Checkpointer:
         state: TrainState,
         identity: RunIdentity,
         tracker: RunTracker,
+        orders: EpochOrders,
     ):
+        """`orders`: the epoch orders, whose settings each checkpoint records for the epoch in progress."""
         self.cfg, self.accelerator, self.monitor = cfg, accelerator, monitor
+        self.orders = orders
         self.directory = run_dir / CHECKPOINT_DIR
         self.steps_per_epoch = steps_per_epoch
         self.parts, self.state, self.identity, self.tracker = parts, state, identity, tracker
@@ -169,8 +185,9 @@ class Checkpointer:
         rng_states = gather_object([rng_state()])
         error = None
         if self.accelerator.is_main_process:
+            order = self.orders.settings_of(self.state.epoch)
             payload = to_payload(
-                self.parts, self.state, self.identity, self.accelerator.scaler, rng_states, self.tracker.run_id
+                self.parts, self.state, self.identity, order, self.accelerator.scaler, rng_states, self.tracker.run_id
             )
             try:
                 files.save_checkpoint(self.directory / name, payload)
@@ -244,10 +261,15 @@ class Resume:
     def completes_outputs(self) -> bool:
         """This run's own final state, but the run ended before its outputs (export, summary.json) were all
         written (killed in between, say): resuming writes them and trains nothing."""
-        if not self.payload or self.payload["epoch"] < self.cfg.epochs:
+        payload = self.payload
+        if not payload or payload["epoch"] != self.cfg.epochs or payload["data"]["samples_in_epoch"]:
             return False
         own = self.path.resolve().is_relative_to(self.run_dir.resolve())
         return own and not (self.run_dir / SUMMARY_NAME).is_file()
+
+    def point(self, kept: OrderSettings | None) -> ResumePoint:
+        """Where the run continues, and the order settings its epoch under way keeps."""
+        return ResumePoint(self.payload["epoch"], self.payload["data"]["samples_in_epoch"], kept)
 
     def weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The model weights to start from (None: not resuming) and where they come from."""
@@ -264,42 +286,61 @@ class Resume:
             return None
         return self.payload.get("tracker")
 
-    def check(self, record: SurgeryRecord, identity: RunIdentity, ema_enabled: bool) -> None:
-        """Refuse a checkpoint this run cannot continue exactly (before anything in the run dir changes)."""
-        payload, source, cfg = self.payload, str(self.path), self.cfg
-        if payload["epoch"] >= cfg.epochs and not self.completes_outputs:
-            raise RunFinished(
-                f"{source} already completed {payload['epoch']} of train.epochs={cfg.epochs} epochs; "
-                f"nothing to resume (the run directory is unchanged). Raise train.epochs to train longer."
-            )
+    def check(
+        self, record: SurgeryRecord, identity: RunIdentity, order: OrderSettings, ema_enabled: bool
+    ) -> ResumeOrder:
+        """Refuse a checkpoint this run cannot continue exactly (before anything in the run dir changes);
+        what the resumed epoch keeps of the stopped run's order, and notes on what changes and when."""
+        payload, source = self.payload, str(self.path)
+        self._check_epochs()
         saved = SurgeryRecord.from_dict(payload["surgery"])
         if saved.architecture() != record.architecture():
             raise CheckpointError(
                 f"cannot resume from {source}: it was written for {saved.architecture()}, the config builds "
                 f"{record.architecture()}. Resume with the run's own config (RUN_DIR/config.yaml)."
             )
-        data = payload["data"]
-        if data["manifest"] != identity.manifest or data["split"] != identity.split:
-            data_path = identity.config["data"]["path"]
-            raise CheckpointError(
-                f"cannot resume from {source}: it trained on another dataset or split than data.path="
-                f"{data_path} / data.train_split={identity.split} (manifest fingerprint differs)."
+        try:
+            saved_order = settings_of_checkpoint(payload)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{source} is damaged: its data section is unreadable ({err!r}).") from None
+        epoch, samples = payload["epoch"], payload["data"]["samples_in_epoch"]
+        plan = compare(saved_order, order, epoch, samples, source)
+        where = f"step {payload['step']} (epoch {epoch + 1})"
+        notes = list(plan.notes)
+        if payload["data"].get("global_batch") not in (None, identity.global_batch):
+            notes.append(
+                f"distvit: note: train.batch_size {payload['data']['global_batch']} -> {identity.global_batch} on "
+                f"resume: applies from {where}; every sample is still seen once per epoch, and the lr schedule is "
+                "re-planned in steps of the new batch."
             )
-        if data["seed"] != identity.seed or data.get("subset", 0) != identity.subset:
-            raise CheckpointError(
-                f"cannot resume from {source} with train.seed={identity.seed}, data.train_subset={identity.subset}: "
-                f"it used seed {data['seed']}, subset {data.get('subset', 0)}, and the epoch order depends on them."
-            )
-        if data.get("global_batch") not in (None, identity.global_batch):
-            warnings.warn(
-                f"resuming {source} with train.batch_size={identity.global_batch} (it trained with "
-                f"{data['global_batch']}): every sample is still seen once per epoch, but the lr schedule "
-                f"is re-planned in steps of the new batch."
-            )
+        augmentation = augmentation_changes(payload["data"].get("augmentation"), identity.augmentation)
+        if augmentation:
+            notes.append(f"distvit: note: {augmentation} on resume: applies from {where}.")
         if (payload.get("ema") is not None) != ema_enabled:
             raise CheckpointError(
                 f"cannot resume from {source} with ema.enabled={ema_enabled}: the checkpoint was written "
                 f"{'with' if payload.get('ema') is not None else 'without'} an EMA. Resume with the run's own config."
+            )
+        return ResumeOrder(plan.kept, notes)
+
+    def _check_epochs(self) -> None:
+        """train.epochs against what the checkpoint trained: a finished run has nothing to resume; a run
+        cannot end before what it already trained."""
+        payload, source, epochs = self.payload, str(self.path), self.cfg.epochs
+        done, partial = payload["epoch"], payload["data"]["samples_in_epoch"] > 0
+        if done > epochs or (done == epochs and partial):
+            trained = f"{done} epochs" + (f" and part of epoch {done + 1}" if partial else "")
+            planned = payload.get("config", {}).get("train", {}).get("epochs")
+            raise CheckpointError(
+                f"cannot resume from {source} with train.epochs={epochs}: it already trained {trained}. Resume with "
+                f"train.epochs of at least {done + 1 if partial else done}"
+                + (f" (its run planned {planned})" if isinstance(planned, int) else "")
+                + ", or evaluate the checkpoint as it is with `distvit evaluate`."
+            )
+        if done == epochs and not self.completes_outputs:
+            raise RunFinished(
+                f"{source} already completed {done} of train.epochs={epochs} epochs; "
+                f"nothing to resume (the run directory is unchanged). Raise train.epochs to train longer."
             )
 
     def schedule_change(self, optim_cfg: OptimConfig, steps_per_epoch: int) -> str | None:

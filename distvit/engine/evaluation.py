@@ -102,9 +102,11 @@ def evaluate_models(
             confusion[name] += torch.bincount((labels * num_classes + predicted)[valid], minlength=num_classes**2)
             if accelerator.is_main_process and not samples[name]:
                 count = min(NUM_SAMPLE_IMAGES, int(valid.sum()))
+                # A copy: on a CPU `images` is a slot of the loader's ring, refilled by a later batch
+                # (distvit.data.ring); the pictures must stay those of their captions.
+                kept = images[:count].to("cpu", copy=True)
                 samples[name] = [
-                    {"image": images[i].cpu(), "label": int(labels[i]), "predicted": int(predicted[i])}
-                    for i in range(count)
+                    {"image": kept[i], "label": int(labels[i]), "predicted": int(predicted[i])} for i in range(count)
                 ]
     failures.check()  # a damaged sample on any rank: every rank stops with its message
     results = {}

@@ -80,6 +80,7 @@ def compute_features(
         keep = valid.bool()
         if features is None:
             features = torch.zeros(len(data), local.shape[1], device=device)
+        # Index assignment copies: nothing kept here points into the batch (a ring slot, refilled later).
         features[index[keep]] = gathered[keep]
         labels[index[keep]] = label[keep]
     failures.check()  # a damaged sample on any rank: every rank stops with its message

@@ -12,6 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from distvit.config import Config
+from distvit.data.loader import MemoryBatches, StreamBatches
 from distvit.engine.metrics import MetricsMeter
 from distvit.engine.parts import TrainParts, describe_parts
 from distvit.engine.sources import DataSources
@@ -22,6 +23,19 @@ from distvit.fileio import atomic_write_bytes
 from distvit.model.export import export_model
 from distvit.run.rundir import STOPPED_NAME, write_summary
 from distvit.run.tracking import RunTracker
+
+
+def _reading(train: MemoryBatches | StreamBatches, decode: str) -> str:
+    """How training batches are read, for the start line (data.mode=auto and data.decode=auto resolved)."""
+    if isinstance(train, MemoryBatches):
+        unused = " (data.decode=device applies to stream mode only)" if decode == "device" else ""
+        return f"in memory{unused}"
+    if train.samples.raw_jpeg:
+        return "streamed from the shards, decoded on the device"
+    workers = train.num_workers
+    return "streamed from the shards, decoded " + (
+        f"by {workers} loader worker(s)" if workers else "in the training process"
+    )
 
 
 class RunOutputs:
@@ -51,6 +65,7 @@ class RunOutputs:
         augmentation = self.parts.augment.recipe.describe()
         if sources.cache is not None:
             order += f"; streamed through {cfg.data.cache_dir} (at most {cfg.data.cache_limit / 1e9:.3g} GB)"
+        order += f"; data {_reading(sources.train, cfg.data.decode)}"
         return (
             f"distvit: {accelerator.num_processes} process(es) on {accelerator.distributed_type.value} "
             f"({accelerator.device.type}), mixed precision {accelerator.mixed_precision}; {record.model_name} at "

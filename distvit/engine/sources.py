@@ -16,21 +16,15 @@ from accelerate.utils import gather_object
 
 from distvit.config import DataConfig, TrainConfig
 from distvit.data.cache import ShardCache
+from distvit.data.fetch import FetchPolicy
 from distvit.data.loader import MemoryBatches, loader_workers, open_batches
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
-from distvit.data.plan import (
-    EpochPlan,
-    RankBatch,
-    epoch_order,
-    num_steps,
-    sequential_order,
-    subset_indices,
-    window_order,
-)
+from distvit.data.plan import EpochPlan, RankBatch, sequential_order
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import BatchTransform
 from distvit.engine.features import compute_features
+from distvit.engine.order import EpochOrders, OrderSettings, ResumePoint
 from distvit.errors import DataError
 
 
@@ -58,20 +52,21 @@ class DataSources:
         manifest: Manifest,
         accelerator: Accelerator,
         img_size: int,
+        order: OrderSettings,
         splits: dict[str, SplitTensors] | None = None,
-        repeats: int = 1,
+        resumed: ResumePoint | None = None,
     ):
-        """`splits`: in-memory data by split name instead of the shards of cfg.path (benchmarks);
-        `repeats`: each sample's appearances per epoch (repeated augmentation)."""
-        self.repeats = repeats
-        self.batch_size, self.seed = train_cfg.batch_size, train_cfg.seed
+        """`order`: what the epoch orders depend on (distvit.engine.order); `splits`: in-memory data by split
+        name instead of the shards of cfg.path (benchmarks); `resumed`: where a resumed run continues."""
+        self.batch_size = train_cfg.batch_size
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         device = accelerator.device
         self.cache = None
         if cfg.cache_dir and splits is None:
             shards = [shard for name in (cfg.train_split, cfg.eval_split) for shard in manifest.splits[name].shards]
             unique = list({shard.name: shard for shard in shards}.values())
-            self.cache = ShardCache(cfg.cache_dir, cfg.remote, cfg.cache_limit, unique, manifest.num_classes)
+            policy = FetchPolicy.of(cfg)  # data.fetch_timeout_s, fetch_stall_s, fetch_retries
+            self.cache = ShardCache(cfg.cache_dir, cfg.remote, cfg.cache_limit, unique, manifest.num_classes, policy)
         workers = loader_workers(cfg.num_workers)
         self.train, self.eval = (
             MemoryBatches(splits[split].to(device))
@@ -79,10 +74,6 @@ class DataSources:
             else open_batches(cfg.path, manifest, split, cfg.mode, workers, device, img_size, self.cache, cfg.decode)
             for split in (cfg.train_split, cfg.eval_split)
         )
-        shuffle = cfg.shuffle if cfg.shuffle != "auto" else ("window" if self.cache else "global")
-        self.shuffle_window = cfg.shuffle_window if shuffle == "window" else 0
-        """Shards per window of the epoch order (0: a global permutation)."""
-        self.train_shard_sizes = [shard.num_samples for shard in manifest.splits[cfg.train_split].shards]
         if not len(self.train):
             raise DataError(f"split '{cfg.train_split}' of {cfg.path} has no samples to train on.")
         if cfg.train_subset > len(self.train):
@@ -90,25 +81,35 @@ class DataSources:
                 f"data.train_subset={cfg.train_subset} exceeds the {len(self.train)} training images left "
                 f"after skipping bad shards; lower it or repair the shards."
             )
+        shard_sizes = [shard.num_samples for shard in manifest.splits[cfg.train_split].shards]
+        self.orders = EpochOrders(order, shard_sizes, len(self.train), self.batch_size, self.world, self.rank)
+        resumed = resumed or ResumePoint()
+        if resumed.kept is not None:
+            self.orders.keep(resumed.epoch, resumed.kept)
+        if self.cache is not None:  # what every pass left needs at once, on every rank before the first step
+            self.cache.check_passes(
+                self, train_cfg.epochs, train_cfg.eval_batch_size, gather_object, resumed.epoch, resumed.samples
+            )
         self.train_size = len(self.train)
         """Images in the training split (before any subset)."""
-        self.subset = subset_indices(self.train_size, cfg.train_subset, self.seed) if cfg.train_subset else None
-        self.num_train = len(self.subset) if self.subset is not None else self.train_size
-        self.steps_per_epoch = num_steps(self.num_train * repeats, self.batch_size)
+        self.subset = self.orders.subset
+        self.num_train = self.orders.num_train
         self.feature_seconds: float | None = None
         """Time spent computing cached backbone features (head-only runs), None when not cached."""
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of an epoch with the run's own order settings (the schedule is planned in them)."""
+        return self.orders.steps_per_epoch
+
+    @property
+    def shuffle_window(self) -> int:
+        """Shards per window of the epoch order (0: a global permutation)."""
+        return self.orders.settings.shuffle_window
+
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The epoch's samples in order; with repeats, each sample's copies next to each other (so they
-        share a global batch, as DeiT's repeated-augmentation sampler puts them), each augmented anew
-        because a sample's augmentation follows its slot."""
-        if self.shuffle_window:
-            order = window_order(self.train_shard_sizes, self.seed, epoch, self.shuffle_window)
-            order = order[torch.isin(order, self.subset)] if self.subset is not None else order
-        else:
-            order = epoch_order(self.num_train, self.seed, epoch)
-            order = self.subset[order] if self.subset is not None else order
-        return order.repeat_interleave(self.repeats) if self.repeats > 1 else order
+        """The epoch's samples in order (see distvit.engine.order.EpochOrders.order)."""
+        return self.orders.order(epoch)
 
     def cache_stats(self) -> dict | None:
         """This node's shard-cache counts (limit, peak bytes, fetched, evicted, reused), when streaming
@@ -121,8 +122,7 @@ class DataSources:
 
     def epoch_plan(self, epoch: int, start_sample: int = 0) -> tuple[EpochPlan, slice]:
         """This rank's plan of `epoch` from `start_sample` on, and its slice of each global batch."""
-        plan = EpochPlan(self.epoch_order(epoch), self.batch_size, self.world, self.rank, start_sample=start_sample)
-        return plan, slice(self.rank * plan.local_batch, (self.rank + 1) * plan.local_batch)
+        return self.orders.plan(epoch, start_sample)
 
     def endless_batches(self) -> Iterator[tuple[RankBatch, torch.Tensor, torch.Tensor, slice, int, int]]:
         """This rank's training batches epoch after epoch as training plans them (benchmarks): (batch,

@@ -1,4 +1,5 @@
-"""Stopping on request: SIGUSR1 or SIGTERM to any rank, or a file named STOP in the run directory.
+"""Stopping on request: SIGUSR1 or SIGTERM to any rank (SIGINT too in a training entry point, see
+distvit.engine.signals), or a file named STOP in the run directory.
 
 A signal only sets a flag. Every `every` optimizer steps (the same steps on every rank) the ranks
 all-reduce their flags, so all of them stop after the same step, write one checkpoint together and
@@ -7,7 +8,9 @@ joint decisions: a damaged sample one rank met (every rank then raises its DataE
 distvit.engine.failures) and rank 0's clock for time-based checkpoints (checkpoint.every_minutes).
 
 The torchrun / accelerate agent forwards SIGTERM to its workers (and SIGKILLs them ~30 s later), so a
-checkpoint interval of a few seconds is what preemption needs.
+checkpoint interval of a few seconds is what preemption needs. Loader workers ignore these signals
+(distvit.data.loader): the agent signals each rank's whole process group, and a worker that died of it
+would take the rank down before it could checkpoint.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from distvit.engine import signals
 from distvit.engine.failures import SampleFailures
 
 STOP_FILE = "STOP"
-EXIT_STOPPED = 3
+EXIT_STOPPED = signals.EXIT_STOPPED
 """Exit status of a training process that stopped on request after writing its checkpoint."""
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-SIGNAL_NAMES = tuple(signum.name for signum in HANDLED_SIGNALS)
+"""Always stop requests. SIGINT is one where a training entry point installed distvit.engine.signals;
+elsewhere (benchmarks, tests) Ctrl-C keeps interrupting at once."""
+SIGNAL_NAMES = tuple(signum.name for signum in (*HANDLED_SIGNALS, signal.SIGINT))
 REASONS = (*SIGNAL_NAMES, f"{STOP_FILE} file")
 """What can ask for a stop, in the order that names an agreed stop when several did."""
 PLANNED_STOP = "train.stop_at_step"
@@ -57,14 +63,15 @@ class StopRequests:
         self.failures = failures or SampleFailures(accelerator)
         self.every = every
         self.stop_at_step = stop_at_step
-        self.received: str | None = None
+        self.received: str | None = signals.take_request()  # one that came while the process started
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for signum in HANDLED_SIGNALS:
+            for signum in (*HANDLED_SIGNALS, signal.SIGINT) if signals.installed() else HANDLED_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
+        signals.enter(signals.TRAINING)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
+        self.received = signals.note(signum)  # a second Ctrl-C exits there, at once
 
     def _local_flags(self, checkpoint_time: bool) -> list[int]:
         """One flag per entry of REASONS (which requests this rank has seen), then whether this rank holds
@@ -112,6 +119,9 @@ class StopRequests:
             self.stop_file.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Training is over: the previous handlers again (an entry point's note requests and let the
+        outputs finish, see distvit.engine.signals)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        signals.enter(signals.END)

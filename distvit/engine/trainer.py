@@ -28,18 +28,19 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import distvit
-from distvit.augment import recipe_of
 from distvit.augment.recipe import flip_warning
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
 from distvit.data.preflight import preflight_marker
+from distvit.engine import signals
 from distvit.engine.accelerator import ddp_options, make_accelerator, size_cpu_threads, wait_for_everyone
 from distvit.engine.checkpointer import Checkpointer, Resume, RunIdentity
 from distvit.engine.evaluation import EvalResult
 from distvit.engine.evaluator import Evaluator
 from distvit.engine.failures import SampleFailures
 from distvit.engine.metrics import MetricsMeter, SampleTrace
+from distvit.engine.order import order_settings
 from distvit.engine.outputs import RunOutputs
 from distvit.engine.parts import build_parts
 from distvit.engine.peers import PeerMonitor, check_same_model_everywhere, is_peer_failure
@@ -75,25 +76,27 @@ class Trainer:
         self.classes = list(manifest.classes)
         self.flip_safe = manifest.flip_safe
         self.resume = Resume(cfg.train, run_dir)
+        signals.expect_first_step((self.resume.step or 0) + 1)  # named by a stop during start-up
         set_seed(cfg.train.seed)  # same initial weights on every rank
         model, record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
         check_same_model_everywhere(record)
         identity = RunIdentity.of(cfg, manifest)
-        if self.resume:
-            self.resume.check(record, identity, cfg.ema.enabled)
+        order = order_settings(cfg, manifest)
+        resumed_order = self.resume.check(record, identity, order, cfg.ema.enabled) if self.resume else None
         # 3. Rank 0 prepares the run directory once every rank has passed (NCCL's init has no barrier).
         wait_for_everyone(accelerator)
         if accelerator.is_local_main_process:
             preflight_marker().unlink(missing_ok=True)  # the node's ranks are past their preflight wait
 
         def prepare_run_dir() -> None:
-            lock_run_dir(run_dir)  # a second run in this folder stops here, before anything changes
-            init_run_dir(run_dir, cfg, self.resume.step)
+            with signals.deferred():  # a stop request during start-up leaves the run directory whole
+                lock_run_dir(run_dir)  # a second run in this folder stops here, before anything changes
+                init_run_dir(run_dir, cfg, self.resume.step)
 
         self.monitor.wait_for_main(main_only(accelerator, prepare_run_dir, f"preparing {run_dir}"))
         # 4. Data, then everything a step needs (the checkpoint's weights load before anything derives from them).
-        recipe = recipe_of(cfg.data, cfg.augment)
-        self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, splits, recipe.repeats)
+        resumed = self.resume.point(resumed_order.kept) if resumed_order is not None else None
+        self.sources = DataSources(cfg.data, cfg.train, manifest, accelerator, record.img_size, order, splits, resumed)
         self.parts = parts = build_parts(
             cfg, model, record, self.sources, accelerator, manifest.image_size, self.classes, *self.resume.weights()
         )
@@ -103,8 +106,8 @@ class Trainer:
         if self.resume:
             self.resume.restore(parts, self.state, accelerator)
             replanned = self.resume.schedule_change(cfg.optim, self.sources.steps_per_epoch)
-            if replanned:
-                accelerator.print(replanned)
+            for note in [*resumed_order.notes, *([replanned] if replanned else [])]:
+                accelerator.print(note)
         else:
             set_seed(cfg.train.seed + accelerator.process_index)
         # 6. The components that act during the run, then the start line.
@@ -118,6 +121,8 @@ class Trainer:
         start_up = time.monotonic() - distvit.STARTED
         finished = state.epoch >= cfg.train.epochs  # a finished run missing its outputs: write them only
         try:
+            if finished and not self.checkpointer.path_of(True).is_file():
+                self._end_early()
             while state.epoch < cfg.train.epochs and self.train_epoch():
                 if self.evaluator.due(state.epoch):
                     self.checkpointer.save_if_best(self.evaluator.run(self._models(), state))
@@ -195,6 +200,14 @@ class Trainer:
         progress.close()
         return True
 
+    def _end_early(self) -> None:
+        """train.epochs lowered to the epochs a stopped run had completed: the run ends here, evaluated
+        (unless its last evaluation was of this epoch) and with its final checkpoint."""
+        state = self.state
+        if state.last_eval.get("epoch") != state.epoch or state.last_eval.get("step") != state.step:
+            self.checkpointer.save_if_best(self.evaluator.run(self._models(), state))
+        self.checkpointer.save_final()
+
     def evaluate(self) -> dict[str, EvalResult]:
         """Exact results of the model (and the EMA) on the evaluation split."""
         return self.evaluator.evaluate(self._models())
@@ -213,6 +226,7 @@ class Trainer:
             self.state,
             identity,
             self.tracker,
+            orders=self.sources.orders,
         )
         self.evaluator = Evaluator(
             cfg.train,

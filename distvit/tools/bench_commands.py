@@ -80,13 +80,20 @@ def train_command(args: argparse.Namespace) -> int:
     splits = None
     if args.synthetic:
         from distvit.config import load_config
+        from distvit.data.synthetic import MAX_CLASSES, generation_bytes
         from distvit.model.build import check_model_config
+        from distvit.tools.dataset_checks import check_with_dataset
+        from distvit.tools.prepare import check_generation_memory
 
         if args.synthetic < 20:
             raise DistvitError(f"--synthetic needs at least 20 training images, got {args.synthetic}.")
         cfg = load_config(args.config, args.overrides, check_data=False)
-        manifest, splits = synthetic_splits(args.synthetic, max(args.synthetic // 5, 10))
+        sizes = (args.synthetic, max(args.synthetic // 5, 10))
+        images = f"{sizes[0]} + {sizes[1]} images of 32 x 32 px (--synthetic)"
+        check_generation_memory(generation_bytes(*sizes, MAX_CLASSES, 32), images, "Lower --synthetic.")
+        manifest, splits = synthetic_splits(*sizes)
         cfg.data.train_split, cfg.data.eval_split = "train", "test"
+        check_with_dataset(cfg, manifest)  # threads and crop padding, as load_checked_config checks them
         check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
     else:
         cfg, manifest, _ = load_checked_config(args.config, args.overrides)
@@ -122,13 +129,23 @@ def decode_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from distvit.tools.bench_decode import as_json, bench_decode, format_decode
+    from distvit.data.synthetic import MAX_CLASSES, generation_bytes
+    from distvit.tools.bench_decode import HELD_BYTES_PER_PIXEL, as_json, bench_decode, format_decode
+    from distvit.tools.prepare import check_generation_memory, check_image_size
 
-    for flag, value in (("--images", args.images), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value < 1:
             raise DistvitError(f"{flag} must be positive, got {value}.")
-    if args.stored_size < 8:
-        raise DistvitError(f"--stored-size must be at least 8 pixels, got {args.stored_size}.")
+    if args.images < MAX_CLASSES:
+        raise DistvitError(
+            f"--images must be at least {MAX_CLASSES} (one per class of the synthetic images), got {args.images}."
+        )
+    check_image_size(args.stored_size, "--stored-size")
+    # generated in memory, then held encoded twice (PNG and JPEG) while the decoders are timed
+    held = args.images * args.stored_size**2 * HELD_BYTES_PER_PIXEL
+    needed = generation_bytes(args.images, MAX_CLASSES, MAX_CLASSES, args.stored_size) + held
+    images = f"{args.images} images of {args.stored_size} x {args.stored_size} px (--images, --stored-size)"
+    check_generation_memory(needed, images, "Lower --stored-size or --images.")
     if (args.steps + 2) * args.batch_size > args.images:  # one epoch: no loader start-up inside the timing
         raise DistvitError(
             f"--images {args.images} is fewer than the {(args.steps + 2) * args.batch_size} images that "

@@ -39,6 +39,10 @@ from distvit.data.writer import StoredFormat
 from distvit.tools.bench_data import images_per_second
 from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD
 
+HELD_BYTES_PER_PIXEL = 6
+"""Bytes per stored pixel the benchmark holds beside the generation: the PNG bytes (up to 3 for the noisy
+synthetic images), the JPEG bytes and their tensor copies."""
+
 
 @dataclass
 class DecodeResult:

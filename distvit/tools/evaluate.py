@@ -7,6 +7,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from distvit.data.cache import ShardCache
+from distvit.data.fetch import FetchPolicy
 from distvit.data.loader import loader_workers, open_batches
 from distvit.data.manifest import read_manifest
 from distvit.data.transforms import BatchTransform
@@ -42,7 +43,13 @@ def evaluate_checkpoint(
     cache, workers = None, loader_workers(None)
     if trained_on.get("cache_dir") and data_path == trained_on.get("path"):  # the run streamed: so does this
         where = (trained_on["cache_dir"], trained_on["remote"], trained_on["cache_limit"])
-        cache = ShardCache(*where, split_info.shards, manifest.num_classes)
+        defaults = FetchPolicy()  # a run of an earlier distvit recorded no fetch limits
+        policy = FetchPolicy(
+            float(trained_on.get("fetch_timeout_s", defaults.connect_s)),
+            float(trained_on.get("fetch_stall_s", defaults.stall_s)),
+            int(trained_on.get("fetch_retries", defaults.retries)),
+        )
+        cache = ShardCache(*where, split_info.shards, manifest.num_classes, policy)
         workers = loader_workers(trained_on.get("num_workers"))  # what the run's cache was sized for
     try:
         data = open_batches(

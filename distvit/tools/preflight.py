@@ -20,25 +20,30 @@ def load_checked_config(config_file: str, overrides: list[str]):
     """Everything that can be checked without starting ranks: config, dataset manifest and shards (preflight),
     model, run dir."""
     from distvit.config import load_config
+    from distvit.data.cache import check_cache_dir
     from distvit.data.manifest import read_manifest
     from distvit.data.preflight import bad_shards_message
-    from distvit.data.remote import fetch_dataset, fetch_manifest
+    from distvit.data.remote import FetchPolicy, fetch_dataset, fetch_manifest
     from distvit.model.build import check_model_config
     from distvit.run.rundir import check_run_dir
+    from distvit.tools.dataset_checks import check_with_dataset
 
     cfg = load_config(config_file, overrides)
     splits = [cfg.data.train_split, cfg.data.eval_split]
     # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
     # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
     verify = cfg.data.verify if is_local_leader() else "size"
+    policy = FetchPolicy.of(cfg.data)  # time limits and tries of every fetch from data.remote
     if cfg.data.cache_dir:  # shards are fetched and verified as training needs them (distvit.data.cache)
-        fetch_manifest(cfg.data.remote, Path(cfg.data.path))
+        check_cache_dir(cfg.data.cache_dir)  # every rank, before any starts: all stop together
+        fetch_manifest(cfg.data.remote, Path(cfg.data.path), policy)
     elif cfg.data.remote:
-        # fetching checks every local shard with the same rule and replaces the bad ones (or raises)
-        fetch_dataset(cfg.data.remote, cfg.data.path, splits, verify)
+        # fetching checks every local shard with the same rule and replaces the bad ones it wrote (or raises)
+        fetch_dataset(cfg.data.remote, cfg.data.path, splits, verify, policy)
     manifest = read_manifest(cfg.data.path)
     for key, split in zip(("data.train_split", "data.eval_split"), splits):
         manifest.split(split, cfg.data.path, key=key)
+    check_with_dataset(cfg, manifest)  # threads, memory mode, crop padding: before any shard is hashed
     bad_shards = {} if cfg.data.remote else _preflight(cfg, manifest, splits, verify)
     if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise DataError(bad_shards_message(cfg.data.path, bad_shards))

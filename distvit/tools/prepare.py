@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from distvit.errors import DistvitError
 
+DEFAULT_JPEG_QUALITY = 95
+
 
 def write_dataset(args: argparse.Namespace, name: str, write: Callable[[], object]) -> object:
     """Shared by the prepare commands: common flag checks, OS errors as user errors, the summary line."""
@@ -33,16 +35,17 @@ def write_dataset(args: argparse.Namespace, name: str, write: Callable[[], objec
 
 
 def synthetic_command(args: argparse.Namespace) -> int:
-    from distvit.data.synthetic import MAX_CLASSES, prepare_synthetic
+    from distvit.data.synthetic import MAX_CLASSES, generation_bytes, prepare_synthetic
 
     if not 2 <= args.num_classes <= MAX_CLASSES:
         raise DistvitError(f"--num-classes must be between 2 and {MAX_CLASSES}, got {args.num_classes}.")
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < args.num_classes:
             raise DistvitError(f"{flag}={value} must be at least --num-classes ({args.num_classes}).")
-    if args.image_size < 8:
-        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    check_image_size(args.image_size, "--image-size")
     sizes = {"train_size": args.train_size, "test_size": args.test_size, "image_size": args.image_size}
+    needed = generation_bytes(args.train_size, args.test_size, args.num_classes, args.image_size)
+    check_generation_memory(needed, _generated(args), "Lower --image-size, --train-size or --test-size.")
     write_dataset(
         args, "synthetic", lambda: prepare_synthetic(args.out, num_classes=args.num_classes, **sizes, **_order(args))
     )
@@ -50,18 +53,54 @@ def synthetic_command(args: argparse.Namespace) -> int:
 
 
 def digits_command(args: argparse.Namespace) -> int:
-    from distvit.data.digits import NUM_CLASSES, prepare_digits
+    from distvit.data.digits import NUM_CLASSES, generation_bytes, prepare_digits
 
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < NUM_CLASSES:
             raise DistvitError(f"{flag}={value} must be at least {NUM_CLASSES} (one image per digit).")
-    if args.image_size < 8:
-        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    check_image_size(args.image_size, "--image-size")
     sizes = {"train_size": args.train_size, "test_size": args.test_size, "image_size": args.image_size}
+    needed = generation_bytes(args.train_size, args.test_size, args.image_size)
+    check_generation_memory(needed, _generated(args), "Lower --image-size, --train-size or --test-size.")
     order = _order(args)
     del order["flip_safe"]  # digits are never flip-safe: the manifest says so with or without --no-flip
     write_dataset(args, "digits", lambda: prepare_digits(args.out, **sizes, **order))
     return 0
+
+
+def check_image_size(size: int, flag: str) -> None:
+    """A generated or resized image side: at least 8 px, and at most what a manifest may declare (its
+    readers allocate from it, so a larger one could never be read back)."""
+    from distvit.data.manifest import MAX_IMAGE_SIDE
+
+    if size < 8:
+        raise DistvitError(f"{flag} must be at least 8 pixels, got {size}.")
+    if size > MAX_IMAGE_SIDE:
+        raise DistvitError(
+            f"{flag} {size} is larger than {MAX_IMAGE_SIDE} pixels, the largest image side a distvit manifest may "
+            f"declare (its readers allocate memory from it). Choose at most {MAX_IMAGE_SIDE}."
+        )
+
+
+def check_generation_memory(needed: int, images: str, fix: str) -> None:
+    """Generated images are made in memory before they are written: refuse, before allocating, what this
+    host cannot hold (numpy would fail with a raw allocator error, or the kernel kill the process)."""
+    from distvit.data.manifest import readable_bytes
+    from distvit.data.node import available_host_memory
+
+    available = available_host_memory()
+    if available is not None and needed > available:
+        raise DistvitError(
+            f"{images} take about {readable_bytes(needed)} of memory while they are generated, more than the "
+            f"{readable_bytes(available)} this host has available. {fix}"
+        )
+
+
+def _generated(args: argparse.Namespace) -> str:
+    size = args.image_size
+    return (
+        f"{args.train_size} + {args.test_size} images of {size} x {size} px (--train-size, --test-size, --image-size)"
+    )
 
 
 def _order(args: argparse.Namespace) -> dict[str, object]:
@@ -69,9 +108,15 @@ def _order(args: argparse.Namespace) -> dict[str, object]:
     and whether flips keep the images' meaning (--no-flip)."""
     from distvit.data.writer import StoredFormat
 
-    if not 1 <= args.quality <= 100:
-        raise DistvitError(f"--quality must be between 1 and 100, got {args.quality}.")
-    stored = StoredFormat(args.format, args.quality)
+    quality = DEFAULT_JPEG_QUALITY if args.quality is None else args.quality  # None: --quality not given
+    if not 1 <= quality <= 100:
+        raise DistvitError(f"--quality must be between 1 and 100, got {quality}.")
+    if args.quality is not None and args.format != "jpeg":
+        raise DistvitError(
+            f"--quality {args.quality} applies to JPEG only, and the images are stored as {args.format} "
+            "(lossless). Pass --format jpeg with it, or leave --quality out."
+        )
+    stored = StoredFormat(args.format, quality)
     return {
         "seed": args.seed,
         "samples_per_shard": args.samples_per_shard,
@@ -91,8 +136,8 @@ def cifar10_command(args: argparse.Namespace) -> int:
 def imagefolder_command(args: argparse.Namespace) -> int:
     from distvit.data.imagefolder import LEAVES_SOURCE, prepare_imagefolder, printable
 
-    if args.image_size is not None and args.image_size < 8:
-        raise DistvitError(f"--image-size must be at least 8 pixels, got {args.image_size}.")
+    if args.image_size is not None:
+        check_image_size(args.image_size, "--image-size")
     if args.workers is not None and args.workers < 1:
         raise DistvitError(f"--workers must be at least 1, got {args.workers}.")
     options = {"val_fraction": args.val_fraction, "image_size": args.image_size, "strict": args.strict}

@@ -203,6 +203,93 @@ def a_label_out_of_range_in_training(tmp_path, data):
     return args, data, "sample train_00000002: label '77' is not a class index from 0 to 9"
 
 
+def config_cpu_threads_beyond_the_cores(tmp_path, data):
+    args = ["config", *CONFIG, f"data.path={data}", "train.cpu_threads=1000"]
+    return args, data, "train.cpu_threads=1000 is more than the"
+
+
+def config_num_workers_100000(tmp_path, data):
+    return (
+        ["config", *CONFIG, f"data.path={data}", "data.num_workers=100000"],
+        data,
+        "data.num_workers: Input should be less than or equal to 64 (got 100000): each worker is a process",
+    )
+
+
+def train_with_a_crop_padding_of_a_million(tmp_path, data):
+    args = ["train", *CONFIG, f"data.path={data}", f"run.dir={tmp_path}/run", "data.crop_padding=1000000"]
+    return args, tmp_path, "data.crop_padding=1000000 is more than half the side of the stored images"
+
+
+def config_device_decoding_in_memory_mode(tmp_path, data):
+    args = ["config", *CONFIG, f"data.path={data}", "data.mode=memory", "data.decode=device"]
+    return args, data, "data.decode=device applies to stream mode only"
+
+
+def memory_mode_with_a_manifest_claiming_16384_px_images(tmp_path, data):
+    """The largest size a manifest may declare: 243 GB decoded for these 301 images."""
+    _edit_manifest(data, lambda m: m.update(image_size=[16384, 16384]))
+    args = ["config", *CONFIG, f"data.path={data}", "data.mode=memory"]
+    return args, data, "of memory this host has available. Use data.mode=stream"
+
+
+def manifest_with_flip_safe_as_a_string(tmp_path, data):
+    _edit_manifest(data, lambda m: m["source"].update(flip_safe="false"))
+    return ["config", *CONFIG, f"data.path={data}"], data, "source.flip_safe is 'false' (str), not true or false"
+
+
+def manifest_with_an_unknown_image_format(tmp_path, data):
+    _edit_manifest(data, lambda m: m["source"].update(image_format="webp"))
+    return ["config", *CONFIG, f"data.path={data}"], data, "source.image_format is 'webp', not one of png, jpeg"
+
+
+def prepare_synthetic_at_100000_px(tmp_path, data):
+    args = ["prepare", "synthetic", "--out", str(tmp_path / "out"), "--image-size", "100000"]
+    return args, tmp_path, "--image-size 100000 is larger than 16384 pixels"
+
+
+def prepare_digits_more_than_the_host_holds(tmp_path, data):
+    args = ["prepare", "digits", "--out", str(tmp_path / "out"), "--image-size", "16384"]
+    return args, tmp_path, "px (--train-size, --test-size, --image-size) take about"
+
+
+def prepare_png_with_a_jpeg_quality(tmp_path, data):
+    args = ["prepare", "synthetic", "--out", str(tmp_path / "out"), "--quality", "80"]
+    return args, tmp_path, "--quality 80 applies to JPEG only"
+
+
+def bench_decode_with_five_images(tmp_path, data):
+    args = ["bench", "decode", "--images", "5", "--batch-size", "1", "--steps", "1"]
+    return args, tmp_path, "--images must be at least 10"
+
+
+def bench_decode_at_100000_px(tmp_path, data):
+    return ["bench", "decode", "--stored-size", "100000"], tmp_path, "--stored-size 100000 is larger than 16384"
+
+
+def a_jpeg_sample_cut_short_in_training(tmp_path, data):
+    """Its data ends half way, then a well-formed end marker: libjpeg only warns and fills the rest grey.
+    The shard's hash is updated too, so only decoding can tell."""
+    from distvit.data.loader import index_shards
+    from distvit.data.manifest import read_manifest, sha256_file
+    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.writer import StoredFormat
+
+    jpeg = tmp_path / "jpeg"
+    prepare_synthetic(jpeg, train_size=200, test_size=101, samples_per_shard=64, stored_format=StoredFormat("jpeg"))
+    paths, locations = index_shards(jpeg, read_manifest(jpeg), "train")
+    sample = locations[70]
+    with open(paths[sample.shard], "r+b") as shard:
+        shard.seek(sample.image_offset)
+        payload = shard.read(sample.image_size)
+        scan = payload.index(b"\xff\xda")
+        shard.seek(sample.image_offset)
+        shard.write((payload[: scan + (len(payload) - scan) // 2] + b"\xff\xd9").ljust(len(payload), b"\0"))
+    _edit_manifest(jpeg, lambda m: m["splits"]["train"]["shards"][1].update(sha256=sha256_file(paths[1])))
+    args = ["train", *CONFIG, f"data.path={jpeg}", f"run.dir={tmp_path}/run", "data.mode=memory"]
+    return args, jpeg, f"train-00001.tar sample {sample.key}: image cannot be decoded (IncompleteJpeg: its data ends"
+
+
 def prepare_imagefolder_strict_with_a_link_to_etc(tmp_path, data):
     from PIL import Image
 
@@ -234,6 +321,19 @@ CASES = [
     an_empty_evaluation_split,
     a_label_out_of_range_in_training,
     prepare_imagefolder_strict_with_a_link_to_etc,
+    config_cpu_threads_beyond_the_cores,
+    config_num_workers_100000,
+    train_with_a_crop_padding_of_a_million,
+    config_device_decoding_in_memory_mode,
+    memory_mode_with_a_manifest_claiming_16384_px_images,
+    manifest_with_flip_safe_as_a_string,
+    manifest_with_an_unknown_image_format,
+    prepare_synthetic_at_100000_px,
+    prepare_digits_more_than_the_host_holds,
+    prepare_png_with_a_jpeg_quality,
+    bench_decode_with_five_images,
+    bench_decode_at_100000_px,
+    a_jpeg_sample_cut_short_in_training,
 ]
 
 

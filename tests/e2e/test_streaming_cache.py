@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from distvit.data.cache import ShardCache, folder_bytes, pass_required_bytes, shard_bytes
+from distvit.data.manifest import read_manifest
+from distvit.data.plan import window_order
 from distvit.data.synthetic import prepare_synthetic
 from distvit.run.checkpoint import load_checkpoint
 from distvit.run.rundir import read_summary
-from tests.support.helpers import launch_ok, run_cli, trace_ids
+from tests.support.helpers import REPO, accelerate_launch, launch_ok, run_cli, trace_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -34,13 +39,13 @@ def served_dataset(tmp_path_factory):
     thread.start()
     try:
         total = sum(p.stat().st_size for p in folder.glob("*.tar"))
-        yield f"http://127.0.0.1:{server.server_address[1]}/{{name}}", total
+        yield f"http://127.0.0.1:{server.server_address[1]}/{{name}}", total, folder
     finally:
         server.shutdown()
 
 
 def test_a_quarter_size_cache_trains_every_sample_once_and_resumes_exactly(served_dataset, tmp_path):
-    url, total = served_dataset
+    url, total, _ = served_dataset
     limit = total // 4
     common = [
         "--config",
@@ -76,8 +81,7 @@ def test_a_quarter_size_cache_trains_every_sample_once_and_resumes_exactly(serve
         cache = read_summary(tmp_path / name / "run")["data_cache"]
         assert cache["limit"] == limit and 0 < cache["peak_bytes"] <= limit, cache
         assert cache["evicted"] > 0  # the dataset did not fit: shards came and went
-        on_disk = sum(p.stat().st_size for p in (tmp_path / name / "cache").iterdir() if p.is_file())
-        assert on_disk <= limit
+        assert folder_bytes(tmp_path / name / "cache") <= limit  # every file in the folder, bookkeeping included
     a, b = load_checkpoint(tmp_path / "full" / "run"), load_checkpoint(cut)
     assert a["step"] == b["step"] == 20
     difference = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
@@ -90,3 +94,56 @@ def test_a_quarter_size_cache_trains_every_sample_once_and_resumes_exactly(serve
     assert result.returncode == 0, result.stderr[-2000:]
     final = read_summary(tmp_path / "full" / "run")["final"]
     assert json.loads(out.read_text())["correct"] == final["correct"] and final["num_samples"] == 101
+
+
+def test_a_cache_too_small_for_a_later_epoch_stops_every_rank_before_the_first_step(
+    served_dataset, tmp_path, monkeypatch
+):
+    """The limit holds what epoch 1 reads at once but not epoch 2 (windows pair other shards): both ranks
+    stop with the same one-line error before any step, instead of training epoch 1 and failing at epoch 2."""
+    url, _, folder = served_dataset
+    manifest = read_manifest(folder)
+
+    def need(split, order, batch):
+        shards = manifest.splits[split].shards
+        starts = np.cumsum([0] + [shard.num_samples for shard in shards])
+        sizes = np.array([shard_bytes(shard) for shard in shards])
+        return pass_required_bytes(order, batch, 2, [0, 1], starts, sizes, 0)[0]
+
+    def epoch_need(seed, epoch):  # batches of 16 straddle the windows of 1 shard: 2 or 3 shards at once
+        return need("train", window_order([10] * 20, seed, epoch, 1).numpy(), 16)
+
+    evaluation = need("test", np.arange(101), 20)
+    seed = next(s for s in range(100) if evaluation <= epoch_need(s, 0) < epoch_need(s, 1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the bookkeeping of a node of two ranks
+    shards = list({s.name: s for split in ("train", "test") for s in manifest.splits[split].shards}.values())
+    probe = ShardCache(str(tmp_path / "probe"), url, 10**9, shards, manifest.num_classes)
+    overhead = probe.fetcher.overhead
+    probe.close()
+    limit = epoch_need(seed, 0) + overhead + 200  # the mark's line (pid, time) may differ by a few bytes
+    result = accelerate_launch(
+        2,
+        [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={tmp_path / 'manifest'}",
+            f"data.remote={url}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.cache_limit={limit}",
+            "data.shuffle_window=1",
+            "data.num_workers=0",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "train.eval_batch_size=20",
+            f"train.seed={seed}",
+            "tracking.backend=none",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert result.returncode != 0
+    expected = f"distvit: error: data.cache_limit={limit} bytes is too small: epoch 2 needs {epoch_need(seed, 1)} bytes"
+    assert result.stderr.count(expected) == 1, result.stderr[-3000:]  # one line per node (its local leader)
+    for rank in (0, 1):  # both ranks stopped on that error (exit status 2), none waited for the other
+        assert re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*exitcode\s*: 2 ", result.stderr), result.stderr
+    assert f'File "{REPO / "distvit"}' not in result.stderr  # no rank's traceback (the launcher's is its own)
+    assert not (tmp_path / "run" / "metrics.jsonl").is_file() or not (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -85,6 +85,16 @@ def test_cli_prepare_digits_and_no_flip(tmp_path):
         (["--test-size", "9"], "--test-size=9 must be at least 10 (one image per digit)."),
         (["--image-size", "4"], "--image-size must be at least 8 pixels, got 4."),
         (["--quality", "0"], "--quality must be between 1 and 100, got 0."),
+        (
+            ["--quality", "80"],
+            "--quality 80 applies to JPEG only, and the images are stored as png (lossless). Pass --format jpeg "
+            "with it, or leave --quality out.",
+        ),
+        (
+            ["--image-size", "100000"],
+            "--image-size 100000 is larger than 16384 pixels, the largest image side a distvit manifest may declare "
+            "(its readers allocate memory from it). Choose at most 16384.",
+        ),
     ],
 )
 def test_cli_prepare_digits_bad_flag_is_one_error_line(tmp_path, flags, message):
@@ -92,3 +102,16 @@ def test_cli_prepare_digits_bad_flag_is_one_error_line(tmp_path, flags, message)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"distvit: error: {message}"]
     assert not (tmp_path / "ds").exists()
+
+
+def test_generation_memory_estimate_covers_the_measured_peak(tmp_path):
+    """prepare refuses what would not fit by this estimate (tools.prepare): it must not be below the truth."""
+    import tracemalloc
+
+    from distvit.data.digits import generation_bytes
+
+    tracemalloc.start()
+    prepare_digits(tmp_path / "ds", train_size=200, test_size=60, image_size=64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= generation_bytes(200, 60, 64) <= 1.5 * peak

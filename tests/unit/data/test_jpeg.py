@@ -102,3 +102,112 @@ def test_an_image_folder_keeps_jpegs_already_at_the_target_size_byte_for_byte(tm
 def test_prepare_refuses_a_quality_outside_1_to_100(tmp_path):
     result = run_cli(["prepare", "synthetic", "--out", str(tmp_path / "d"), "--format", "jpeg", "--quality", "0"])
     assert result.returncode == 2 and "--quality must be between 1 and 100, got 0" in result.stderr
+
+
+# JPEGs whose entropy-coded data ends before their frame does: libjpeg (under TorchCodec, torchvision and
+# Pillow) only warns on stderr and fills the missing blocks grey, so without a check they trained silently.
+
+
+def _jpeg(array, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def _taller(payload: bytes, rows: int) -> bytes:
+    """The JPEG with its frame header (SOF) patched to claim `rows` rows; the data stays as it was."""
+    position = 2
+    while payload[position + 1] not in (0xC0, 0xC1, 0xC2):
+        position += 2 + int.from_bytes(payload[position + 2 : position + 4], "big")
+    return payload[: position + 5] + rows.to_bytes(2, "big") + payload[position + 7 :]
+
+
+def _cut_short(payload: bytes) -> bytes:
+    """Half the entropy-coded data, then the end-of-image marker and zeros: the same length (a tar member
+    can be replaced in place) and a well-formed ending, but data for only part of the image."""
+    scan = payload.index(b"\xff\xda")
+    kept = payload[: scan + (len(payload) - scan) // 2] + b"\xff\xd9"
+    return kept.ljust(len(payload), b"\0")
+
+
+def _photo(height=64, width=64):
+    return np.random.default_rng(height * 1000 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("damage", ["header claims twice the rows", "data cut short"])
+def test_a_jpeg_whose_data_ends_early_is_a_damaged_sample_on_every_decode_path(damage):
+    from distvit.data.images import IncompleteJpeg, checked_jpeg, decode_jpeg
+
+    good = _jpeg(_photo(), quality=95)
+    bad, size = (_taller(good, 128), (128, 64)) if damage.startswith("header") else (_cut_short(good), (64, 64))
+    expected = r"^s.tar sample k: image cannot be decoded \(IncompleteJpeg: its data ends before the image does: "
+    with pytest.raises(DataError, match=expected):
+        decode_stored(bad, 3, size, "s.tar sample k")  # stream workers and the memory loader
+    with pytest.raises(DataError, match=expected):
+        decode_stored(bad, 1, size, "s.tar sample k")  # grey datasets: Pillow's decoder
+    tensor = torch.from_numpy(np.frombuffer(checked_jpeg(bad, size, "s.tar sample k"), np.uint8).copy())
+    with pytest.raises(IncompleteJpeg):  # device decoding: a batch, then (in the loader) one by one
+        decode_jpeg([torch.from_numpy(np.frombuffer(good, np.uint8).copy()), tensor])
+    with pytest.raises(IncompleteJpeg):
+        decode_jpeg(tensor)
+
+
+def test_a_jpeg_cut_without_its_end_marker_is_refused_before_device_decoding():
+    from distvit.data.images import checked_jpeg
+
+    good = _jpeg(_photo(), quality=95)
+    with pytest.raises(
+        DataError, match=r"^s.tar sample k: .*it ends without its end-of-image marker: the file was cut"
+    ):
+        checked_jpeg(good[: len(good) * 2 // 3], (64, 64), "s.tar sample k")
+    assert checked_jpeg(good + b"trailing bytes after the end marker", (64, 64), "s") is not None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"quality": 95}, {"quality": 75, "subsampling": 0}, {"quality": 90, "progressive": True}, {"optimize": True}],
+)
+def test_complete_jpegs_with_mid_grey_bottom_rows_decode_as_pillow_decodes_them(options):
+    """What a damaged JPEG's missing blocks decode to (mid-grey, 128) is also legitimate content: such
+    images take the exact check and pass it, with Pillow's pixels."""
+    from distvit.data.images import ends_early
+
+    half_grey = np.full((40, 56, 3), 128, np.uint8)
+    half_grey[:20] = _photo(20, 56)
+    letterboxed = np.full((48, 48, 3), 128, np.uint8)
+    letterboxed[:, :24] = _photo(48, 24)
+    for array in (half_grey, letterboxed, np.full((16, 16, 3), 128, np.uint8)):
+        payload = _jpeg(array, **options)
+        decoded = decode_stored(payload, 3, array.shape[:2], "s")
+        assert decoded[-1, -1].tolist() == [128, 128, 128] and not ends_early(payload)
+        with Image.open(io.BytesIO(payload)) as image:
+            assert np.array_equal(decoded, np.asarray(image.convert("RGB")))
+
+
+def _cut_short_in_place(dataset, split: str, index: int) -> str:
+    """Replace sample `index`'s JPEG by `_cut_short` of it in its shard (same size: the tar stays valid)."""
+    from distvit.data.loader import index_shards
+
+    paths, locations = index_shards(dataset, read_manifest(dataset), split)
+    sample = locations[index]
+    with open(paths[sample.shard], "r+b") as shard:
+        shard.seek(sample.image_offset)
+        payload = shard.read(sample.image_size)
+        shard.seek(sample.image_offset)
+        shard.write(_cut_short(payload))
+    return sample.key
+
+
+def test_a_jpeg_shard_sample_cut_short_stops_memory_and_stream_reading_naming_it(tmp_path):
+    dataset = tmp_path / "jpeg"
+    common = {"train_size": 24, "test_size": 10, "image_size": 64, "samples_per_shard": 8}
+    manifest = prepare_synthetic(dataset, **common, stored_format=StoredFormat("jpeg", 95))
+    key = _cut_short_in_place(dataset, "train", 11)  # shard 1, its fourth sample
+    expected = rf"^{dataset / 'train-00001.tar'} sample {key}: image cannot be decoded \(IncompleteJpeg"
+    with pytest.raises(DataError, match=expected):
+        load_split(dataset, manifest, "train")
+    plan = EpochPlan(sequential_order(24), 8, 1, 0)
+    for decode in ("workers", "device"):
+        batches = StreamBatches(dataset, manifest, "train", 0, torch.device("cpu"), decode=decode)
+        with pytest.raises(DataError, match=expected):
+            list(batches.epoch(plan))

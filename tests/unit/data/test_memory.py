@@ -41,3 +41,32 @@ def test_shard_with_wrong_sample_count_is_refused(tmp_path):
     manifest.splits["train"].shards[0].sha256 = sha256_file(shard)
     with pytest.raises(DataError, match="holds more samples than its manifest entry"):
         load_split(tmp_path / "a", manifest, "train")
+
+
+def test_a_split_larger_than_the_hosts_memory_is_refused_before_it_is_allocated(tmp_path, monkeypatch):
+    """A manifest claiming 16384 px images (the most it may) made memory mode allocate 161 GB for 200
+    images; now the decoded size is compared with the host's available memory first."""
+    import json
+
+    import numpy as np
+
+    import distvit.data.memory as memory
+
+    prepare_synthetic(tmp_path / "ds", train_size=200, test_size=20)
+    path = tmp_path / "ds" / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["image_size"] = [16384, 16384]
+    path.write_text(json.dumps(raw))
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 64 * 10**9, raising=False)
+
+    def allocate(shape, dtype):
+        raise AssertionError(f"allocated {np.prod(shape) / 1e9:.0f} GB")
+
+    monkeypatch.setattr(memory.np, "empty", allocate)
+    with pytest.raises(DataError) as error:
+        load_split(tmp_path / "ds", read_manifest(tmp_path / "ds"), "train")
+    assert str(error.value) == (
+        f"{tmp_path / 'ds'}: split(s) 'train' decode to 161.1 GB (200 images of 16384 x 16384 x 3), more than "
+        "the 64.0 GB of memory this host has available, and memory mode holds them decoded. Use data.mode=stream "
+        "(decode from the shards as batches need them; `evaluate --mode stream`)."
+    )

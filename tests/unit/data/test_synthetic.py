@@ -42,3 +42,42 @@ def test_round_trip_exact_pixels_and_labels(tmp_path):
     histogram = np.sum([s.label_counts for s in manifest.splits["train"].shards], axis=0)
     assert histogram.tolist() == np.bincount(labels, minlength=10).tolist()
     assert not list((tmp_path / "ds").glob("*.tmp"))
+
+
+def test_generation_memory_estimate_covers_the_measured_peak(tmp_path):
+    """prepare refuses what would not fit by this estimate (tools.prepare): it must not be below the truth."""
+    import tracemalloc
+
+    from distvit.data.synthetic import generation_bytes
+
+    tracemalloc.start()
+    prepare_synthetic(tmp_path / "ds", train_size=400, test_size=100, image_size=64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= generation_bytes(400, 100, 10, 64) <= 1.5 * peak
+
+
+def test_prepare_refuses_what_this_host_cannot_generate_before_allocating(tmp_path, monkeypatch):
+    """--image-size 100000 (or 16384 with the default split sizes) ended in a raw allocator error of
+    terabytes; now the estimate is compared with the host's available memory first."""
+    import pytest
+
+    from distvit.cli import build_parser
+    from distvit.data import node, synthetic
+    from distvit.errors import DistvitError
+
+    monkeypatch.setattr(node, "available_host_memory", lambda: 16 * 10**9)
+
+    def generate(*args, **kwargs):
+        raise AssertionError("generated")
+
+    monkeypatch.setattr(synthetic, "generate", generate)
+    args = build_parser().parse_args(["prepare", "synthetic", "--out", str(tmp_path / "ds"), "--image-size", "4096"])
+    with pytest.raises(DistvitError) as error:
+        args.action(args)
+    assert str(error.value) == (
+        "50000 + 10000 images of 4096 x 4096 px (--train-size, --test-size, --image-size) take about 11.4 TB of "
+        "memory while they are generated, more than the 16.0 GB this host has available. Lower --image-size, "
+        "--train-size or --test-size."
+    )
+    assert not (tmp_path / "ds").exists()

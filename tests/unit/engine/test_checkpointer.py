@@ -3,12 +3,14 @@ due, and which checkpoints a run refuses to resume from."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from distvit.engine.checkpointer import Resume, restore_payload, to_payload
+from distvit.engine.order import ResumeOrder
 from distvit.engine.state import TrainState
 from distvit.errors import CheckpointError, RunFinished
 from distvit.run.checkpoint import load_checkpoint, save_checkpoint
@@ -23,6 +25,7 @@ def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
             trainer.parts,
             trainer.state,
             trainer.checkpointer.identity,
+            trainer.sources.orders.settings,
             None,
             [{"cpu": torch.get_rng_state()}],
             "abc123",
@@ -101,30 +104,58 @@ def test_resume_refuses_what_it_cannot_continue(small_dataset, tmp_path):
         trainer.state.step, trainer.state.epoch = 4, 1
         trainer.checkpointer.save("step_00000004.pt")
         record, identity = trainer.parts.record, trainer.checkpointer.identity
+        order = trainer.sources.orders.settings
     cfg = trainer.cfg.train
     resume = Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "r")
     assert resume and resume.step == 4 and resume.path.name == "step_00000004.pt"
     assert resume.own_tracker() == {"wandb_run_id": None}
-    resume.check(record, identity, ema_enabled=True)  # its own run: accepted
+    assert resume.check(record, identity, order, ema_enabled=True) == ResumeOrder(None, [])  # its own run
     elsewhere = Resume(type(cfg)(**{**cfg.__dict__, "resume": str(resume.path)}), tmp_path / "other")
     assert elsewhere.own_tracker() is None  # another run's checkpoint seeds weights, not the W&B run
     with pytest.raises(CheckpointError, match="with ema.enabled=False: the checkpoint was written with an EMA"):
-        resume.check(record, identity, ema_enabled=False)
-    with pytest.raises(CheckpointError, match="with train.seed=1, data.train_subset=0: it used seed 0"):
-        resume.check(record, type(identity)(**{**identity.__dict__, "seed": 1}), ema_enabled=True)
-    with pytest.raises(CheckpointError, match="another dataset or split"):
-        resume.check(record, type(identity)(**{**identity.__dict__, "manifest": "0" * 64}), ema_enabled=True)
+        resume.check(record, identity, order, ema_enabled=False)
+    with pytest.raises(CheckpointError, match="train.seed is 1, the stopped run's was 0"):
+        resume.check(record, identity, dataclasses.replace(order, seed=1), ema_enabled=True)
+    with pytest.raises(CheckpointError, match=r"data.path \(the dataset's manifest\) is 000000000000\.\.\."):
+        resume.check(record, identity, dataclasses.replace(order, manifest="0" * 64), ema_enabled=True)
     done = Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": 1}), tmp_path / "r")
     assert done.completes_outputs  # its last epoch checkpointed, no summary.json yet: resuming writes the outputs
-    done.check(record, identity, True)
+    done.check(record, identity, order, True)
     (tmp_path / "r" / "summary.json").write_text("{}")
     assert not done.completes_outputs
     with pytest.raises(RunFinished, match="already completed 1 of train.epochs=1 epochs"):
-        done.check(record, identity, True)
-    with pytest.warns(UserWarning, match="the lr schedule is re-planned in steps of the new batch"):
-        resume.check(record, type(identity)(**{**identity.__dict__, "global_batch": 100}), ema_enabled=True)
+        done.check(record, identity, order, True)
+    bigger = resume.check(record, dataclasses.replace(identity, global_batch=100), order, ema_enabled=True)
+    assert bigger.notes == [
+        "distvit: note: train.batch_size 50 -> 100 on resume: applies from step 4 (epoch 2); every sample is still "
+        "seen once per epoch, and the lr schedule is re-planned in steps of the new batch."
+    ]
+    flips = dict(identity.augmentation, **{"augment.hflip": 0.0})
+    assert resume.check(record, dataclasses.replace(identity, augmentation=flips), order, True).notes == [
+        "distvit: note: augment.hflip 0.5 -> 0.0 on resume: applies from step 4 (epoch 2)."
+    ]
     assert not Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto"}), tmp_path / "empty")
     assert math.isinf(TrainState().best_score)
+
+
+def test_a_run_cannot_end_before_what_it_trained(small_dataset, tmp_path):
+    """train.epochs below the epochs a checkpoint completed (or equal, with part of the next one trained)
+    is refused, naming the least it may be; equal to the completed epochs, the run ends there."""
+    with open_trainer(small_dataset, tmp_path / "r") as trainer:
+        trainer.state.step, trainer.state.epoch, trainer.state.samples_in_epoch = 6, 1, 100
+        trainer.checkpointer.save("step_00000006.pt")
+        record, identity = trainer.parts.record, trainer.checkpointer.identity
+        order = trainer.sources.orders.settings
+    cfg = trainer.cfg.train
+    for epochs, least in ((1, 2),):
+        lowered = Resume(type(cfg)(**{**cfg.__dict__, "resume": "auto", "epochs": epochs}), tmp_path / "r")
+        assert not lowered.completes_outputs
+        with pytest.raises(
+            CheckpointError,
+            match=rf"train.epochs={epochs}: it already trained 1 epochs and part of epoch 2\. Resume with "
+            rf"train.epochs of at least {least} \(its run planned 2\)",
+        ):
+            lowered.check(record, identity, order, True)
 
 
 def test_a_changed_epoch_count_on_resume_is_announced_with_the_lr_before_and_after():

@@ -35,3 +35,31 @@ def test_evaluation_counts_top5_and_confusion():
     assert result.top5_correct == 7  # 3 and 4 are in their top 5 ({2, 0, 1, 3, 4}, {3, 0, 1, 2, 4}), 8 is not
     assert result.per_class_accuracy()[3] == 0.0 and result.per_class_accuracy()[9] == 1.0
     assert result.per_class_accuracy()[6] is None
+
+
+def test_sample_images_kept_for_the_tracker_are_those_of_their_samples_with_ring_backed_batches(small_dataset):
+    """On a CPU with loader workers a batch's images are a slot of the shared ring, refilled by later
+    batches: the pictures kept for W&B must still be those of their labels once the evaluation is over."""
+    from accelerate import Accelerator
+
+    from distvit.data.loader import StreamBatches
+    from distvit.data.manifest import read_manifest
+    from distvit.data.memory import load_split
+    from distvit.data.transforms import BatchTransform
+    from distvit.engine.evaluation import NUM_SAMPLE_IMAGES, evaluate_models
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)).repeat(1, 4)[:, :10]
+
+    manifest = read_manifest(small_dataset)
+    expected = load_split(small_dataset, manifest, "test")
+    stream = StreamBatches(small_dataset, manifest, "test", 2, torch.device("cpu"))
+    transform = BatchTransform((32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    # 101 samples in batches of 8: 13 batches through a ring of 10 slots, so the first slot is reused
+    result = evaluate_models({"m": Mean()}, stream, transform, 8, Accelerator(cpu=True), 10)["m"]
+    assert stream.ring is not None and stream.ring.slots < 13
+    assert len(result.samples) == min(NUM_SAMPLE_IMAGES, 8)  # rank 0's first batch
+    for i, sample in enumerate(result.samples):
+        assert torch.equal(sample["image"], expected.images[i]), i
+        assert sample["label"] == int(expected.labels[i])

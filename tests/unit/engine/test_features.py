@@ -86,3 +86,34 @@ def test_a_distilled_model_has_two_heads(small_dataset):
         "data.augment=crop_flip (needs none)",
         "deit_tiny_distilled_patch16_224 has no single linear classifier (a distilled DeiT has two heads)",
     ]
+
+
+def test_cached_features_from_ring_backed_batches_equal_those_from_memory(small_dataset):
+    """Nothing compute_features keeps points into a batch (on a CPU with loader workers, a ring slot that a
+    later batch refills): the features equal those computed from the split held in memory."""
+    from accelerate import Accelerator
+
+    from distvit.data.loader import MemoryBatches, StreamBatches
+    from distvit.data.manifest import read_manifest
+    from distvit.data.memory import load_split
+    from distvit.data.plan import sequential_order
+    from distvit.data.transforms import BatchTransform
+    from distvit.engine.features import compute_features
+
+    class Pooled(torch.nn.Module):
+        def forward_features(self, x):
+            return x.mean(dim=(2, 3))
+
+        def forward_head(self, x, pre_logits=False):
+            return x
+
+    manifest = read_manifest(small_dataset)
+    memory = MemoryBatches(load_split(small_dataset, manifest, "train"))
+    stream = StreamBatches(small_dataset, manifest, "train", 2, torch.device("cpu"))
+    transform = BatchTransform((32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    indices = sequential_order(200)
+    expected = compute_features(Pooled(), memory, indices, transform, 8, Accelerator(cpu=True))
+    got = compute_features(Pooled(), stream, indices, transform, 8, Accelerator(cpu=True))
+    assert stream.ring is not None and stream.ring.slots < 25  # 25 batches: every slot refilled
+    assert torch.equal(got.images, expected.images)
+    assert torch.equal(got.labels, expected.labels)

@@ -27,7 +27,7 @@ def test_start_line_describes_the_run(small_dataset, tmp_path):
     assert line == (
         "distvit: 1 process(es) on NO (cpu), mixed precision no; deit_tiny_patch16_224 at 32px/patch 16 "
         f"(5 tokens, {_trainable(trainer):,} trainable params); 200 train / 101 test images, 4 steps/epoch of 50; "
-        "augmentation: random crop (zero padding 4 px) -> horizontal flip p=0.5; "
+        "data in memory; augmentation: random crop (zero padding 4 px) -> horizontal flip p=0.5; "
         f"effective peak lr 0.001; EMA decay 0.750000{fused}; run dir {run_dir}"
     )
     assert resumed == line.replace(f"{fused};", f"{fused}, DDP static graph;") + (
@@ -42,6 +42,21 @@ def test_start_line_with_lr_scaling_and_a_subset(small_dataset, tmp_path):
     assert "; effective peak lr 9.766e-05 (optim.lr 0.001 x 0.09766, lr_scale=linear)" in line
     assert trainer.outputs.effective_lr() == pytest.approx(1e-3 * 50 / 512)
     assert "; 120 train (subset of 200) / 101 test images, 3 steps/epoch of 50;" in line
+
+
+@pytest.mark.parametrize(
+    "overrides, reading",
+    [
+        (["data.mode=stream", "data.num_workers=2"], "data streamed from the shards, decoded by 2 loader worker(s)"),
+        (["data.mode=stream", "data.num_workers=0"], "data streamed from the shards, decoded in the training process"),
+        (["data.decode=device"], "data in memory (data.decode=device applies to stream mode only)"),
+    ],
+)
+def test_start_line_says_how_batches_are_read(small_dataset, tmp_path, overrides, reading):
+    """data.mode=auto and data.decode resolved: a setting that does not apply is said, not ignored."""
+    with open_trainer(small_dataset, tmp_path / "r", *overrides) as trainer:
+        line = trainer.outputs.start_line(trainer.sources, False, None, 0)
+    assert f"; {reading}; augmentation:" in line
 
 
 def test_summary_of_a_fresh_run(small_dataset, tmp_path):

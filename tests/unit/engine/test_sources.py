@@ -6,18 +6,23 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from distvit.config import DataConfig, TrainConfig
+from distvit.config import AugmentConfig, Config, DataConfig, TrainConfig
 from distvit.data.manifest import read_manifest
 from distvit.data.plan import epoch_order
+from distvit.engine.order import order_settings
 from distvit.engine.sources import DataSources, agree_on_bad_shards
 from distvit.errors import DataError
 
 
+def sources_of(data_cfg: DataConfig, train_cfg: TrainConfig, manifest, repeats: int = 1) -> DataSources:
+    """DataSources on one CPU rank, with the order settings the trainer would derive from these sections."""
+    cfg = Config(data=data_cfg, train=train_cfg, augment=AugmentConfig(repeats=repeats))
+    return DataSources(data_cfg, train_cfg, manifest, Accelerator(cpu=True), 32, order_settings(cfg, manifest))
+
+
 def test_plan_subset_and_steps(small_dataset):
     data_cfg = DataConfig(path=str(small_dataset), mode="memory", train_subset=120)
-    sources = DataSources(
-        data_cfg, TrainConfig(batch_size=50, seed=3), read_manifest(small_dataset), Accelerator(cpu=True), img_size=32
-    )
+    sources = sources_of(data_cfg, TrainConfig(batch_size=50, seed=3), read_manifest(small_dataset))
     assert (sources.train_size, sources.num_train, sources.steps_per_epoch, len(sources.eval)) == (200, 120, 3, 101)
     order = sources.epoch_order(1)
     assert torch.equal(order, sources.subset[epoch_order(120, 3, 1)])
@@ -25,13 +30,7 @@ def test_plan_subset_and_steps(small_dataset):
     plan, local = sources.epoch_plan(1, start_sample=50)
     assert len(plan) == 2 and local == slice(0, 50)
     with pytest.raises(DataError, match="data.train_subset=300 exceeds the 200 training images"):
-        DataSources(
-            DataConfig(path=str(small_dataset), train_subset=300),
-            TrainConfig(),
-            read_manifest(small_dataset),
-            Accelerator(cpu=True),
-            img_size=32,
-        )
+        sources_of(DataConfig(path=str(small_dataset), train_subset=300), TrainConfig(), read_manifest(small_dataset))
 
 
 def test_bad_shards_stop_or_are_left_out(small_dataset):
@@ -54,7 +53,7 @@ def test_repeated_augmentation_shows_each_sample_k_times_per_epoch_whatever_the_
 
     manifest = read_manifest(small_dataset)
     data_cfg = DataConfig(path=str(small_dataset), mode="memory", train_subset=90, shuffle=shuffle, shuffle_window=2)
-    sources = DataSources(data_cfg, TrainConfig(batch_size=24, seed=1), manifest, Accelerator(cpu=True), 32, repeats=3)
+    sources = sources_of(data_cfg, TrainConfig(batch_size=24, seed=1), manifest, repeats=3)
     assert sources.steps_per_epoch == 12  # ceil(3 x 90 / 24)
     order = sources.epoch_order(2)
     counts = torch.bincount(order, minlength=200)
