@@ -1,16 +1,18 @@
-"""The `distvit` command.
+"""The `distvit` command (`distvit --help` lists the same, in this order).
 
-    distvit prepare synthetic --out DIR [--train-size N --test-size N ...]
-    distvit config --config FILE [key=value ...]     validate and print the resolved config
-    distvit train  --config FILE [key=value ...]     train in this process (same as distvit/train.py)
-    distvit bench data --data DIR [...]              reader images/s against the lesson's pipeline
-    distvit bench train --config X [--baseline lesson] training step images/s, breakdown, FLOP/s vs the lesson
-    distvit bench preflight [--shards N]            start-up shard hashing: serial, parallel, requeue
-    distvit bench decode [--stored-size 224]        PNG vs JPEG decoding per core, raw decoders, the lesson
-                        [--epoch] [--profile F]    one epoch end to end; a profile of a few steps
-    distvit evaluate RUN_DIR|CHECKPOINT [--split test]  exact accuracy, per class, confusion matrix
-    distvit predict --checkpoint RUN_DIR img.png ...   top-k classes (or --model NAME --pretrained)
-    distvit report RUN_DIR                           redraw the run's PNG plots
+    distvit prepare synthetic|digits|cifar10|imagefolder --out DIR [...]   a dataset as shards + manifest
+    distvit config --config FILE [key=value ...] [--get SECTION.KEY]      validate and print the resolved config
+    distvit bench data --data DIR [...]          reader images/s against the lesson's pipeline
+    distvit bench train --config FILE [--baseline lesson] [--synthetic N] [--check] [--epoch] [--profile F]
+                                                 the training step's images/s, time breakdown, FLOP/s vs the lesson
+    distvit bench decode [--stored-size 224]     PNG vs JPEG decoding per core, raw decoders, the lesson
+    distvit bench preflight [--shards N]         start-up shard hashing: serial, parallel, requeue
+    distvit surgery --config FILE [key=value ...]   the model surgery plan: tokens, params, FLOPs, memory
+    distvit evaluate RUN_DIR|CHECKPOINT [--split test]   exact accuracy, per class, confusion matrix
+    distvit predict --checkpoint RUN_DIR img.png ...     top-k classes (or --model NAME --pretrained)
+    distvit doctor [--run-dir DIR]               ranks, rendezvous, all-reduce, run directory, GPUs, W&B
+    distvit report RUN_DIR                       redraw the run's PNG plots
+    distvit train --config FILE [key=value ...]  train in this process (same as distvit/train.py)
 
 Multi-process training goes through Accelerate: `accelerate launch distvit/train.py --config FILE`.
 Input errors (`DistvitError`) print one actionable message and exit with status 2, no traceback.
@@ -19,13 +21,13 @@ Input errors (`DistvitError`) print one actionable message and exit with status 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
+from distvit.data.node import is_local_leader, launch
 from distvit.errors import ConfigError, DistvitError, PeerFailure, RunFinished
 from distvit.tools import bench_commands, prepare
-from distvit.tools.preflight import is_local_leader, load_checked_config
+from distvit.tools.preflight import add_config_arguments, load_checked_config
 
 
 def run_guarded(action: Callable[[], int | None], stop_signals: bool = False) -> int:
@@ -55,13 +57,6 @@ def run_guarded(action: Callable[[], int | None], stop_signals: bool = False) ->
         return err.exit_code
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4 train.epochs=2"
-    )
-
-
 def _train(args: argparse.Namespace) -> int:
     cfg, manifest, bad_shards = load_checked_config(args.config, args.overrides)
     from distvit.engine.stopping import EXIT_STOPPED, PLANNED_STOP
@@ -74,11 +69,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     if args.get:  # one resolved value, for scripts (the Slurm scripts ask for run.dir): the config alone
-        from distvit.config import load_config
+        from distvit.config import MOVED_KEYS, load_config
 
         cfg = load_config(args.config, args.overrides)
         section, _, key = args.get.partition(".")
         values = cfg.to_dict()
+        if args.get in MOVED_KEYS:
+            raise ConfigError(f"--get {args.get}: `{args.get}` moved to `{MOVED_KEYS[args.get]}`; ask for that.")
         if section not in values or key not in values[section]:
             raise ConfigError(f"--get {args.get}: not a config key (section.key, e.g. run.dir).")
         print(values[section][key])
@@ -87,7 +84,7 @@ def _config(args: argparse.Namespace) -> int:
     from distvit.augment import recipe_of
     from distvit.augment.recipe import flip_warning
 
-    recipe = recipe_of(cfg.data, cfg.augment)
+    recipe = recipe_of(cfg.augment)
     print(cfg.to_yaml(), end="")
     print(f"# augmentation: {recipe.describe()}")
     warning = flip_warning(recipe, manifest.flip_safe, cfg.data.path)
@@ -119,7 +116,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, "--json")
     result, about = evaluate_checkpoint(args.source, args.data, args.split, args.weights, args.batch_size, args.mode)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch().rank == 0:
         print(format_evaluation(result, about))
         if args.json:
             atomic_write_bytes(args.json, (json.dumps(evaluation_json(result, about), indent=1) + "\n").encode())
@@ -249,93 +246,9 @@ def _add_prepare_commands(commands) -> None:
 
 def _add_config_command(commands) -> None:
     config = commands.add_parser("config", help="validate a config and print it resolved")
-    _add_config_arguments(config)
+    add_config_arguments(config)
     config.add_argument("--get", default=None, metavar="SECTION.KEY", help="print only this resolved value")
     config.set_defaults(action=_config)
-
-
-def _add_bench_commands(commands) -> None:
-    bench = commands.add_parser("bench", help="benchmarks against the lesson's baseline, in the same process")
-    benches = bench.add_subparsers(dest="bench", required=True)
-    data = benches.add_parser(
-        "data", help="images/s delivered to the device: distvit readers vs the lesson's DataLoader"
-    )
-    data.add_argument("--data", required=True, help="dataset folder (distvit prepare ...)")
-    data.add_argument("--split", default="train")
-    data.add_argument("--batch-size", type=int, default=256)
-    data.add_argument("--steps", type=int, default=40, help="timed batches per pipeline (after 5 warm-up batches)")
-    data.add_argument("--warmup", type=int, default=5)
-    data.add_argument("--workers", type=int, default=2, help="decode workers of distvit's stream reader")
-    data.add_argument("--img-size", type=int, default=32, help="model input size (the lesson resizes with PIL)")
-    data.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    data.add_argument("--json", default=None, help="also write the results as JSON here")
-    data.set_defaults(action=bench_commands.data_command)
-
-    train_bench = benches.add_parser(
-        "train",
-        help="the training step's images/s, time breakdown, memory and FLOP/s; with --baseline lesson, the ratio",
-    )
-    _add_config_arguments(train_bench)
-    train_bench.add_argument(
-        "--baseline", choices=["lesson"], default=None, help="also run the lesson's loop (one process)"
-    )
-    train_bench.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
-    train_bench.add_argument(
-        "--warmup", type=int, default=5, help="untimed steps first (the host-sync check runs on them)"
-    )
-    train_bench.add_argument(
-        "--synthetic",
-        type=int,
-        default=0,
-        metavar="N",
-        help="train on N synthetic CIFAR-format images generated in memory instead of data.path",
-    )
-    train_bench.add_argument(
-        "--check",
-        action="store_true",
-        help="first train the configured fast path and an fp32 eager reference side by side; exit 1 if they disagree",
-    )
-    train_bench.add_argument(
-        "--epoch",
-        action="store_true",
-        help="also time one whole epoch of the training split end to end (feature-cache pass included), "
-        "and with --baseline lesson the lesson's epoch (its DataLoader's start included)",
-    )
-    train_bench.add_argument(
-        "--profile",
-        default=None,
-        metavar="PATH",
-        help="then profile a few training steps (torch.profiler) and write the top ops/kernels, the window's "
-        "time and, on a GPU, the device's busy share to this text file",
-    )
-    train_bench.add_argument("--run-dir", default="runs/bench", help="scratch run directory (replaced)")
-    train_bench.add_argument("--json", default=None, help="also write the results as JSON here")
-    train_bench.add_argument(
-        "--scaling-reference",
-        default=None,
-        metavar="JSON",
-        help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
-    )
-    train_bench.set_defaults(action=bench_commands.train_command)
-
-    decode = benches.add_parser(
-        "decode", help="decoding images stored at full size: raw decoders, the lesson, PNG and JPEG shards, per core"
-    )
-    decode.add_argument("--images", type=int, default=1536, help="synthetic images written in each format")
-    decode.add_argument("--stored-size", type=int, default=224, help="the images' stored size in pixels")
-    decode.add_argument("--batch-size", type=int, default=64)
-    decode.add_argument("--steps", type=int, default=20, help="timed batches per case (after 2 warm-up batches)")
-    decode.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
-    decode.add_argument("--json", default=None, help="also write the results as JSON here")
-    decode.set_defaults(action=bench_commands.decode_command)
-
-    preflight = benches.add_parser(
-        "preflight", help="start-up shard hashing: serial vs parallel, and a requeue that skips verified shards"
-    )
-    preflight.add_argument("--shards", type=int, default=1000, help="number of shards")
-    preflight.add_argument("--shard-mb", type=float, default=1.0, help="size of each shard in MB")
-    preflight.add_argument("--workers", type=int, default=0, help="hashing threads (0: the usable cores)")
-    preflight.set_defaults(action=bench_commands.preflight_command)
 
 
 def _add_model_commands(commands) -> None:
@@ -343,7 +256,7 @@ def _add_model_commands(commands) -> None:
     surgery = commands.add_parser(
         "surgery", help="print the model surgery plan of a config: tokens, params, FLOPs, memory"
     )
-    _add_config_arguments(surgery)
+    add_config_arguments(surgery)
     surgery.set_defaults(action=_surgery)
 
     evaluate = commands.add_parser(
@@ -395,7 +308,7 @@ def _add_run_commands(commands) -> None:
     report.set_defaults(action=_report)
 
     train = commands.add_parser("train", help="train in this process (use accelerate launch for several)")
-    _add_config_arguments(train)
+    add_config_arguments(train)
     train.set_defaults(action=_train)
 
 
@@ -404,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prepare_commands(commands)  # the order of these calls is the order `distvit --help` lists the commands
     _add_config_command(commands)
-    _add_bench_commands(commands)
+    bench_commands.add_commands(commands)
     _add_model_commands(commands)
     _add_run_commands(commands)
     return parser
@@ -420,7 +333,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     def train() -> int:
         parser = argparse.ArgumentParser(prog="distvit/train.py", description="Train (run under accelerate launch).")
-        _add_config_arguments(parser)
+        add_config_arguments(parser)
         return _train(parser.parse_args(argv))
 
     return run_guarded(train, stop_signals=True)

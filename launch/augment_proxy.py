@@ -23,16 +23,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = {
-    "none": ["data.augment=none"],
-    "crop_flip (distvit's default)": ["data.augment=crop_flip"],
-    "padded crop, no flip (crop_flip with augment.hflip=0)": ["data.augment=crop_flip", "augment.hflip=0"],
+    "none": ["augment.preset=none"],
+    "crop_flip (distvit's default)": ["augment.preset=crop_flip"],
+    "padded crop, no flip (crop_flip with augment.hflip=0)": ["augment.preset=crop_flip", "augment.hflip=0"],
     "padded crop + RandAugment m9 + erasing 0.25, no flip": [
-        "data.augment=deit",
+        "augment.preset=deit",
         "augment.crop=pad",
         "augment.hflip=0",
         "augment.repeats=1",
     ],
-    "the same with flips (p=0.5)": ["data.augment=deit", "augment.crop=pad", "augment.repeats=1"],
+    "the same with flips (p=0.5)": ["augment.preset=deit", "augment.crop=pad", "augment.repeats=1"],
 }
 
 

@@ -70,7 +70,7 @@ CASES = [
     (PATHS, "", [], [], 150),
     (READERS, "", [], [], 60),
     (DECODE, "", [], [], 90),
-    (AUGMENTED, "configs/demo.yaml", ["surgery.img_size=224", "train.batch_size=512", "data.augment=deit"], [], 80),
+    (AUGMENTED, "configs/demo.yaml", ["surgery.img_size=224", "train.batch_size=512", "augment.preset=deit"], [], 80),
     # the lesson's recipe as distvit runs it (its precision, cached features) against the lesson's loop
     (
         HEAD_ONLY,

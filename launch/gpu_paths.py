@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))  # distvit from this checkout, installed or not
 OVERFLOW_STEP = 3  # the fp16 run's step whose loss is made to overflow
 FEATURES = [  # stop_resume_bf16: every training feature that carries state across a resume
     "ema.enabled=true",
-    "data.mixup_alpha=0.8",
-    "data.cutmix_alpha=1.0",
+    "mix.mixup_alpha=0.8",
+    "mix.cutmix_alpha=1.0",
     "train.label_smoothing=0.1",
     "optim.clip_grad_norm=1.0",
     "train.grad_accum_steps=2",
@@ -292,7 +292,7 @@ def check_compile(launch: Launch, run_dir: Path, reports: list[dict]) -> Check:
 
 
 def check_ranks(one: Launch, two: Launch, work: Path) -> Check:
-    from distvit.run.checkpoint import load_checkpoint
+    from distvit.run.checkpoint_files import load_checkpoint
 
     problem = _exits([one, two])
     if problem:
@@ -313,7 +313,7 @@ def check_ranks(one: Launch, two: Launch, work: Path) -> Check:
 def check_resume(
     name: str, full: Launch, again: Launch, cut: Launch, resumed: Launch, stop_at: int, work: Path, extra=None
 ) -> Check:
-    from distvit.run.checkpoint import load_checkpoint
+    from distvit.run.checkpoint_files import load_checkpoint
 
     problem = _exits([full, again, cut, resumed])
     if problem:
@@ -417,12 +417,12 @@ def _run_checks(work: Path, out: Path, quick: bool, deadline_s: float) -> list[C
     def train(name: str, ranks: int, extra: list[str], env: dict | None = None, resume: bool = False) -> Launch:
         run_dir = work / (name.removesuffix("_resumed"))
         args = ["--config", "configs/demo.yaml", f"data.path={work / 'data'}", f"run.dir={run_dir}"]
-        args += ["tracking.backend=none", "run.overwrite=false", "train.log_every=2", "train.eval_batch_size=66"]
+        args += ["tracking.backend=none", "run.overwrite=false", "train.log_every=2", "eval.batch_size=66"]
         args += extra + (["train.resume=auto"] if resume else [])
         env = {**(env or {}), "GPU_PATHS_REPORT": str(work / f"{name}.report")}
         return Launch(name, ranks, args, env)
 
-    ranks_args = ["optim.name=sgd", "optim.lr=0.05", "optim.warmup_epochs=0", "data.augment=none"]
+    ranks_args = ["optim.name=sgd", "optim.lr=0.05", "optim.warmup_epochs=0", "augment.preset=none"]
     ranks_args += ["train.epochs=2", "train.batch_size=32", "train.mixed_precision=no", "train.compile=false"]
     # compile is checked once (compile_ddp_accum); elsewhere it would only add minutes of compiling
     bf16 = ["train.mixed_precision=bf16", "train.epochs=2", "train.batch_size=32", "train.compile=false", *FEATURES]

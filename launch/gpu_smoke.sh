@@ -26,8 +26,8 @@ run fp32 train.mixed_precision=no
 run bf16 train.mixed_precision=bf16
 run fp16 train.mixed_precision=fp16
 run bf16-224 train.mixed_precision=bf16 surgery.img_size=224 train.epochs=2
-run fp16-features train.mixed_precision=fp16 ema.enabled=true optim.clip_grad_norm=1.0 data.mixup_alpha=0.8 \
-  data.cutmix_alpha=1.0 train.label_smoothing=0.1
+run fp16-features train.mixed_precision=fp16 ema.enabled=true optim.clip_grad_norm=1.0 mix.mixup_alpha=0.8 \
+  mix.cutmix_alpha=1.0 train.label_smoothing=0.1
 run bf16-compile train.mixed_precision=bf16 train.compile=true
 
 python3 - "$out" "$work/wall.txt" <<'PY'

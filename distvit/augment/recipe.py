@@ -1,11 +1,13 @@
-"""What a run's augmentation is: the data.augment preset with the augment section's changes, in words."""
+"""What a run's augmentation is: the augment section's preset with its parts changed, in words. This module
+reads the augment section; the rest of distvit gets a `Recipe`."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from distvit.config import AugmentConfig, DataConfig
+from distvit.config import AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,29 @@ PRESETS = {
 }
 
 
-def recipe_of(data: DataConfig, changes: AugmentConfig) -> Recipe:
-    """The preset data.augment names, with every part the augment section sets."""
-    preset = dataclasses.replace(PRESETS[data.augment], crop_padding=data.crop_padding)
-    given = {k: v for k, v in dataclasses.asdict(changes).items() if v is not None}
+def recipe_of(cfg: AugmentConfig) -> Recipe:
+    """The preset augment.preset names, with augment.crop_padding and every part the section sets."""
+    preset = dataclasses.replace(PRESETS[cfg.preset], crop_padding=cfg.crop_padding)
+    parts = {f.name for f in dataclasses.fields(Recipe)}
+    given = {k: v for k, v in dataclasses.asdict(cfg).items() if k in parts and v is not None}
     return dataclasses.replace(preset, **given)
+
+
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's parts by config key ('augment.hflip': 0.5, ...), repeats aside (they are part of the
+    epoch's order): what checkpoints record of the augmentation."""
+    settings = dataclasses.asdict(recipe)
+    del settings["repeats"]
+    return {f"augment.{name}": value for name, value in settings.items()}
+
+
+def what_augments(cfg: AugmentConfig) -> tuple[str, str] | None:
+    """What changes the training images, in the keys that ask for it, and what would leave them as they
+    are; None when nothing changes them. The preset when it augments, else the parts the section sets."""
+    if PRESETS[cfg.preset].active:
+        return f"augment.preset={cfg.preset}", "none"
+    recipe = recipe_of(cfg)
+    return (f"the augment section's {recipe.describe()}", "no augmentation") if recipe.active else None
 
 
 def flip_warning(recipe: Recipe, flip_safe: bool, where: str) -> str | None:

@@ -107,6 +107,20 @@ def _suggest(key: str) -> str:
     return f" (did you mean {candidates[0]}?)" if candidates else ""
 
 
+MOVED_KEYS = {
+    "data.augment": "augment.preset",
+    "data.crop_padding": "augment.crop_padding",
+    "data.mixup_alpha": "mix.mixup_alpha",
+    "data.cutmix_alpha": "mix.cutmix_alpha",
+    "data.mix_prob": "mix.prob",
+    "data.mix_switch_prob": "mix.switch_prob",
+    "train.eval_every": "eval.every",
+    "train.eval_batch_size": "eval.batch_size",
+}
+"""Keys that moved to the section of the component that reads them: refused with their new place (no
+silent aliases, so a config names each setting once, where its reader looks)."""
+
+
 def _check_known_keys(raw: dict[str, Any], source: str) -> None:
     sections = _section_types()
     for section, body in raw.items():
@@ -130,6 +144,9 @@ def _check_known_keys(raw: dict[str, Any], source: str) -> None:
             )
         valid = [f.name for f in dataclasses.fields(sections[section])]
         for key in body:
+            moved = MOVED_KEYS.get(f"{section}.{key}")
+            if moved:
+                raise ConfigError(f"{source}: `{section}.{key}` moved to `{moved}`; write it there (same value).")
             if not isinstance(key, str) or key not in valid:
                 raise ConfigError(
                     f"{source}: unknown config key '{section}.{key}'{_suggest(f'{section}.{key}')}. "

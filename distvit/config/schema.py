@@ -77,12 +77,6 @@ class DataConfig:
     """Dataset folder holding manifest.json and the shards (made by `distvit prepare`)."""
     train_split: str = "train"
     eval_split: str = "test"
-    augment: Literal["none", "lesson", "crop_flip", "deit"] = "crop_flip"
-    """Training augmentation preset, applied on the training device (the augment section changes its parts):
-    none; lesson (the lesson's: none, resize only); crop_flip (random crop with padding + horizontal flip);
-    deit (DeiT's recipe: random-resized crop, flip, RandAugment m9 std 0.5, random erasing 0.25, 3 repeats)."""
-    crop_padding: NonNegativeInt = 4
-    """Padding (pixels at stored size) of the random crop (augment.crop=pad)."""
     mode: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode the split once and keep it on the training device; stream: read and decode from the
     shards in loader workers each epoch; auto: memory when the decoded split fits in a third of the host's
@@ -130,14 +124,6 @@ class DataConfig:
     train_subset: NonNegativeInt = 0
     """Train on a fixed random subset of this many images of the train split (seeded by train.seed;
     the lesson's 10k). 0: the whole split."""
-    mixup_alpha: NonNegativeFloat = 0.0
-    """Mixup Beta(alpha, alpha) on the training device (0: off)."""
-    cutmix_alpha: NonNegativeFloat = 0.0
-    """CutMix Beta(alpha, alpha) on the training device (0: off)."""
-    mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
-    """Share of steps that mix (when mixup or cutmix is on)."""
-    mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
-    """With both on: share of mixing steps that use CutMix instead of Mixup."""
 
 
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -145,10 +131,16 @@ Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 @dataclass
 class AugmentConfig:
-    """The parts of the training augmentation; an empty key takes the value of the data.augment preset."""
+    """The training augmentation: a preset, and its parts (an empty part takes the preset's value)."""
 
+    preset: Literal["none", "lesson", "crop_flip", "deit"] = "crop_flip"
+    """Training augmentation preset, applied on the training device (the keys below change its parts):
+    none; lesson (the lesson's: none, resize only); crop_flip (random crop with padding + horizontal flip);
+    deit (DeiT's recipe: random-resized crop, flip, RandAugment m9 std 0.5, random erasing 0.25, 3 repeats)."""
+    crop_padding: NonNegativeInt = 4
+    """Padding (pixels at stored size) of the random crop (augment.crop=pad)."""
     crop: Optional[Literal["none", "pad", "resized"]] = None
-    """pad: random crop of the stored image zero-padded by data.crop_padding; resized: random-resized crop
+    """pad: random crop of the stored image zero-padded by augment.crop_padding; resized: random-resized crop
     (an area of crop_scale_min..1 of the image, aspect 3/4..4/3) straight to the model's input size."""
     crop_scale_min: Optional[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] = None
     """Smallest area fraction a random-resized crop keeps (DeiT: 0.08)."""
@@ -171,6 +163,20 @@ class AugmentConfig:
     repeats: Optional[Annotated[int, Field(ge=1, le=16, strict=True)]] = None
     """Repeated augmentation: every sample appears this many times per epoch, each time augmented anew
     (DeiT: 3); an epoch is that many times longer."""
+
+
+@dataclass
+class MixConfig:
+    """Mixup and CutMix, drawn per step on the training device (read by the step's mixing)."""
+
+    mixup_alpha: NonNegativeFloat = 0.0
+    """Mixup Beta(alpha, alpha) on the training device (0: off)."""
+    cutmix_alpha: NonNegativeFloat = 0.0
+    """CutMix Beta(alpha, alpha) on the training device (0: off)."""
+    prob: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Share of steps that mix (when mixup or cutmix is on)."""
+    switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """With both on: share of mixing steps that use CutMix instead of Mixup."""
 
 
 @dataclass
@@ -210,8 +216,6 @@ class TrainConfig:
     """Passes over the training split (or data.train_subset), every image once per epoch."""
     batch_size: PositiveInt = 128
     """Global batch size: split evenly over the ranks, so results do not depend on the world size."""
-    eval_batch_size: PositiveInt = 512
-    """Global evaluation batch size."""
     seed: Seed = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """no / bf16 / fp16 (with loss scaling). auto: what `accelerate launch --mixed_precision` (or accelerate
@@ -221,8 +225,6 @@ class TrainConfig:
     cpu_threads: NonNegativeInt = 0
     """Torch intra-op threads per rank when training on CPU. 0: the usable cores / the ranks on the node
     (a launcher's OMP_NUM_THREADS=1 would leave one core per rank busy and the rest idle)."""
-    eval_every: NonNegativeInt = 1
-    """Evaluate every N epochs (0: only after the last epoch; the last epoch is always evaluated)."""
     resume: str = ""
     """Empty: a new run; 'auto': continue from RUN_DIR's newest checkpoint if it has one; or a checkpoint file."""
     stop_at_step: NonNegativeInt = 0
@@ -242,6 +244,16 @@ class TrainConfig:
     """Head-only fine-tuning (surgery.freeze=backbone, no augmentation, mixing, drop-path or distillation):
     compute the frozen backbone's features once and train the head on them. Empty: whenever possible;
     true: required (an error says what prevents it); false: full forward every step."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (read by the evaluator; the split is data.eval_split)."""
+
+    every: NonNegativeInt = 1
+    """Evaluate every N epochs (0: only after the last epoch; the last epoch is always evaluated)."""
+    batch_size: PositiveInt = 512
+    """Global batch size of evaluation (and of the backbone pass that caches features for head-only runs)."""
 
 
 @dataclass
@@ -308,8 +320,10 @@ class Config:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)

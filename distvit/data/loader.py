@@ -31,7 +31,7 @@ from PIL import Image
 from distvit.data.cache import CacheReader, ShardCache
 from distvit.data.devices import to_device
 from distvit.data.images import checked_jpeg, decode_jpeg, decode_stored, resize_and_crop, undecodable
-from distvit.data.manifest import Manifest, ShardInfo
+from distvit.data.manifest import Manifest, ShardInfo, sample_location
 from distvit.data.memory import SplitTensors, check_shard_files
 from distvit.data.node import local_ranks, usable_cores
 from distvit.data.plan import EpochPlan, RankBatch
@@ -108,9 +108,12 @@ class ShardSamples(torch.utils.data.Dataset):
         """A batch's items, with its step when the loader passes one (see distvit.data.ring)."""
         return StepSamples([self[i] for i in indices], getattr(indices, "step", None))
 
+    def location(self, index: int) -> str:
+        """Sample `index` of the split, for messages."""
+        return sample_location(self.paths[int(self.shards[index])], self.keys[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | "SampleFailure":
-        where = f"{self.paths[int(self.shards[index])]} sample {self.keys[index]}"
-        return self._decoded(lambda: self.read(index), where, int(self.labels[index]))
+        return self._decoded(lambda: self.read(index), self.location(index), int(self.labels[index]))
 
     raw_jpeg = False
     """Items are the JPEG bytes (header checked) for decoding in batches on the training device."""
@@ -166,7 +169,11 @@ class CachedShardSamples(ShardSamples):
             key, offset, size, _, label = self.reader.index(name)[index - int(self.starts[shard])]
         except DataError as err:  # the fetcher failed (its message) or never delivered
             return SampleFailure(str(err), self.sample_shape)
-        return self._decoded(lambda: self.reader.read(name, offset, size), f"{name} sample {key}", label)
+        return self._decoded(lambda: self.reader.read(name, offset, size), sample_location(name, key), label)
+
+    def location(self, index: int) -> str:
+        """Sample `index` of the split, for messages (its key is known only once its shard is indexed)."""
+        return sample_location(self.names[int(self.shard_of(np.int64(index)))], index=index)
 
     def needs(self, batches: list[RankBatch]) -> dict[str, tuple[int, int]]:
         """Shard name -> (first, last) step of `batches` that reads from it (padding slots read sample 0)."""
@@ -268,10 +275,7 @@ class StreamBatches:
 
     def where(self, index: int) -> str:
         """The shard and key of sample `index`, for messages."""
-        samples = self.samples
-        if isinstance(samples, CachedShardSamples):
-            return f"{samples.names[int(samples.shard_of(np.int64(index)))]} sample index {index}"
-        return f"{samples.paths[int(samples.shards[index])]} sample {samples.keys[index]}"
+        return self.samples.location(index)
 
     def epoch(self, plan: EpochPlan, on_failure: Callable[[str], None] | None = None) -> Iterator[Batch]:
         """The plan's batches. A sample that cannot be read raises its DataError, or with `on_failure` is

@@ -84,6 +84,12 @@ class Manifest:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+def sample_location(shard: str | os.PathLike, key: str | None = None, index: int | None = None) -> str:
+    """How a message names a sample: 'SHARD sample KEY' (its key within the shard), or where the key is not
+    at hand (a cached shard not yet indexed) 'SHARD sample index I' (its index in the split)."""
+    return f"{shard} sample {key}" if key is not None else f"{shard} sample index {index}"
+
+
 def readable_bytes(count: int) -> str:
     """A byte count for messages: 92.2 kB, 161.1 GB, 3,000.0 TB."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from distvit.data.images import decode_stored
-from distvit.data.manifest import Manifest, SplitInfo, readable_bytes
+from distvit.data.manifest import Manifest, SplitInfo, readable_bytes, sample_location
 from distvit.data.node import available_host_memory
 from distvit.data.preflight import shard_problem
 from distvit.errors import DataError
@@ -112,7 +112,7 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
         start = index
         try:
             for sample in stream:
-                where = f"{path} sample {sample['__key__']}"
+                where = sample_location(path, sample["__key__"])
                 if index >= split.num_samples or index - start >= shard.num_samples:
                     raise DataError(f"{path} holds more samples than its manifest entry ({shard.num_samples}).")
                 member = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)

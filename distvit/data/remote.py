@@ -21,10 +21,12 @@ replaced only if the record says a fetch wrote it (and it has not changed since)
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from distvit.data.fetch import FetchPolicy, fetch_file, remote_url
@@ -107,10 +109,30 @@ def _dataset_folder(dataset_dir: str | os.PathLike) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _node_lock(folder: Path) -> Iterator[None]:
+    """One fetching process per node (an exclusive lock on `data.path/.fetch.lock`); the others wait, then
+    find everything in place. Every rank fetches through it: two writing the same record would collide."""
+    with open(folder / ".fetch.lock", "a") as lock:  # "a": a file of that name is never emptied
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            raise DataError(f"cannot lock {folder}/.fetch.lock ({err.strerror}); use a node-local data.path.") from None
+        yield
+
+
 def fetch_manifest(template: str, folder: Path, policy: FetchPolicy = FetchPolicy()) -> bool:
     """Bring the manifest into `folder` unless it is there (checked before the rename); whether it was fetched."""
     folder = _dataset_folder(folder)
     if (folder / MANIFEST_NAME).is_file():
+        return False
+    with _node_lock(folder):
+        return _fetch_manifest(template, folder, policy)
+
+
+def _fetch_manifest(template: str, folder: Path, policy: FetchPolicy) -> bool:
+    """fetch_manifest, under the node's lock."""
+    if (folder / MANIFEST_NAME).is_file():  # another rank of the node fetched it while this one waited
         return False
     record = FetchRecord(folder)
     tmp = MANIFEST_NAME + PART_SUFFIX
@@ -129,13 +151,9 @@ def fetch_dataset(
     `verify`: how a local file is judged intact, 'sha256' or 'size' (what a fetched one always passes)."""
     folder = _dataset_folder(dataset_dir)
     fetched = []
-    with open(folder / ".fetch.lock", "a") as lock:  # "a": a file of that name is never emptied
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetcher per node; the others wait, then find everything in place
-        except OSError as err:
-            raise DataError(f"cannot lock {folder}/.fetch.lock ({err.strerror}); use a node-local data.path.") from None
+    with _node_lock(folder):
         FetchRecord(folder).clear_partial()
-        if fetch_manifest(template, folder, policy):
+        if _fetch_manifest(template, folder, policy):
             fetched.append(MANIFEST_NAME)
         manifest = read_manifest(folder)
         shards = {

@@ -33,7 +33,7 @@ import torch
 
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors, load_split
-from distvit.data.node import available_host_memory, local_ranks, session_id
+from distvit.data.node import available_host_memory, launch, local_ranks, session_id
 from distvit.errors import DataError
 
 WAIT_S = 3600.0
@@ -125,7 +125,7 @@ def load_split_once_per_node(
         return None if auto_fits is False else load_split(dataset_dir, manifest, split)
     folder = shared_folder()
     # An elastic restart of the ranks keeps the launcher (the session): its attempt keeps files apart.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = launch().restart
     name = f"distvit-{session_id()}-{manifest.fingerprint()[:12]}-{split}" + ("" if attempt == "0" else f"-{attempt}")
     stem = folder / name
     files = {suffix: Path(f"{stem}.{suffix}") for suffix in ("u8", "labels.npy", "error", "pid", "plan")}

@@ -9,6 +9,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from distvit.data.manifest import sample_location
 from distvit.data.memory import IMAGE_MEMBERS, parse_label
 from distvit.errors import DataError
 
@@ -45,10 +46,11 @@ def index_shard(path: Path, num_classes: int, num_samples: int, shard_index: int
         for key in order:
             members = samples[key]
             ext = next((e for e in IMAGE_MEMBERS if e in members), None)
+            where = sample_location(path, key)
             if ext is None or "cls" not in members:
-                raise DataError(f"{path} sample {key} lacks its image or .cls member. Prepare the dataset again.")
+                raise DataError(f"{where} lacks its image or .cls member. Prepare the dataset again.")
             handle.seek(members["cls"].offset_data)
-            label = parse_label(handle.read(members["cls"].size), num_classes, f"{path} sample {key}")
+            label = parse_label(handle.read(members["cls"].size), num_classes, where)
             image = members[ext]
             locations.append(SampleLocation(shard_index, image.offset_data, image.size, ext, label, key))
     if len(order) != num_samples:

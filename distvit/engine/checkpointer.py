@@ -1,14 +1,17 @@
-"""The checkpoint schema, written and read in this one file, and when checkpoints are written.
+"""The checkpoint schema, written and read in this one file: writing checkpoints (and the exported weights)
+and the checkpoint a run resumes from.
 
-A checkpoint (one `torch.save` file of plain containers, see distvit.run.checkpoint) holds:
+A checkpoint (one `torch.save` file of plain containers, see distvit.run.checkpoint_files) holds:
 
     format_version, model, optimizer, scheduler, scaler, ema, ema_state {updates, decay}, epoch, step,
     data {epoch, samples_in_epoch, seed, manifest, split, global_batch, subset}, data_image_size,
     rng (every rank's torch RNG state), surgery (SurgeryRecord), classes, config, metrics (last
     evaluation), best_score, tracker {wandb_run_id}
 
-`Checkpointer` writes it (`to_payload`) and decides when; `Resume` finds, checks and restores it
-(`restore_payload`). All ranks call both: saving gathers every rank's RNG state.
+`Checkpointer` writes it (`to_payload`; which one, and when, is decided in distvit.engine.after_step),
+and the exported weights at the end; `Resume` finds, checks and restores it (`restore_payload`). All ranks
+call both: saving gathers every rank's RNG state. This module reads the checkpoint section; Resume is given
+train.resume, train.epochs and train.seed.
 
 Not Accelerate's `save_state`: it keeps no epoch/step/sample position and only logs a failed RNG restore,
 and exact mid-epoch resume on another world size needs both in the checkpoint.
@@ -26,29 +29,27 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from distvit.config import CheckpointConfig, Config, OptimConfig, TrainConfig
-from distvit.data.manifest import Manifest
-from distvit.engine.optim import lr_factor
+from distvit.config import CheckpointConfig
+from distvit.engine.context import RunContext
+from distvit.engine.optim import Schedule
 from distvit.engine.order import (
     EpochOrders,
     OrderSettings,
     ResumeOrder,
     ResumePoint,
     augmentation_changes,
-    augmentation_settings,
     compare,
     settings_of_checkpoint,
 )
 from distvit.engine.parts import TrainParts
-from distvit.engine.peers import PeerMonitor
 from distvit.engine.seeds import rng_state
 from distvit.engine.state import TrainState
 from distvit.errors import CheckpointError, RunFinished
+from distvit.model.export import export_model
 from distvit.model.record import SurgeryRecord
-from distvit.run import checkpoint as files
-from distvit.run.checkpoint import BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, step_name
+from distvit.run import checkpoint_files as files
+from distvit.run.checkpoint_files import BEST_NAME, CHECKPOINT_DIR, FINAL_NAME, step_name
 from distvit.run.rundir import SUMMARY_NAME
-from distvit.run.tracking import RunTracker
 
 
 @dataclass(frozen=True)
@@ -63,17 +64,7 @@ class RunIdentity:
     augmentation: dict[str, Any]
     """How a sample is augmented (distvit.engine.order.augmentation_settings)."""
     config: dict[str, Any]
-
-    @classmethod
-    def of(cls, cfg: Config, manifest: Manifest) -> RunIdentity:
-        size = list(manifest.image_size) if manifest.image_size else None
-        return cls(
-            global_batch=cfg.train.batch_size,
-            classes=list(manifest.classes),
-            data_image_size=size,
-            augmentation=augmentation_settings(cfg),
-            config=cfg.to_dict(),
-        )
+    """The resolved config, as a dict."""
 
 
 def to_payload(
@@ -154,27 +145,26 @@ def restore_payload(
 
 
 class Checkpointer:
-    """Writes checkpoints (rank 0, after gathering every rank's RNG) and decides when they are due."""
+    """Writes checkpoints (rank 0, after gathering every rank's RNG), and the exported weights at the end."""
 
     def __init__(
         self,
         cfg: CheckpointConfig,
-        run_dir: Path,
-        accelerator: Accelerator,
-        monitor: PeerMonitor,
-        steps_per_epoch: int,
+        *,
+        context: RunContext,
         parts: TrainParts,
         state: TrainState,
         identity: RunIdentity,
-        tracker: RunTracker,
         orders: EpochOrders,
+        steps_per_epoch: int,
     ):
-        """`orders`: the epoch orders, whose settings each checkpoint records for the epoch in progress."""
-        self.cfg, self.accelerator, self.monitor = cfg, accelerator, monitor
+        """`orders`: the epoch orders, whose settings each checkpoint records for the epoch in progress;
+        `steps_per_epoch`: what an epoch_NNN.pt's step is, for pruning."""
+        self.cfg, self.context = cfg, context
         self.orders = orders
-        self.directory = run_dir / CHECKPOINT_DIR
+        self.directory = context.run_dir / CHECKPOINT_DIR
         self.steps_per_epoch = steps_per_epoch
-        self.parts, self.state, self.identity, self.tracker = parts, state, identity, tracker
+        self.parts, self.state, self.identity = parts, state, identity
         self.last_saved = time.monotonic()
         self.seconds = 0.0
         """Time spent writing checkpoints (every rank waits for rank 0's write; summary.json)."""
@@ -182,13 +172,13 @@ class Checkpointer:
     def save(self, name: str, periodic: bool = False) -> None:
         """All ranks call this; rank 0 writes `name`, then marks it latest (and prunes periodic ones)."""
         start = time.perf_counter()
+        accelerator = self.context.accelerator
         rng_states = gather_object([rng_state()])
         error = None
-        if self.accelerator.is_main_process:
+        if accelerator.is_main_process:
             order = self.orders.settings_of(self.state.epoch)
-            payload = to_payload(
-                self.parts, self.state, self.identity, order, self.accelerator.scaler, rng_states, self.tracker.run_id
-            )
+            run_id = self.context.tracker.run_id
+            payload = to_payload(self.parts, self.state, self.identity, order, accelerator.scaler, rng_states, run_id)
             try:
                 files.save_checkpoint(self.directory / name, payload)
                 files.mark_latest(self.directory, name, self.state.step, self.state.epoch)
@@ -196,37 +186,18 @@ class Checkpointer:
                 error = str(err)
             if periodic and error is None:
                 files.prune_periodic(self.directory, self.cfg.keep_last, self._checkpoint_step)
-        self.monitor.wait_for_main(error)  # not a training collective: a slow write is not a hung rank
+        self.context.monitor.wait_for_main(error)  # not a training collective: a slow write is not a hung rank
         self.last_saved = time.monotonic()
         self.seconds += time.perf_counter() - start
 
-    def save_stopped(self) -> None:
-        self.save(step_name(self.state.step))
-
     def save_final(self) -> None:
         self.save(FINAL_NAME)
-
-    def due_by_count(self, at_epoch_end: bool) -> str | None:
-        """The periodic checkpoint due after this step by count, if any: every checkpoint.every_epochs
-        epochs (at an epoch's end), else every checkpoint.every_steps optimizer steps."""
-        state, cfg = self.state, self.cfg
-        if at_epoch_end and cfg.every_epochs and state.epoch % cfg.every_epochs == 0:
-            return f"epoch_{state.epoch:03d}.pt"
-        if cfg.every_steps and state.step % cfg.every_steps == 0:
-            return step_name(state.step)
-        return None
 
     def due_by_time(self) -> bool:
         """This rank's clock says checkpoint.every_minutes passed since the last checkpoint (rank 0's
         answer is the one that counts: see StopRequests.agreed)."""
         minutes = self.cfg.every_minutes
         return bool(minutes) and time.monotonic() - self.last_saved >= minutes * 60
-
-    def save_if_due(self, at_epoch_end: bool, by_time: bool = False) -> None:
-        """The periodic checkpoint due by count, or (`by_time`, agreed by all ranks) one named by step."""
-        name = self.due_by_count(at_epoch_end) or (step_name(self.state.step) if by_time else None)
-        if name:
-            self.save(name, periodic=True)
 
     def save_if_best(self, score: float) -> None:
         if self.cfg.keep_best and score > self.state.best_score:
@@ -237,6 +208,28 @@ class Checkpointer:
         """The checkpoint a finished or stopped run ends with."""
         return self.directory / (FINAL_NAME if finished else step_name(self.state.step))
 
+    def export(self, last_eval: dict[str, Any]) -> dict[str, Any] | None:
+        """Main process, at the end of a finished run (checkpoint.export; None when off): model.safetensors
+        + model.json of the better of the raw and EMA weights at the last evaluation."""
+        if not self.cfg.export:
+            return None
+        ema, identity = self.parts.ema, self.identity
+        use_ema = ema is not None and last_eval.get("ema_accuracy", -1) >= last_eval.get("accuracy", 0)
+        weights = (ema.module if use_ema else self.parts.model).state_dict()
+        about = {"weights": "ema" if use_ema else "model"}
+        paths = export_model(
+            self.context.run_dir,
+            weights,
+            self.parts.record,
+            {
+                **about,
+                "classes": list(identity.classes),
+                "data_image_size": identity.data_image_size,
+                "metrics": last_eval,
+            },
+        )
+        return {**about, "files": [str(p) for p in paths]}
+
     def _checkpoint_step(self, name: str) -> int:
         """Optimizer step of a periodic checkpoint, from its name (epoch_NNN.pt or step_NNNNNNNN.pt)."""
         number = int(name.split("_")[1].split(".")[0])
@@ -244,14 +237,16 @@ class Checkpointer:
 
 
 class Resume:
-    """The checkpoint a run continues from (train.resume: 'auto' = the run directory's newest, or a file)."""
+    """The checkpoint a run continues from."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
-        if cfg.resume == "auto":
+    def __init__(self, source: str, *, run_dir: Path, epochs: int, seed: int):
+        """`source`: train.resume ('auto': the run directory's newest checkpoint; a file; '': none);
+        `epochs`: train.epochs, the run's length now; `seed`: train.seed."""
+        self.run_dir, self.epochs, self.seed = run_dir, epochs, seed
+        if source == "auto":
             self.path = files.latest_checkpoint(run_dir)
         else:
-            self.path = Path(cfg.resume) if cfg.resume else None
+            self.path = Path(source) if source else None
         self.payload = files.load_checkpoint(self.path, require=tuple(files.KEY_TYPES)) if self.path else None
 
     def __bool__(self) -> bool:
@@ -262,7 +257,7 @@ class Resume:
         """This run's own final state, but the run ended before its outputs (export, summary.json) were all
         written (killed in between, say): resuming writes them and trains nothing."""
         payload = self.payload
-        if not payload or payload["epoch"] != self.cfg.epochs or payload["data"]["samples_in_epoch"]:
+        if not payload or payload["epoch"] != self.epochs or payload["data"]["samples_in_epoch"]:
             return False
         own = self.path.resolve().is_relative_to(self.run_dir.resolve())
         return own and not (self.run_dir / SUMMARY_NAME).is_file()
@@ -271,9 +266,10 @@ class Resume:
         """Where the run continues, and the order settings its epoch under way keeps."""
         return ResumePoint(self.payload["epoch"], self.payload["data"]["samples_in_epoch"], kept)
 
-    def weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
-        """The model weights to start from (None: not resuming) and where they come from."""
-        return (self.payload["model"] if self.payload else None), str(self.path)
+    @property
+    def weights(self) -> dict[str, torch.Tensor] | None:
+        """The model weights to start from (None: not resuming; they come from `path`)."""
+        return self.payload["model"] if self.payload else None
 
     @property
     def step(self) -> int | None:
@@ -326,7 +322,7 @@ class Resume:
     def _check_epochs(self) -> None:
         """train.epochs against what the checkpoint trained: a finished run has nothing to resume; a run
         cannot end before what it already trained."""
-        payload, source, epochs = self.payload, str(self.path), self.cfg.epochs
+        payload, source, epochs = self.payload, str(self.path), self.epochs
         done, partial = payload["epoch"], payload["data"]["samples_in_epoch"] > 0
         if done > epochs or (done == epochs and partial):
             trained = f"{done} epochs" + (f" and part of epoch {done + 1}" if partial else "")
@@ -343,30 +339,23 @@ class Resume:
                 f"nothing to resume (the run directory is unchanged). Raise train.epochs to train longer."
             )
 
-    def schedule_change(self, optim_cfg: OptimConfig, steps_per_epoch: int) -> str | None:
+    def schedule_change(self, schedule: Schedule) -> str | None:
         """What a changed train.epochs does to the lr schedule at the resumed step (the cosine is planned
-        over the whole run, so more epochs lift the lr back up), to announce it; None if unchanged."""
+        over the whole run, so more epochs lift the lr back up), to announce it; None if unchanged.
+        `schedule`: the run's, planned over its train.epochs."""
         before = self.payload["config"].get("train", {}).get("epochs")
-        if not isinstance(before, int) or before == self.cfg.epochs:
+        if not isinstance(before, int) or before == schedule.epochs:
             return None
-        step = self.payload["step"]
-
-        def factor(epochs: int) -> float:
-            total = steps_per_epoch * epochs
-            warmup = min(total, round(optim_cfg.warmup_epochs * steps_per_epoch))
-            milestones = tuple(round(e * steps_per_epoch) for e in optim_cfg.step_epochs)
-            min_factor = optim_cfg.min_lr / optim_cfg.lr
-            return lr_factor(step, total, warmup, optim_cfg.schedule, min_factor, milestones, optim_cfg.step_gamma)
-
-        old, new = factor(before), factor(self.cfg.epochs)
+        step, epochs = self.payload["step"], schedule.epochs
+        old, new = schedule.over(before).factor(step), schedule.factor(step)
         return (
-            f"distvit: note: train.epochs is {self.cfg.epochs} on resume, {before} when {self.path} was written: "
-            f"the lr schedule is re-planned over {self.cfg.epochs} epochs, so at step {step} the lr goes from "
-            f"{old * optim_cfg.lr:.3g} (x{old:.4f} of the peak) to {new * optim_cfg.lr:.3g} (x{new:.4f})."
+            f"distvit: note: train.epochs is {epochs} on resume, {before} when {self.path} was written: "
+            f"the lr schedule is re-planned over {epochs} epochs, so at step {step} the lr goes from "
+            f"{old * schedule.lr:.3g} (x{old:.4f} of the peak) to {new * schedule.lr:.3g} (x{new:.4f})."
         )
 
     def restore(self, parts: TrainParts, state: TrainState, accelerator: Accelerator) -> None:
         try:
-            restore_payload(self.payload, parts, state, accelerator, self.cfg.seed)
+            restore_payload(self.payload, parts, state, accelerator, self.seed)
         except CheckpointError as err:
             raise CheckpointError(f"cannot resume from {self.path}: {err}") from None

@@ -18,6 +18,18 @@ import torch
 from distvit.config import EmaConfig
 
 
+def uses_ema(cfg: EmaConfig) -> bool:
+    """ema.enabled: the run keeps an EMA (a resume checks that its checkpoint has one, or has none)."""
+    return cfg.enabled
+
+
+def build_ema(model: torch.nn.Module, cfg: EmaConfig, total_steps: int) -> ModelEma | None:
+    """The EMA of `model` the ema section asks for (None: ema.enabled is off), its decay sized to the run."""
+    if not uses_ema(cfg):
+        return None
+    return ModelEma(model, decay_for_run(cfg, total_steps), cfg.warmup)
+
+
 def decay_for_run(cfg: EmaConfig, total_steps: int) -> float:
     """ema.decay if set, else 1 - 1 / (horizon x total_steps): the EMA averages the run's last stretch."""
     if cfg.decay is not None:

@@ -1,50 +1,61 @@
 """Evaluation during training: when it is due, the exact counts of the raw model (and the EMA), their
-record in metrics.jsonl and W&B, the confusion file, and the score that decides the best checkpoint."""
+record in metrics.jsonl and W&B, the confusion file, and the score that decides the best checkpoint.
+This module reads the eval section."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
-from distvit.config import TrainConfig
+from distvit.config import EvalConfig
+from distvit.data.loader import MemoryBatches, StreamBatches
 from distvit.data.transforms import BatchTransform
-from distvit.engine.evaluation import EvalResult, evaluate_models
+from distvit.engine.context import RunContext
+from distvit.engine.eval_counts import EvalResult, evaluate_models
 from distvit.engine.state import TrainState
+from distvit.errors import ConfigError
 from distvit.fileio import atomic_write_bytes
 from distvit.run.rundir import CONFUSION_NAME
-from distvit.run.tracking import RunTracker
+
+
+def check_eval_batch(cfg: EvalConfig, world: int) -> None:
+    """eval.batch_size is a global batch: it must split evenly over the `world` ranks (checked when the
+    processes exist, before anything in the run directory changes)."""
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"eval.batch_size={cfg.batch_size} is a global batch size: it must be divisible by the number of "
+            f"processes ({world}). Choose a multiple of {world}."
+        )
 
 
 class Evaluator:
     def __init__(
         self,
-        cfg: TrainConfig,
-        split: str,
-        data,
+        cfg: EvalConfig,
+        *,
+        context: RunContext,
+        data: MemoryBatches | StreamBatches,
         transform: BatchTransform,
-        classes: list[str],
-        accelerator: Accelerator,
-        tracker: RunTracker,
-        run_dir: Path,
+        epochs: int,
     ):
-        self.cfg, self.split, self.data, self.transform = cfg, split, data, transform
-        self.classes, self.accelerator, self.tracker, self.run_dir = classes, accelerator, tracker, run_dir
+        """`data`: the evaluation split (context.eval_split); `epochs`: train.epochs (the last is always
+        evaluated)."""
+        self.every, self.batch_size, self.epochs = cfg.every, cfg.batch_size, epochs
+        self.context, self.data, self.transform = context, data, transform
         self.seconds = 0.0
         """Time spent in evaluations during training, records included (summary.json)."""
 
     def due(self, epoch: int) -> bool:
-        """After the last epoch always, otherwise every train.eval_every epochs."""
-        every = self.cfg.eval_every
-        return epoch == self.cfg.epochs or bool(every and epoch % every == 0)
+        """After the last epoch always, otherwise every eval.every epochs."""
+        return epoch == self.epochs or bool(self.every and epoch % self.every == 0)
 
     def evaluate(self, models: dict[str, torch.nn.Module]) -> dict[str, EvalResult]:
         """Exact results of each model on the evaluation split, the same on every rank."""
+        context = self.context
         return evaluate_models(
-            models, self.data, self.transform, self.cfg.eval_batch_size, self.accelerator, len(self.classes)
+            models, self.data, self.transform, self.batch_size, context.accelerator, len(context.classes)
         )
 
     def run(self, models: dict[str, torch.nn.Module], state: TrainState) -> float:
@@ -57,31 +68,32 @@ class Evaluator:
             self.seconds += time.perf_counter() - start
 
     def _run(self, models: dict[str, torch.nn.Module], state: TrainState) -> float:
+        context, split = self.context, self.context.eval_split
         results = self.evaluate(models)
         raw, ema = results["model"], results.get("ema")
         state.last_eval = {
-            "split": self.split,
+            "split": split,
             "epoch": state.epoch,
             "step": state.step,
             "num_samples": raw.num_samples,
             **raw.record(),
             **(ema.record("ema_") if ema else {}),
         }
-        self.tracker.log(state.last_eval)
-        self.tracker.log_images(f"{self.split}/predictions", raw.samples, state.step)
-        if self.accelerator.is_main_process:
+        context.tracker.log(state.last_eval)
+        context.tracker.log_images(f"{split}/predictions", raw.samples, state.step)
+        if context.accelerator.is_main_process:
             confusion = {
-                "classes": list(self.classes),
-                "split": self.split,
+                "classes": list(context.classes),
+                "split": split,
                 "epoch": state.epoch,
                 "step": state.step,
                 "model": raw.confusion,
                 **({"ema": ema.confusion} if ema else {}),
             }
-            (self.run_dir / CONFUSION_NAME).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / CONFUSION_NAME, json.dumps(confusion).encode())
-        self.accelerator.print(
-            f"epoch {state.epoch}: {self.split} accuracy {raw.accuracy:.4f} ({raw.correct}/{raw.num_samples}), "
+            (context.run_dir / CONFUSION_NAME).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(context.run_dir / CONFUSION_NAME, json.dumps(confusion).encode())
+        context.accelerator.print(
+            f"epoch {state.epoch}: {split} accuracy {raw.accuracy:.4f} ({raw.correct}/{raw.num_samples}), "
             f"top-5 {raw.top5:.4f}, loss {raw.loss:.4f}"
             + (f"; EMA accuracy {ema.accuracy:.4f}, loss {ema.loss:.4f}" if ema else "")
         )

@@ -12,34 +12,36 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from distvit.augment import PRESETS, recipe_of
-from distvit.config import Config
+from distvit.augment.recipe import what_augments
+from distvit.config import AugmentConfig
 from distvit.data.devices import to_device
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
 from distvit.data.transforms import BatchTransform
 from distvit.engine.failures import SampleFailures
-from distvit.engine.mixing import mixing_enabled
+from distvit.engine.teacher import Teacher
+from distvit.model.record import SurgeryRecord
 
 
-def cache_blockers(cfg: Config, model: torch.nn.Module) -> list[str]:
-    """Why this run's head cannot train on cached features (empty: it can)."""
+def cache_blockers(
+    model: torch.nn.Module, record: SurgeryRecord, augment: AugmentConfig, mixing: bool, teacher: Teacher | None
+) -> list[str]:
+    """Why this run's head cannot train on cached features (empty: it can). `mixing`: whether the step
+    mixes (the mix section); `teacher`: the distillation teacher, if any."""
     blockers = []
-    if cfg.surgery.freeze != "backbone":
-        blockers.append(f"surgery.freeze={cfg.surgery.freeze} (needs backbone)")
-    recipe = recipe_of(cfg.data, cfg.augment)
-    if PRESETS[cfg.data.augment].active:
-        blockers.append(f"data.augment={cfg.data.augment} (needs none)")
-    elif recipe.active:
-        blockers.append(f"the augment section's {recipe.describe()} (needs no augmentation)")
-    if mixing_enabled(cfg.data):
+    if record.freeze != "backbone":
+        blockers.append(f"surgery.freeze={record.freeze} (needs backbone)")
+    augmented = what_augments(augment)
+    if augmented:
+        blockers.append(f"{augmented[0]} (needs {augmented[1]})")
+    if mixing:
         blockers.append("mixup/cutmix is on")
-    if cfg.surgery.drop_path:
-        blockers.append(f"surgery.drop_path={cfg.surgery.drop_path} (the frozen backbone would be random)")
-    if cfg.distill.type != "none":
-        blockers.append(f"distill.type={cfg.distill.type}")
+    if record.drop_path:
+        blockers.append(f"surgery.drop_path={record.drop_path} (the frozen backbone would be random)")
+    if teacher is not None:
+        blockers.append(f"distill.type={teacher.kind}")
     if not isinstance(model.get_classifier(), torch.nn.Linear) or not hasattr(model, "forward_head"):
-        return [*blockers, f"{cfg.model.name} has no single linear classifier (a distilled DeiT has two heads)"]
+        return [*blockers, f"{record.model_name} has no single linear classifier (a distilled DeiT has two heads)"]
     if any(p.requires_grad for name, p in model.named_parameters() if not name.startswith(_head_prefix(model))):
         blockers.append("parameters outside the classifier train")
     return blockers

@@ -6,10 +6,12 @@ its mirror in the rank's batch (`x.flip(0)`), as timm does; so, unlike crop/flip
 the global batch is split over ranks.
 
 Not timm's `Mixup`: it draws from the global numpy/random state, so a resumed run would mix differently.
+This module reads the mix section.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distvit.config import DataConfig
+from distvit.config import MixConfig
 
 
 @dataclass(frozen=True)
@@ -30,17 +32,22 @@ class MixDecision:
     """CutMix box (top, bottom, left, right) in input pixels, filled from the mirrored sample."""
 
 
-def mixing_enabled(cfg: DataConfig) -> bool:
+def mixing_enabled(cfg: MixConfig) -> bool:
     return cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
 
-def sample_mix(cfg: DataConfig, seed: int, height: int, width: int) -> MixDecision:
+def mix_settings(cfg: MixConfig) -> dict[str, float]:
+    """The section by config key ('mix.prob': 1.0, ...): what checkpoints record of the mixing."""
+    return {f"mix.{name}": value for name, value in dataclasses.asdict(cfg).items()}
+
+
+def sample_mix(cfg: MixConfig, seed: int | list[int], height: int, width: int) -> MixDecision:
     if not mixing_enabled(cfg):
         return MixDecision("none")
     rng = np.random.default_rng(seed)
-    if rng.random() >= cfg.mix_prob:
+    if rng.random() >= cfg.prob:
         return MixDecision("none")
-    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or rng.random() < cfg.mix_switch_prob)
+    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or rng.random() < cfg.switch_prob)
     if not use_cutmix:
         return MixDecision("mixup", float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)))
     lam = float(rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha))

@@ -1,9 +1,11 @@
-"""Optimizer and learning-rate schedule from the `optim` config section."""
+"""Optimizer and learning-rate schedule from the `optim` config section: the schedule is planned here, once
+(`Schedule`), for the scheduler and for what a resume says about it."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from timm.optim._param_groups import param_groups_layer_decay
@@ -37,6 +39,14 @@ def lr_multiplier(cfg: OptimConfig, global_batch: int) -> float:
     """Factor applied to optim.lr and min_lr for the run's global batch (optim.lr_scale)."""
     ratio = global_batch / cfg.lr_base_batch
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scale]
+
+
+def effective_lr(cfg: OptimConfig, global_batch: int) -> tuple[float, str]:
+    """The peak lr the run trains with (optim.lr scaled for the global batch), and how it was scaled
+    (' (optim.lr 0.0005 x 2, lr_scale=linear)'; '' without scaling), for the start line."""
+    multiplier = lr_multiplier(cfg, global_batch)
+    how = f" (optim.lr {cfg.lr:g} x {multiplier:.4g}, lr_scale={cfg.lr_scale})" if cfg.lr_scale != "none" else ""
+    return cfg.lr * multiplier, how
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -91,16 +101,42 @@ def lr_factor(
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The lr schedule of a run, planned in optimizer steps over its epochs: the multiplier of the peak lr
+    at every step. The scheduler follows it; a resume re-plans it `over` another number of epochs."""
+
+    cfg: OptimConfig
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def lr(self) -> float:
+        """optim.lr: the peak the multipliers apply to (before optim.lr_scale)."""
+        return self.cfg.lr
+
+    def over(self, epochs: int) -> Schedule:
+        return Schedule(self.cfg, self.steps_per_epoch, epochs)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        total = per_epoch * self.epochs
+        warmup = min(total, round(cfg.warmup_epochs * per_epoch))
+        milestones = tuple(round(e * per_epoch) for e in cfg.step_epochs)
+        return lr_factor(step, total, warmup, cfg.schedule, cfg.min_lr / cfg.lr, milestones, cfg.step_gamma)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Per-optimizer-step schedule. Step it once per optimizer step on every rank (never prepare() it:
+        a prepared scheduler steps once per process). A LambdaLR, not timm's schedulers: its step count
+        travels in the checkpoint, where timm's step-based ones must be fed the update count. A lambda,
+        not this object: LambdaLR saves (and a resume would restore) the attributes of callable objects,
+        and a resume must keep its own plan."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factor(step))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-optimizer-step schedule. Step it once per optimizer step on every rank (never prepare() it:
-    a prepared scheduler steps once per process). A LambdaLR of `lr_factor`, not timm's schedulers: its
-    step count travels in the checkpoint, where timm's step-based ones must be fed the update count."""
-    total = steps_per_epoch * epochs
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    min_factor = cfg.min_lr / cfg.lr
-    milestones = tuple(round(e * steps_per_epoch) for e in cfg.step_epochs)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule, min_factor, milestones, cfg.step_gamma)
-    )
+    """The scheduler of the schedule planned from `cfg` over `epochs` epochs (see Schedule)."""
+    return Schedule(cfg, steps_per_epoch, epochs).scheduler(optimizer)

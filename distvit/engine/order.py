@@ -13,8 +13,9 @@ new config's, field by field (`compare`):
 - per step (global batch, world size): the remaining slots of the epoch are taken in the same order
   whatever their split into steps and ranks, so a change applies at the resumed step.
 
-`order_settings` is the one place that reads the config for the order; a test changes every config key
-in turn and fails when the order changes but the settings do not (tests/unit/engine/test_order.py).
+`order_settings` is the one place that reads the config for the order (the data section, with the seed
+and the augmentation's repeats); a test changes every config key in turn and fails when the order changes
+but the settings do not (tests/unit/engine/test_order.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from typing import Any
 
 import torch
 
-from distvit.augment.recipe import recipe_of
-from distvit.config import Config
+from distvit.augment.recipe import recipe_of, recipe_settings
+from distvit.config import MOVED_KEYS, AugmentConfig, DataConfig, MixConfig
 from distvit.data.manifest import Manifest
 from distvit.data.plan import EpochPlan, epoch_order, num_steps, subset_indices, window_order
+from distvit.engine.mixing import mix_settings
 from distvit.errors import CheckpointError
 
 
@@ -67,19 +69,19 @@ IDENTITY = ("manifest", "split", "subset", "seed")
 PER_EPOCH = ("shuffle", "shuffle_window", "repeats")
 
 
-def order_settings(cfg: Config, manifest: Manifest) -> OrderSettings:
+def order_settings(data: DataConfig, manifest: Manifest, *, seed: int, augment: AugmentConfig) -> OrderSettings:
     """The settings of a run's epochs as its config asks for them (data.shuffle=auto: window order when
-    streaming through data.cache_dir, whose cache holds a window at a time, else a global permutation)."""
-    data = cfg.data
+    streaming through data.cache_dir, whose cache holds a window at a time, else a global permutation);
+    `seed`: train.seed; `augment`: the augment section, whose recipe says how often each sample repeats."""
     shuffle = data.shuffle if data.shuffle != "auto" else ("window" if data.cache_dir else "global")
     return OrderSettings(
         manifest=manifest.fingerprint(),
         split=data.train_split,
         subset=data.train_subset,
-        seed=cfg.train.seed,
+        seed=seed,
         shuffle=shuffle,
         shuffle_window=data.shuffle_window if shuffle == "window" else 0,
-        repeats=recipe_of(data, cfg.augment).repeats,
+        repeats=recipe_of(augment).repeats,
     )
 
 
@@ -93,7 +95,8 @@ def settings_of_checkpoint(payload: dict[str, Any]) -> OrderSettings:
     shuffle = data_cfg.get("shuffle", "global")
     if shuffle == "auto":
         shuffle = "window" if data_cfg.get("cache_dir") else "global"
-    preset_repeats = {"deit": 3}.get(data_cfg.get("augment", ""), 1)
+    preset = augment.get("preset", data_cfg.get("augment", ""))  # data.augment before it moved to augment.preset
+    preset_repeats = {"deit": 3}.get(preset, 1)
     return OrderSettings(
         manifest=data["manifest"],
         split=data["split"],
@@ -105,24 +108,20 @@ def settings_of_checkpoint(payload: dict[str, Any]) -> OrderSettings:
     )
 
 
-def augmentation_settings(cfg: Config) -> dict[str, Any]:
-    """How a step's samples are augmented and mixed: the resolved recipe (repeats aside: they are part of
-    the order) and the mixing settings. Recorded in checkpoints so a resume can say what it changes."""
-    recipe = dataclasses.asdict(recipe_of(cfg.data, cfg.augment))
-    del recipe["repeats"]
-    mixing = ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob")
-    keys = {name: f"data.{name}" if name == "crop_padding" else f"augment.{name}" for name in recipe}
-    return {
-        **{keys[name]: value for name, value in recipe.items()},
-        **{f"data.{name}": getattr(cfg.data, name) for name in mixing},
-    }
+def augmentation_settings(augment: AugmentConfig, mix: MixConfig) -> dict[str, Any]:
+    """How a step's samples are augmented and mixed, by config key: the resolved recipe (repeats aside:
+    they are part of the order) and the mixing settings. Recorded in checkpoints so a resume can say what
+    it changes."""
+    return {**recipe_settings(recipe_of(augment)), **mix_settings(mix)}
 
 
 def augmentation_changes(saved: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """'KEY old -> new, ...' for every augmentation setting a resume changes ('' for none, or for a
-    checkpoint that did not record them)."""
+    checkpoint that did not record them). A checkpoint written before keys moved (data.crop_padding,
+    data.mixup_alpha, ...) recorded them under their old names: read under the new ones."""
     if not isinstance(saved, dict):
         return ""
+    saved = {MOVED_KEYS.get(key, key): value for key, value in saved.items()}
     return ", ".join(f"{key} {saved.get(key)!r} -> {value!r}" for key, value in new.items() if saved.get(key) != value)
 
 

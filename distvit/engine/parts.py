@@ -1,31 +1,30 @@
 """What a training step is made of, built in one place: the model (with its record and input transform),
 optimizer, schedule, EMA, teacher, and the module a step runs (compiled, DDP-wrapped, or the classifier
-alone on cached features)."""
+alone on cached features). Built from the sections of the parts it makes (optim, ema, distill, augment)
+and the train section's compile, cache_features and batch settings."""
 
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from distvit.augment import Augmenter, recipe_of
-from distvit.config import Config
+from distvit.config import AugmentConfig, DistillConfig, EmaConfig, OptimConfig, TrainConfig
 from distvit.data.transforms import BatchTransform
 from distvit.engine.accelerator import compile_supported
-from distvit.engine.ema import ModelEma, decay_for_run
+from distvit.engine.ema import ModelEma, build_ema
 from distvit.engine.features import cache_blockers
-from distvit.engine.optim import build_optimizer, build_scheduler, lr_multiplier
+from distvit.engine.optim import Schedule, build_optimizer, effective_lr
 from distvit.engine.sources import DataSources
 from distvit.engine.teacher import Teacher, load_teacher
 from distvit.errors import ConfigError
-from distvit.model.build import set_fused_attention
 from distvit.model.record import SurgeryRecord
-from distvit.run.checkpoint import load_weights
+from distvit.run.checkpoint_files import load_weights
 
 
 @dataclass
@@ -38,53 +37,69 @@ class TrainParts:
     """The training input: the augmentation recipe's parts around `transform`."""
     optimizer: torch.optim.Optimizer
     """Prepared by Accelerate (gradient scaling, DDP-aware zeroing)."""
+    schedule: Schedule
+    """The lr schedule as planned for this run (the scheduler follows it)."""
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: ModelEma | None
     teacher: Teacher | None
     trained: torch.nn.Module
     """What a step runs: the compiled and/or DDP-wrapped model, or only its classifier on cached features."""
-    lr_multiplier: float
+    effective_lr: float
+    """optim.lr scaled for the global batch (optim.lr_scale)."""
+    lr_scaling: str
+    """How it was scaled, for the start line ('' without scaling)."""
     fused_attn: bool
     fused_fp16: bool
     """fp16 loss scaling with a fused optimizer (its skipped steps show only in the scale)."""
+    micro_batches: int = 1
+    """train.grad_accum_steps: micro-batches per rank and step."""
     compiled: bool = False
     compile_seconds: float = 0.0
     features_cached: bool = False
 
 
 def build_parts(
-    cfg: Config,
     model: torch.nn.Module,
     record: SurgeryRecord,
+    *,
+    transform: BatchTransform,
     sources: DataSources,
     accelerator: Accelerator,
-    stored_size: tuple[int, int] | None,
     classes: list[str],
-    resume_weights: dict[str, torch.Tensor] | None = None,
-    resume_source: str = "",
+    train: TrainConfig,
+    optim: OptimConfig,
+    ema: EmaConfig,
+    distill: DistillConfig,
+    augment: AugmentConfig,
+    mixing: bool,
+    fused_attn: bool,
+    feature_batch: int,
+    stored_size: tuple[int, int] | None,
+    weights: dict[str, torch.Tensor] | None = None,
+    weights_source: str = "",
 ) -> TrainParts:
     """Everything around `model` that a step needs, in the order that keeps ranks and resumes exact:
-    device and optimizer first, then the checkpoint's weights, then what is derived from them (cached
-    features, the EMA's copy, the compiled graph), and DDP last."""
+    device and optimizer first, then the checkpoint's `weights` (a resume), then what is derived from
+    them (cached features, the EMA's copy, the compiled graph), and DDP last. `mixing`: whether the step
+    mixes (mix section); `feature_batch`: the global batch of the feature-caching pass (eval.batch_size)."""
     device = accelerator.device
-    transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
-    fused_attn = set_fused_attention(model, cfg.model.fused_attn)
-    teacher = load_teacher(cfg.distill, classes, device) if cfg.distill.type != "none" else None
+    teacher = load_teacher(distill, classes, device)
     if teacher is not None and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)  # training forward returns (class head, distillation head)
     model.to(device)
-    optimizer = build_optimizer(model, cfg.optim, cfg.surgery.lr_decay, cfg.train.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, sources.steps_per_epoch, cfg.train.epochs)
-    if resume_weights is not None:
-        load_weights(model, resume_weights, record, source=resume_source)
-    features_cached = _cache_features(cfg, model, sources, transform, accelerator)
-    ema = None
-    if cfg.ema.enabled:
-        ema = ModelEma(model, decay_for_run(cfg.ema, sources.steps_per_epoch * cfg.train.epochs), cfg.ema.warmup)
-    want_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+    optimizer = build_optimizer(model, optim, record.lr_decay, train.batch_size)
+    schedule = Schedule(optim, sources.steps_per_epoch, train.epochs)
+    scheduler = schedule.scheduler(optimizer)
+    if weights is not None:
+        load_weights(model, weights, record, source=weights_source)
+    features_cached = _cache_features(
+        train.cache_features, model, record, augment, mixing, teacher, sources, transform, feature_batch, accelerator
+    )
+    average = build_ema(model, ema, sources.steps_per_epoch * train.epochs)
+    want_compile = train.compile if train.compile is not None else device.type == "cuda"
     compiled, compile_seconds = None, 0.0
     if want_compile and not features_cached:
-        micro = cfg.train.batch_size // accelerator.num_processes // cfg.train.grad_accum_steps
+        micro = train.batch_size // accelerator.num_processes // train.grad_accum_steps
         compiled, compile_seconds = compile_model(
             model, transform, stored_size or (record.img_size,) * 2, micro, accelerator
         )
@@ -92,19 +107,23 @@ def build_parts(
     trained = model.get_classifier() if features_cached else model
     fused_fp16 = accelerator.scaler is not None and bool(optimizer.defaults.get("fused"))
     trained, optimizer = accelerator.prepare(trained if compiled is None else compiled, optimizer)
+    lr, lr_scaling = effective_lr(optim, train.batch_size)
     return TrainParts(
         model=model,
         record=record,
         transform=transform,
-        augment=Augmenter(recipe_of(cfg.data, cfg.augment), transform),
+        augment=Augmenter(recipe_of(augment), transform),
         optimizer=optimizer,
+        schedule=schedule,
         scheduler=scheduler,
-        ema=ema,
+        ema=average,
         teacher=teacher,
         trained=trained,
-        lr_multiplier=lr_multiplier(cfg.optim, cfg.train.batch_size),
+        effective_lr=lr,
+        lr_scaling=lr_scaling,
         fused_attn=fused_attn,
         fused_fp16=fused_fp16,
+        micro_batches=train.grad_accum_steps,
         compiled=compiled is not None,
         compile_seconds=compile_seconds,
         features_cached=features_cached,
@@ -112,21 +131,30 @@ def build_parts(
 
 
 def _cache_features(
-    cfg: Config, model: torch.nn.Module, sources: DataSources, transform: BatchTransform, accelerator: Accelerator
+    wanted: bool | None,
+    model: torch.nn.Module,
+    record: SurgeryRecord,
+    augment: AugmentConfig,
+    mixing: bool,
+    teacher: Teacher | None,
+    sources: DataSources,
+    transform: BatchTransform,
+    batch: int,
+    accelerator: Accelerator,
 ) -> bool:
-    """Train the head on the frozen backbone's features when train.cache_features allows and the run is
-    head-only (see distvit.engine.features); returns whether it does."""
-    if cfg.train.cache_features is False:
+    """Train the head on the frozen backbone's features when train.cache_features (`wanted`) allows and the
+    run is head-only (see distvit.engine.features); returns whether it does."""
+    if wanted is False:
         return False
-    blockers = cache_blockers(cfg, model)
+    blockers = cache_blockers(model, record, augment, mixing, teacher)
     if blockers:
-        if cfg.train.cache_features:
+        if wanted:
             raise ConfigError(
                 f"train.cache_features=true needs a head-only run, but: {'; '.join(blockers)}. "
                 f"Leave train.cache_features empty to use it only where possible."
             )
         return False
-    sources.use_features(model, transform, cfg.train.eval_batch_size, accelerator)
+    sources.use_features(model, transform, batch, accelerator)
     return True
 
 
@@ -164,12 +192,13 @@ def compile_model(
     return compiled, seconds
 
 
-def describe_parts(parts: TrainParts, cfg: Config, ddp_static_graph: bool) -> list[str]:
+def describe_parts(parts: TrainParts, ddp_static_graph: bool) -> list[str]:
     """The optional features a run uses, for its start line."""
-    features: list[tuple[str, Any]] = [
+    teacher = parts.teacher
+    features: list[tuple[str, bool]] = [
         (f"EMA decay {parts.ema.decay:.6f}" if parts.ema else "", parts.ema is not None),
-        (f"distillation ({cfg.distill.type}) from {cfg.distill.teacher}", parts.teacher is not None),
-        (f"{cfg.train.grad_accum_steps} micro-batches per step", cfg.train.grad_accum_steps > 1),
+        (f"distillation ({teacher.kind}) from {teacher.source}" if teacher else "", teacher is not None),
+        (f"{parts.micro_batches} micro-batches per step", parts.micro_batches > 1),
         (f"torch.compile ({parts.compile_seconds:.1f} s to compile)", parts.compiled),
         ("fused attention", parts.fused_attn),
         ("head trained on cached backbone features", parts.features_cached),

@@ -85,3 +85,20 @@ def is_peer_failure(err: BaseException) -> bool:
         "failed to pass monitoredbarrier",
     )
     return isinstance(err, dist.DistError) or any(marker in text for marker in markers)
+
+
+def main_only(accelerator, work, what: str) -> str | None:
+    """Run rank 0's own work; the error it ends with (a full disk, an unwritable folder), for every rank
+    to stop with (PeerMonitor.wait_for_main), instead of rank 0 leaving alone and the others waiting."""
+    if not accelerator.is_main_process:
+        return None
+    try:
+        work()
+    except (OSError, DistvitError) as err:
+        if isinstance(err, DistvitError):
+            return str(err)
+        reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        return (
+            f"{what} failed ({reason}). Fix the cause (free space, permissions) and run again with train.resume=auto."
+        )
+    return None

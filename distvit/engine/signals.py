@@ -17,7 +17,9 @@ A second SIGINT, more than REPEAT_S after the first, exits at once in every phas
 line). The torchrun agent passes a Ctrl-C on as a SIGINT of its own, and Slurm signals every process of
 a step: one request can arrive twice within milliseconds, hence the interval.
 
-Only the standard library here: `install` runs before torch is imported.
+Only the standard library here (and distvit.data.node, which is only that): `install` runs before torch
+is imported. One line per node (`is_local_leader`): the ranks a launcher started share its stderr, and a
+signal reaches them all.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+
+from distvit.data.node import is_local_leader
 
 EXIT_STOPPED = 3
 """Exit status of a training process that stopped on request (after its checkpoint, if it had one to write)."""
@@ -138,11 +142,6 @@ def _raise_if_requested() -> None:
     if _state.request is not None and not _state.raised:
         _state.raised = True  # once: the launcher's own copy of the signal must not interrupt the exit
         raise StoppedDuringStartup(_state.request, _state.first_step)
-
-
-def is_local_leader() -> bool:
-    """One line per node: the ranks a launcher started share its stderr, and a signal reaches them all."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def report_startup_stop(stop: StoppedDuringStartup) -> int:

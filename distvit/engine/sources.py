@@ -1,4 +1,5 @@
-"""The data a run trains and evaluates on, and the order it takes them in.
+"""The data a run trains and evaluates on, and the order it takes them in. This module reads the data
+section (with distvit.engine.order, which derives the epoch order from it).
 
 The global plan (`data.plan`) tells each rank which samples to take at each step, and the batch source
 (`data.loader`) delivers exactly those, as uint8; so every rank runs the same number of steps and every
@@ -8,24 +9,42 @@ sample is seen once per epoch, also across a resume with another world size.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from distvit.config import DataConfig, TrainConfig
+from distvit.config import DataConfig
 from distvit.data.cache import ShardCache
 from distvit.data.fetch import FetchPolicy
-from distvit.data.loader import MemoryBatches, loader_workers, open_batches
+from distvit.data.loader import MemoryBatches, StreamBatches, loader_workers, open_batches
 from distvit.data.manifest import Manifest
 from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan, RankBatch, sequential_order
 from distvit.data.preflight import bad_shards_message, describe, without_shards
 from distvit.data.transforms import BatchTransform
 from distvit.engine.features import compute_features
+from distvit.engine.metrics import SampleTrace
 from distvit.engine.order import EpochOrders, OrderSettings, ResumePoint
 from distvit.errors import DataError
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One training step's data on this rank, and where it lies in the epoch's global batch (a step's
+    augmentation and mixing are drawn for the global batch, then each rank takes its slice)."""
+
+    batch: RankBatch
+    images: torch.Tensor
+    labels: torch.Tensor
+    local: slice
+    """This rank's slots of the global batch."""
+    global_batch: int
+    epoch: int
+    """The epoch the step belongs to (0-based)."""
 
 
 def agree_on_bad_shards(cfg: DataConfig, manifest: Manifest, bad: dict[str, str], accelerator: Accelerator) -> Manifest:
@@ -48,18 +67,22 @@ class DataSources:
     def __init__(
         self,
         cfg: DataConfig,
-        train_cfg: TrainConfig,
+        *,
         manifest: Manifest,
         accelerator: Accelerator,
         img_size: int,
         order: OrderSettings,
+        global_batch: int,
         splits: dict[str, SplitTensors] | None = None,
         resumed: ResumePoint | None = None,
     ):
-        """`order`: what the epoch orders depend on (distvit.engine.order); `splits`: in-memory data by split
-        name instead of the shards of cfg.path (benchmarks); `resumed`: where a resumed run continues."""
-        self.batch_size = train_cfg.batch_size
+        """`order`: what the epoch orders depend on (distvit.engine.order); `global_batch`: train.batch_size;
+        `splits`: in-memory data by split name instead of the shards of cfg.path (benchmarks); `resumed`:
+        where a resumed run continues."""
+        self.cfg = cfg
+        self.batch_size = global_batch
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.path, self.eval_split = cfg.path, cfg.eval_split
         device = accelerator.device
         self.cache = None
         if cfg.cache_dir and splits is None:
@@ -83,19 +106,23 @@ class DataSources:
             )
         shard_sizes = [shard.num_samples for shard in manifest.splits[cfg.train_split].shards]
         self.orders = EpochOrders(order, shard_sizes, len(self.train), self.batch_size, self.world, self.rank)
-        resumed = resumed or ResumePoint()
-        if resumed.kept is not None:
-            self.orders.keep(resumed.epoch, resumed.kept)
-        if self.cache is not None:  # what every pass left needs at once, on every rank before the first step
-            self.cache.check_passes(
-                self, train_cfg.epochs, train_cfg.eval_batch_size, gather_object, resumed.epoch, resumed.samples
-            )
+        self.resumed = resumed or ResumePoint()
+        if self.resumed.kept is not None:
+            self.orders.keep(self.resumed.epoch, self.resumed.kept)
         self.train_size = len(self.train)
         """Images in the training split (before any subset)."""
         self.subset = self.orders.subset
         self.num_train = self.orders.num_train
         self.feature_seconds: float | None = None
         """Time spent computing cached backbone features (head-only runs), None when not cached."""
+
+    def check_cache(self, epochs: int, eval_batch: int) -> None:
+        """Streaming through data.cache_dir: whether the cache holds what every pass left needs at once
+        (each epoch up to `epochs`, and the evaluation in batches of `eval_batch`), agreed by all ranks
+        before the first step (and before any feature caching reads through the cache)."""
+        if self.cache is not None:
+            resumed = self.resumed
+            self.cache.check_passes(self, epochs, eval_batch, gather_object, resumed.epoch, resumed.samples)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -120,18 +147,35 @@ class DataSources:
         if self.cache is not None:
             self.cache.close()
 
+    def trace(self, run_dir: Path) -> SampleTrace:
+        """The per-rank record of the samples each step trains on (written only with data.trace_samples)."""
+        return SampleTrace(run_dir, self.rank, self.cfg.trace_samples)
+
+    def describe(self) -> str:
+        """How the training data is ordered and read, for the start line: '; windows of 4 shards shuffled;
+        streamed through ...; data in memory' (data.mode=auto and data.decode=auto resolved)."""
+        order = f"; windows of {self.shuffle_window} shards shuffled" if self.shuffle_window else ""
+        if self.cache is not None:
+            order += f"; streamed through {self.cfg.cache_dir} (at most {self.cfg.cache_limit / 1e9:.3g} GB)"
+        return order + f"; data {_reading(self.train, self.cfg.decode)}"
+
     def epoch_plan(self, epoch: int, start_sample: int = 0) -> tuple[EpochPlan, slice]:
         """This rank's plan of `epoch` from `start_sample` on, and its slice of each global batch."""
         return self.orders.plan(epoch, start_sample)
 
-    def endless_batches(self) -> Iterator[tuple[RankBatch, torch.Tensor, torch.Tensor, slice, int, int]]:
-        """This rank's training batches epoch after epoch as training plans them (benchmarks): (batch,
-        images, labels, this rank's slice, global batch, epoch)."""
+    def epoch_inputs(
+        self, epoch: int, plan: EpochPlan, local: slice, on_failure: Callable[[str], None] | None = None
+    ) -> Iterator[StepInput]:
+        """The steps of `plan` (this rank's plan of `epoch`, see epoch_plan), as training takes them."""
+        for batch, images, labels in self.train.epoch(plan, on_failure):
+            yield StepInput(batch, images, labels, local, plan.global_batch, epoch)
+
+    def endless_inputs(self) -> Iterator[StepInput]:
+        """This rank's training steps epoch after epoch as training plans them (benchmarks)."""
         epoch = 0
         while True:
             plan, local = self.epoch_plan(epoch)
-            for batch, images, labels in self.train.epoch(plan):
-                yield batch, images, labels, local, plan.global_batch, epoch
+            yield from self.epoch_inputs(epoch, plan, local)
             epoch += 1
 
     def use_features(
@@ -142,3 +186,16 @@ class DataSources:
         indices = self.subset if self.subset is not None else sequential_order(self.train_size)
         self.train = MemoryBatches(compute_features(model, self.train, indices, transform, global_batch, accelerator))
         self.feature_seconds = time.perf_counter() - start
+
+
+def _reading(train: MemoryBatches | StreamBatches, decode: str) -> str:
+    """How training batches are read (data.mode=auto and data.decode=auto resolved)."""
+    if isinstance(train, MemoryBatches):
+        unused = " (data.decode=device applies to stream mode only)" if decode == "device" else ""
+        return f"in memory{unused}"
+    if train.samples.raw_jpeg:
+        return "streamed from the shards, decoded on the device"
+    workers = train.num_workers
+    return "streamed from the shards, decoded " + (
+        f"by {workers} loader worker(s)" if workers else "in the training process"
+    )

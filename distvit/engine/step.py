@@ -13,53 +13,40 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from distvit.config import DataConfig, DistillConfig, OptimConfig, TrainConfig
+from distvit.config import MixConfig, OptimConfig, TrainConfig
 from distvit.data.devices import to_device
-from distvit.data.plan import RankBatch
 from distvit.engine.losses import distillation_loss, label_loss
 from distvit.engine.mixing import apply_mix, mixed_targets, sample_mix
 from distvit.engine.parts import TrainParts
 from distvit.engine.seeds import step_seed
+from distvit.engine.sources import StepInput
 from distvit.engine.timing import PhaseTimer
 
 
 class TrainStep:
     def __init__(
-        self,
-        parts: TrainParts,
-        train_cfg: TrainConfig,
-        data_cfg: DataConfig,
-        optim_cfg: OptimConfig,
-        distill_cfg: DistillConfig,
-        accelerator: Accelerator,
+        self, parts: TrainParts, *, train: TrainConfig, optim: OptimConfig, mix: MixConfig, accelerator: Accelerator
     ):
-        self.parts, self.accelerator = parts, accelerator
-        self.train_cfg, self.data_cfg, self.distill_cfg = train_cfg, data_cfg, distill_cfg
-        self.clip_grad_norm = optim_cfg.clip_grad_norm
+        """`train`: the seed, label smoothing and micro-batches of a step; `optim`: its gradient clipping;
+        `mix`: its Mixup / CutMix."""
+        self.parts, self.accelerator, self.mix = parts, accelerator, mix
+        self.seed, self.label_smoothing, self.micro_batches = train.seed, train.label_smoothing, train.grad_accum_steps
+        self.clip_grad_norm = optim.clip_grad_norm
         self.trainable = [p for p in parts.trained.parameters() if p.requires_grad]
         self.grad_norm = torch.zeros(())
         self.compute_dtype = ""
         """dtype the classifier computed in, in the first training step: shows whether autocast was on
         (Accelerate casts the model's outputs back to float32, so the logits cannot tell)."""
 
-    def __call__(
-        self,
-        batch: RankBatch,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        local: slice,
-        global_batch: int,
-        epoch: int,
-        timer: PhaseTimer | None = None,
-    ) -> torch.Tensor:
+    def __call__(self, data: StepInput, timer: PhaseTimer | None = None) -> torch.Tensor:
         """One optimizer step; returns the summed loss (on device). `timer` (benchmarks) marks each phase:
         the batch's fetch, then its device-side inputs (augmentation, resize, normalisation, mixing)."""
         if timer:
             timer.mark("fetch")
-        x, soft, valid = self.inputs(batch, images, labels, local, global_batch, epoch)
+        x, soft, valid = self.model_input(data)
         if timer:
             timer.mark("inputs")
-        loss_sum = self._forward_backward(x, labels, soft, valid, batch.global_valid)
+        loss_sum = self._forward_backward(x, data.labels, soft, valid, data.batch.global_valid)
         if timer:
             timer.mark("forward_backward")
         self._optimizer_step()
@@ -67,46 +54,46 @@ class TrainStep:
             timer.mark("optimizer")
         return loss_sum
 
-    def inputs(
-        self, batch: RankBatch, images: torch.Tensor, labels: torch.Tensor, local: slice, global_batch: int, epoch: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def model_input(self, data: StepInput) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The model's input (augmented, resized, normalised, mixed), soft targets if mixed, valid mask.
         The augmentation is drawn for the whole global batch from a seed of (seed, epoch, position), so it
         is the same whatever the world size or a resume."""
+        batch, images, labels, local = data.batch, data.images, data.labels, data.local
         valid = to_device(batch.valid, self.accelerator.device)
         if self.parts.features_cached:
             return images, None, valid
-        seed = step_seed(self.train_cfg.seed, epoch, batch.first_slot)
+        seed = step_seed(self.seed, data.epoch, batch.first_slot)
         augment = self.parts.augment
         if augment.recipe.active:
             generator = torch.Generator().manual_seed(seed)
-            params = augment.sample(global_batch, tuple(images.shape[1:3]), generator)
+            params = augment.sample(data.global_batch, tuple(images.shape[1:3]), generator)
             x = augment(images, params.slice(local.start, local.stop))
         else:
             x = self.parts.transform(images)
-        decision = sample_mix(self.data_cfg, [seed, 1], x.shape[-2], x.shape[-1])
+        decision = sample_mix(self.mix, [seed, 1], x.shape[-2], x.shape[-1])
         soft = None
         if decision.kind != "none":
-            soft = mixed_targets(labels, self.parts.record.num_classes, self.train_cfg.label_smoothing, decision)
+            soft = mixed_targets(labels, self.parts.record.num_classes, self.label_smoothing, decision)
             x = apply_mix(x, decision)
         return x, soft, valid
 
     def loss(
         self, output: Any, labels: torch.Tensor, soft: torch.Tensor | None, teacher: torch.Tensor | None
     ) -> torch.Tensor:
-        """Per-sample loss: label loss (smoothing, mixing), plus DeiT's distillation term with a teacher."""
+        """Per-sample loss: label loss (smoothing, mixing), plus DeiT's distillation term with a teacher's
+        logits (weighed as the run's teacher says: distill.alpha, type, tau)."""
         head, distill_head = output if isinstance(output, tuple) else (output, output)
-        loss = label_loss(head, labels, self.train_cfg.label_smoothing, soft)
+        loss = label_loss(head, labels, self.label_smoothing, soft)
         if teacher is None:
             return loss
-        d = self.distill_cfg
-        return (1 - d.alpha) * loss + d.alpha * distillation_loss(distill_head, teacher, d.type, d.tau)
+        t = self.parts.teacher
+        return (1 - t.alpha) * loss + t.alpha * distillation_loss(distill_head, teacher, t.kind, t.tau)
 
     def _forward_backward(
         self, x: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, valid: torch.Tensor, global_valid: int
     ) -> torch.Tensor:
         """Forward and backward over the micro-batches (DDP all-reduces on the last); the summed loss."""
-        accelerator, micro, parts = self.accelerator, self.train_cfg.grad_accum_steps, self.parts
+        accelerator, micro, parts = self.accelerator, self.micro_batches, self.parts
         size = x.shape[0] // micro
         loss_sum = torch.zeros((), device=accelerator.device)
         for index in range(micro):

@@ -1,11 +1,12 @@
 """Stopping on request: SIGUSR1 or SIGTERM to any rank (SIGINT too in a training entry point, see
 distvit.engine.signals), or a file named STOP in the run directory.
 
-A signal only sets a flag. Every `every` optimizer steps (the same steps on every rank) the ranks
-all-reduce their flags, so all of them stop after the same step, write one checkpoint together and
-exit with EXIT_STOPPED. The same small all-reduce carries the other rank-local facts that must become
-joint decisions: a damaged sample one rank met (every rank then raises its DataError, see
-distvit.engine.failures) and rank 0's clock for time-based checkpoints (checkpoint.every_minutes).
+A signal only sets a flag. At the steps where the ranks check (the same steps on every rank, decided in
+distvit.engine.after_step) they all-reduce their flags, so all of them stop after the same step, write one
+checkpoint together and exit with EXIT_STOPPED. The same small all-reduce carries the other rank-local
+facts that must become joint decisions: a damaged sample one rank met (every rank then raises its
+DataError, see distvit.engine.failures) and rank 0's clock for time-based checkpoints
+(checkpoint.every_minutes).
 
 The torchrun / accelerate agent forwards SIGTERM to its workers (and SIGKILLs them ~30 s later), so a
 checkpoint interval of a few seconds is what preemption needs. Loader workers ignore these signals
@@ -44,25 +45,16 @@ class Agreement:
     """What all ranks decided together after a step."""
 
     stop: str | None = None
-    """The reason to stop (an entry of REASONS or PLANNED_STOP), None to go on."""
+    """The request to stop (the first entry of REASONS any rank saw), None when there was none."""
     checkpoint_time: bool = False
     """Rank 0's clock says a time-based checkpoint is due."""
 
 
 class StopRequests:
-    def __init__(
-        self,
-        run_dir: Path,
-        accelerator: Accelerator,
-        every: int,
-        stop_at_step: int = 0,
-        failures: SampleFailures | None = None,
-    ):
+    def __init__(self, run_dir: Path, accelerator: Accelerator, failures: SampleFailures | None = None):
         self.stop_file = run_dir / STOP_FILE
         self.accelerator = accelerator
         self.failures = failures or SampleFailures(accelerator)
-        self.every = every
-        self.stop_at_step = stop_at_step
         self.received: str | None = signals.take_request()  # one that came while the process started
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -79,13 +71,11 @@ class StopRequests:
         requests = [int(self.received == name) for name in SIGNAL_NAMES] + [int(self.stop_file.exists())]
         return [*requests, self.failures.flag(), int(checkpoint_time and self.accelerator.is_main_process)]
 
-    def agreed(self, step: int, force: bool = False, checkpoint_time: bool = False) -> Agreement:
-        """At every `every`-th step (or when `force`, at points all ranks reach together) what the ranks
-        decide together: stop if any rank was asked to (every rank gets the same reason, the first in
-        REASONS that any rank saw), a time-based checkpoint if rank 0's `checkpoint_time`. A collective
-        when there are several ranks. A damaged sample held by any rank is raised here, on every rank."""
-        if not force and step % self.every:
-            return Agreement()
+    def agreed(self, checkpoint_time: bool = False) -> Agreement:
+        """What the ranks decide together, at a step all of them reach (see distvit.engine.after_step): stop
+        if any rank was asked to (every rank gets the same reason, the first in REASONS that any rank saw),
+        a time-based checkpoint if rank 0's `checkpoint_time`. A collective when there are several ranks.
+        A damaged sample held by any rank is raised here, on every rank."""
         flags = self._local_flags(checkpoint_time)
         if self.accelerator.num_processes > 1:
             summed = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device), reduction="sum")
@@ -94,24 +84,6 @@ class StopRequests:
         self.failures.raise_if_any(failures)
         seen = [reason for reason, count in zip(REASONS, requests) if count]
         return Agreement(stop=seen[0] if seen else None, checkpoint_time=bool(clock))
-
-    def reason(
-        self, step: int, at_epoch_end: bool = False, checkpoint_due: bool = False, checkpoint_time: bool = False
-    ) -> Agreement:
-        """What to do after `step`: stop on a request (agreed by all ranks; it wins, so a signal at the
-        planned step still exits as stopped and a STOP file is consumed) or at train.stop_at_step, and
-        whether a time-based checkpoint is due. At an epoch's end requests are checked whatever the
-        interval (all ranks reach it together). A checkpoint due by count is also a point where the ranks
-        agree (so no checkpoint holds steps after a damaged sample), but requests seen there wait for
-        their interval: the documented stop steps stay."""
-        regular = at_epoch_end or step % self.every == 0
-        agreement = self.agreed(step, force=at_epoch_end or checkpoint_due, checkpoint_time=checkpoint_time)
-        if not regular:
-            agreement = Agreement(checkpoint_time=agreement.checkpoint_time)
-        planned = bool(self.stop_at_step) and step == self.stop_at_step
-        if agreement.stop or not planned:
-            return agreement
-        return Agreement(stop=PLANNED_STOP, checkpoint_time=agreement.checkpoint_time)
 
     def consume_stop_file(self) -> None:
         """Main process: remove STOP so that the resumed run does not stop again at once."""

@@ -26,6 +26,12 @@ class Teacher:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    kind: str = "soft"
+    """distill.type: soft (KL at temperature tau) or hard (the teacher's argmax)."""
+    alpha: float = 0.5
+    """distill.alpha: the distillation term's share of the loss."""
+    tau: float = 1.0
+    """distill.tau: the soft term's temperature."""
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -42,13 +48,16 @@ def _column(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
 
 
-def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device) -> Teacher:
-    """A distvit checkpoint / run directory (rebuilt from its surgery record; its classes must be the
-    dataset's, in order), or a timm model whose weights already predict the dataset's classes."""
+def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device) -> Teacher | None:
+    """The teacher distill.type asks for (None: no distillation), with how the loss weighs it: a distvit
+    checkpoint / run directory (rebuilt from its surgery record; its classes must be the dataset's, in
+    order), or a timm model whose weights already predict the dataset's classes."""
+    if cfg.type == "none":
+        return None
     source = os.path.expanduser(cfg.teacher)
     num_classes = len(classes)
     if Path(source).exists():
-        from distvit.run.checkpoint import load_model
+        from distvit.run.checkpoint_files import load_model
 
         model, record, payload = load_model(source)
         img_size, mean, std = record.img_size, record.mean, record.std
@@ -65,7 +74,7 @@ def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device) -
     if hasattr(model, "set_distilled_training"):
         model.set_distilled_training(False)
     model = model.to(device).eval().requires_grad_(False)
-    return Teacher(model, int(img_size), tuple(mean), tuple(std), cfg.teacher)
+    return Teacher(model, int(img_size), tuple(mean), tuple(std), cfg.teacher, cfg.type, cfg.alpha, cfg.tau)
 
 
 def _timm_teacher(cfg: DistillConfig, num_classes: int) -> torch.nn.Module:

@@ -112,6 +112,16 @@ def build_model(
     return model, make_record(model, model_cfg.name, surgery_cfg, pretrained_source)
 
 
+def nothing_frozen(cfg: SurgeryConfig) -> bool:
+    """Every parameter trains (surgery.freeze=none, embeddings not frozen): DDP's options depend on it."""
+    return cfg.freeze == "none" and not cfg.freeze_embeddings
+
+
+def configure_attention(model: torch.nn.Module, cfg: ModelConfig) -> bool:
+    """model.fused_attn on a built model (empty: timm's choice); whether fused attention is in use."""
+    return set_fused_attention(model, cfg.fused_attn)
+
+
 def set_fused_attention(model: torch.nn.Module, enabled: bool | None) -> bool:
     """Switch timm's attention modules between F.scaled_dot_product_attention and the plain path.
     None keeps timm's choice. Returns whether fused attention is in use."""

@@ -17,7 +17,8 @@ RUN_DIR/distvit-run.json   written first by a new run: marks the folder as a dis
 RUN_DIR/.distvit-lock      held (flock) by the run's rank 0 while it runs: a second run there is refused
 
 distvit deletes or replaces files only in a folder that holds a distvit run, and only the files a run
-writes (the names above); anything else in it, a user's own files included, stays.
+writes (the names above); anything else in it, a user's own files included, stays. This module reads the
+run section; whether the run resumes (train.resume) is given to it.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from distvit.config import Config
+from distvit.config import RunConfig
 from distvit.errors import ConfigError
 from distvit.fileio import atomic_write_bytes, hold_lock, lock_holder
-from distvit.run.checkpoint import CHECKPOINT_DIR
+from distvit.run.checkpoint_files import CHECKPOINT_DIR
 from distvit.run.tracking import METRICS_NAME, TRACKER_NAME
 
 CONFIG_NAME = "config.yaml"
@@ -76,34 +77,36 @@ def _other_entries(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name not in _BEFORE_A_RUN)
 
 
-def check_run_dir(cfg: Config) -> Path:
-    """Refuse to start a new run on top of an earlier one unless run.overwrite is set, and make sure the
-    directory can be written. Every rank calls this before training starts; rank 0 writes nothing until
-    all ranks have passed it (see engine.run_training)."""
-    run_dir = Path(cfg.run.dir)
+def run_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.dir)
+
+
+def check_run_dir(cfg: RunConfig, *, resume: str) -> Path:
+    """Refuse to start a new run on top of an earlier one unless run.overwrite is set (or the run resumes:
+    `resume` is train.resume), and make sure the directory can be written. Every rank calls this before
+    training starts; rank 0 writes nothing until all ranks have passed it (see engine.run_training)."""
+    run_dir = run_folder(cfg)
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.dir={cfg.run.dir!r} is a file; it must be a directory (it is created if missing).")
+        raise ConfigError(f"run.dir={cfg.dir!r} is a file; it must be a directory (it is created if missing).")
     others = _other_entries(run_dir)
     if others and not is_distvit_run(run_dir):
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise ConfigError(
-            f"run.dir={cfg.run.dir!r} is not empty ({shown}) and holds no distvit run: distvit writes runs only "
+            f"run.dir={cfg.dir!r} is not empty ({shown}) and holds no distvit run: distvit writes runs only "
             "into a new or empty folder, and replaces files only in its own runs' folders. Choose another run.dir."
         )
-    _check_resume_source(cfg, run_dir, others)
-    if (run_dir / CONFIG_NAME).exists() and not (cfg.run.overwrite or cfg.train.resume):
+    _check_resume_source(cfg, resume, run_dir, others)
+    if (run_dir / CONFIG_NAME).exists() and not (cfg.overwrite or resume):
         raise ConfigError(
-            f"run.dir={cfg.run.dir!r} already holds a run ({CONFIG_NAME} exists). Continue it with "
+            f"run.dir={cfg.dir!r} already holds a run ({CONFIG_NAME} exists). Continue it with "
             f"train.resume=auto, choose another run.dir, or pass run.overwrite=true to replace its results."
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(
-            f"run.dir={cfg.run.dir!r} cannot be created ({err.strerror}). Choose another run.dir."
-        ) from None
+        raise ConfigError(f"run.dir={cfg.dir!r} cannot be created ({err.strerror}). Choose another run.dir.") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"run.dir={cfg.run.dir!r} is not writable by this user. Choose another run.dir.")
+        raise ConfigError(f"run.dir={cfg.dir!r} is not writable by this user. Choose another run.dir.")
     return run_dir
 
 
@@ -127,38 +130,37 @@ def lock_run_dir(run_dir: Path) -> None:
     _HELD_LOCKS[key] = handle
 
 
-def _check_resume_source(cfg: Config, run_dir: Path, others: list[str]) -> None:
-    """Resuming from another run's checkpoint starts a new run: only in a new or empty folder (it would
-    otherwise mix with, and drop the summary and logs of, the run already there)."""
-    source = cfg.train.resume
+def _check_resume_source(cfg: RunConfig, source: str, run_dir: Path, others: list[str]) -> None:
+    """Resuming from another run's checkpoint (`source`: train.resume) starts a new run: only in a new or
+    empty folder (it would otherwise mix with, and drop the summary and logs of, the run already there)."""
     if source in ("", "auto") or not others:
         return
     resolved, home = Path(source).resolve(), run_dir.resolve()
     if home != resolved and home not in resolved.parents:
         raise ConfigError(
-            f"train.resume={source!r} is another run's checkpoint, and run.dir={cfg.run.dir!r} already holds a "
+            f"train.resume={source!r} is another run's checkpoint, and run.dir={cfg.dir!r} already holds a "
             "run: resume from another run into a new or empty run.dir (train.resume=auto continues the run there)."
         )
 
 
-def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
+def init_run_dir(run_dir: Path, cfg: RunConfig, *, resume: str, config_yaml: str, resumed_step: int | None) -> None:
     """Main process only. Marks the folder as a run's (RUN_RECORD) before anything else. A new run clears
-    an earlier run's results (run.overwrite, or train.resume=auto finding no checkpoint): only the files
-    a run writes; a resumed run drops what was logged after its checkpoint. Then the resolved config is
-    written."""
+    an earlier run's results (run.overwrite, or `resume` (train.resume) auto finding no checkpoint): only
+    the files a run writes; a resumed run drops what was logged after its checkpoint. Then the resolved
+    config (`config_yaml`) is written."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / RUN_RECORD).is_file():
         record = {"distvit_run": 1, "created": datetime.datetime.now().isoformat(timespec="seconds")}
         record["host"] = socket.gethostname()
         atomic_write_bytes(run_dir / RUN_RECORD, (json.dumps(record) + "\n").encode())
     if resumed_step is None:
-        if cfg.run.overwrite or cfg.train.resume:
+        if cfg.overwrite or resume:
             for name in _RUN_FILES:
                 # resume=auto before the first checkpoint (a requeued job) is the same run: same W&B run
-                if not (name == TRACKER_NAME and cfg.train.resume):
+                if not (name == TRACKER_NAME and resume):
                     (run_dir / name).unlink(missing_ok=True)
             for folder, owned in _RUN_FOLDERS.items():
-                if not (folder == WANDB_DIR and cfg.train.resume):
+                if not (folder == WANDB_DIR and resume):
                     _remove_owned(run_dir / folder, owned)
     else:
         (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
@@ -167,7 +169,7 @@ def init_run_dir(run_dir: Path, cfg: Config, resumed_step: int | None) -> None:
         for log in logs:
             _drop_lines_after(log, resumed_step)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / CONFIG_NAME, cfg.to_yaml().encode())
+    atomic_write_bytes(run_dir / CONFIG_NAME, config_yaml.encode())
 
 
 def _remove_owned(folder: Path, owned: re.Pattern) -> None:

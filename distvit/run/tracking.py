@@ -1,7 +1,7 @@
 """Run tracking: `metrics.jsonl` in the run directory always, W&B through Accelerate's trackers optionally.
 
 Only the main process writes or talks to W&B. A tracker that fails to start prints a warning and the
-run goes on with `metrics.jsonl` alone.
+run goes on with `metrics.jsonl` alone. This module reads the tracking section.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distvit.config import Config
+from distvit.config import TrackingConfig
 from distvit.errors import DistvitError
 from distvit.fileio import atomic_write_bytes, write_failure
 
@@ -64,9 +64,16 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def log_with(cfg: TrackingConfig) -> str | None:
+    """The tracker Accelerate is created with (None: metrics.jsonl only)."""
+    return "wandb" if cfg.backend == "wandb" else None
+
+
 class RunTracker:
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str] | None = None):
-        self.accelerator = accelerator
+    def __init__(
+        self, cfg: TrackingConfig, *, accelerator: Accelerator, run_dir: Path, class_names: list[str] | None = None
+    ):
+        self.cfg, self.accelerator = cfg, accelerator
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_NAME
         self.class_names = class_names or []
@@ -76,28 +83,25 @@ class RunTracker:
         if accelerator.is_main_process:
             self._handle = open(self.metrics_path, "a", buffering=1)
 
-    def start(
-        self, cfg: Config, extra_config: dict[str, Any], checkpoint_tracker: dict[str, Any] | None = None
-    ) -> None:
-        """Start W&B on the main process, continuing the run id of `checkpoint_tracker` when resuming.
-        Every rank must call this, as Accelerate expects."""
-        if cfg.tracking.backend != "wandb":
+    def start(self, config: dict[str, Any], checkpoint_tracker: dict[str, Any] | None = None) -> None:
+        """Start W&B on the main process with `config` (the run's, resolved, and what it adds), continuing
+        the run id of `checkpoint_tracker` when resuming. Every rank must call this, as Accelerate expects."""
+        cfg = self.cfg
+        if log_with(cfg) != "wandb":
             return
         if self.accelerator.is_main_process:
             self.run_id = resolve_run_id(self.run_dir, checkpoint_tracker)
-        mode, reason = wandb_mode(cfg.tracking.mode)
+        mode, reason = wandb_mode(cfg.mode)
         init_kwargs = {
             "dir": str(self.run_dir),
             "mode": mode,
-            "name": cfg.tracking.run_name,
-            "entity": cfg.tracking.entity,
+            "name": cfg.run_name,
+            "entity": cfg.entity,
             "id": self.run_id,
             "resume": "allow",
         }
         try:
-            self.accelerator.init_trackers(
-                cfg.tracking.project, config={**cfg.to_dict(), **extra_config}, init_kwargs={"wandb": init_kwargs}
-            )
+            self.accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init_kwargs})
             self.use_wandb = True
             if self.accelerator.is_main_process:
                 # Charts use distvit's optimizer step, logged as a value, not W&B's own step: after a resume

@@ -1,14 +1,15 @@
-"""The `distvit bench` commands: their flag checks and reports around distvit.tools.bench_data and
-distvit.tools.bench_train (imported only when a command runs: `import distvit.cli` stays light)."""
+"""The `distvit bench` commands: their flags (`add_commands`), flag checks and reports around
+distvit.tools.bench_data, bench_train, bench_decode and bench_preflight (imported only when a command
+runs: `import distvit.cli` stays light)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 
+from distvit.data.node import launch
 from distvit.errors import DistvitError
 from distvit.fileio import check_output_file
-from distvit.tools.preflight import is_local_leader, load_checked_config
+from distvit.tools.preflight import add_config_arguments, load_checked_config
 
 
 def data_command(args: argparse.Namespace) -> int:
@@ -63,13 +64,8 @@ def data_command(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     """The training step against the lesson's loop; under `accelerate launch -m distvit.cli bench train`
     on N ranks (without --baseline) it measures DDP."""
-    from distvit.tools.bench_train import (
-        bench_train,
-        format_train_bench,
-        scaling_line,
-        synthetic_splits,
-        write_bench_json,
-    )
+    from distvit.tools.bench_report import format_train_bench, scaling_line, write_bench_json
+    from distvit.tools.bench_train import bench_train, synthetic_splits
 
     if args.steps < 1 or args.warmup < 1:
         raise DistvitError(f"--steps and --warmup must be at least 1, got {args.steps} and {args.warmup}.")
@@ -98,9 +94,18 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         cfg, manifest, _ = load_checked_config(args.config, args.overrides)
     result = bench_train(
-        cfg, manifest, args.steps, args.warmup, args.baseline, splits, args.check, args.epoch, args.profile
+        cfg,
+        manifest,
+        steps=args.steps,
+        warmup=args.warmup,
+        baseline=args.baseline,
+        splits=splits,
+        check=args.check,
+        epoch=args.epoch,
+        profile=args.profile,
     )
-    if is_local_leader() and int(os.environ.get("RANK", "0")) == 0:
+    here = launch()
+    if here.local_leader and here.rank == 0:
         print(format_train_bench(result), flush=True)
         if args.scaling_reference:
             print(scaling_line(result, args.scaling_reference), flush=True)
@@ -162,3 +167,93 @@ def decode_command(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(as_json(results), indent=1) + "\n")
     return 0
+
+
+def add_commands(commands) -> None:
+    """`distvit bench data|train|decode|preflight`: their flags, and the actions below."""
+    bench = commands.add_parser("bench", help="benchmarks against the lesson's baseline, in the same process")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    data = benches.add_parser(
+        "data", help="images/s delivered to the device: distvit readers vs the lesson's DataLoader"
+    )
+    data.add_argument("--data", required=True, help="dataset folder (distvit prepare ...)")
+    data.add_argument("--split", default="train")
+    data.add_argument("--batch-size", type=int, default=256)
+    data.add_argument("--steps", type=int, default=40, help="timed batches per pipeline (after 5 warm-up batches)")
+    data.add_argument("--warmup", type=int, default=5)
+    data.add_argument("--workers", type=int, default=2, help="decode workers of distvit's stream reader")
+    data.add_argument("--img-size", type=int, default=32, help="model input size (the lesson resizes with PIL)")
+    data.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    data.add_argument("--json", default=None, help="also write the results as JSON here")
+    data.set_defaults(action=data_command)
+
+    _add_train_command(benches)
+
+    decode = benches.add_parser(
+        "decode", help="decoding images stored at full size: raw decoders, the lesson, PNG and JPEG shards, per core"
+    )
+    decode.add_argument("--images", type=int, default=1536, help="synthetic images written in each format")
+    decode.add_argument("--stored-size", type=int, default=224, help="the images' stored size in pixels")
+    decode.add_argument("--batch-size", type=int, default=64)
+    decode.add_argument("--steps", type=int, default=20, help="timed batches per case (after 2 warm-up batches)")
+    decode.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    decode.add_argument("--json", default=None, help="also write the results as JSON here")
+    decode.set_defaults(action=decode_command)
+
+    preflight = benches.add_parser(
+        "preflight", help="start-up shard hashing: serial vs parallel, and a requeue that skips verified shards"
+    )
+    preflight.add_argument("--shards", type=int, default=1000, help="number of shards")
+    preflight.add_argument("--shard-mb", type=float, default=1.0, help="size of each shard in MB")
+    preflight.add_argument("--workers", type=int, default=0, help="hashing threads (0: the usable cores)")
+    preflight.set_defaults(action=preflight_command)
+
+
+def _add_train_command(benches) -> None:
+    """`distvit bench train`'s flags (the config's, then the benchmark's)."""
+    train_bench = benches.add_parser(
+        "train",
+        help="the training step's images/s, time breakdown, memory and FLOP/s; with --baseline lesson, the ratio",
+    )
+    add_config_arguments(train_bench)
+    train_bench.add_argument(
+        "--baseline", choices=["lesson"], default=None, help="also run the lesson's loop (one process)"
+    )
+    train_bench.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
+    train_bench.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps first (the host-sync check runs on them)"
+    )
+    train_bench.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N synthetic CIFAR-format images generated in memory instead of data.path",
+    )
+    train_bench.add_argument(
+        "--check",
+        action="store_true",
+        help="first train the configured fast path and an fp32 eager reference side by side; exit 1 if they disagree",
+    )
+    train_bench.add_argument(
+        "--epoch",
+        action="store_true",
+        help="also time one whole epoch of the training split end to end (feature-cache pass included), "
+        "and with --baseline lesson the lesson's epoch (its DataLoader's start included)",
+    )
+    train_bench.add_argument(
+        "--profile",
+        default=None,
+        metavar="PATH",
+        help="then profile a few training steps (torch.profiler) and write the top ops/kernels, the window's "
+        "time and, on a GPU, the device's busy share to this text file",
+    )
+    train_bench.add_argument("--run-dir", default="runs/bench", help="scratch run directory (replaced)")
+    train_bench.add_argument("--json", default=None, help="also write the results as JSON here")
+    train_bench.add_argument(
+        "--scaling-reference",
+        default=None,
+        metavar="JSON",
+        help="a --json result of the same bench on fewer processes: print the scaling efficiency against it",
+    )
+    train_bench.set_defaults(action=train_command)

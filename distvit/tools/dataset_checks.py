@@ -52,12 +52,12 @@ def _check_memory_mode(cfg: Config, manifest: Manifest) -> None:
 
 
 def _check_crop_padding(cfg: Config, manifest: Manifest) -> None:
-    """The random crop pads every image by data.crop_padding on each side, at the size the reader delivers
+    """The random crop pads every image by augment.crop_padding on each side, at the size the reader delivers
     (the stored size; the model's input size for datasets of varying sizes)."""
     from distvit.augment import recipe_of
 
-    padding = cfg.data.crop_padding
-    if recipe_of(cfg.data, cfg.augment).crop != "pad" or not padding:
+    padding = cfg.augment.crop_padding
+    if recipe_of(cfg.augment).crop != "pad" or not padding:
         return
     if manifest.image_size is not None:
         side, what = min(manifest.image_size), f"the stored images of {cfg.data.path}"
@@ -67,7 +67,7 @@ def _check_crop_padding(cfg: Config, manifest: Manifest) -> None:
             return  # an unknown model name: check_model_config says so
     if padding > side // 2:
         raise ConfigError(
-            f"data.crop_padding={padding} is more than half the side of {what} ({side} px): a random crop "
+            f"augment.crop_padding={padding} is more than half the side of {what} ({side} px): a random crop "
             "could keep less than half the image, or none of it, and each padded image takes "
             f"(side + 2 x padding)^2 pixels. Choose at most {side // 2} (CIFAR-style training pads 32 px images by 4)."
         )

@@ -35,7 +35,8 @@ class RankReport:
 
 def rank_environment(rendezvous: str | None = None) -> tuple[dict[str, str], list[str]]:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the launcher (torchrun, accelerate) or from
-    Slurm's task variables; returns them and the inconsistencies found."""
+    Slurm's task variables; returns them and the inconsistencies found. Read as text here, not through
+    distvit.data.node.launch: the doctor reports a malformed or missing value instead of failing on it."""
     env = {name: os.environ.get(name, "") for name in RENDEZVOUS_VARS}
     slurm = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
     for name, slurm_name in slurm.items():

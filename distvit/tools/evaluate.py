@@ -12,9 +12,9 @@ from distvit.data.loader import loader_workers, open_batches
 from distvit.data.manifest import read_manifest
 from distvit.data.transforms import BatchTransform
 from distvit.engine.accelerator import cpu_processes, process_group_options
-from distvit.engine.evaluation import EvalResult, evaluate
+from distvit.engine.eval_counts import EvalResult, evaluate
 from distvit.errors import ConfigError, DataError
-from distvit.run.checkpoint import load_model, resolve_checkpoint
+from distvit.run.checkpoint_files import load_model, resolve_checkpoint
 
 
 def evaluate_checkpoint(

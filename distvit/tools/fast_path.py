@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from distvit.engine.optim import build_optimizer, build_scheduler
+from distvit.engine.optim import build_optimizer
 from distvit.errors import ConfigError
 from distvit.model.build import build_model, set_fused_attention
 
@@ -45,26 +45,27 @@ def check_fast_path(trainer, steps: int = 8) -> dict[str, Any]:
     optimizer = build_optimizer(
         reference, dataclasses.replace(cfg.optim, fused=False), cfg.surgery.lr_decay, cfg.train.batch_size
     )
-    scheduler = build_scheduler(optimizer, cfg.optim, trainer.sources.steps_per_epoch, cfg.train.epochs)
+    scheduler = parts.schedule.scheduler(optimizer)  # the run's own plan
     parts.trained.train()
-    batches = trainer.sources.endless_batches()
+    inputs = trainer.sources.endless_inputs()
     reference.train()
     start = {name: p.detach().float().clone() for name, p in reference.named_parameters() if p.requires_grad}
     losses, logit_error = [], None
     for step in range(steps):
-        batch, images, labels, local, global_batch, epoch = next(batches)
-        x, soft, valid = trainer.step.inputs(batch, images, labels, local, global_batch, epoch)
+        data = next(inputs)
+        x, soft, valid = trainer.step.model_input(data)
         with torch.autocast(device.type, enabled=False):
             output = reference(x.float())
         if step == 0:
             fast = parts.trained(x).float().detach()  # with grad on, as in training: no extra compile
             logit_error = ((fast - output.detach()).abs().max() / output.detach().abs().max()).item()
-        ref_loss = (trainer.step.loss(output.float(), labels, soft, None) * valid).sum() / batch.global_valid
+        global_valid = data.batch.global_valid
+        ref_loss = (trainer.step.loss(output.float(), data.labels, soft, None) * valid).sum() / global_valid
         ref_loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        fast_loss = trainer.step(batch, images, labels, local, global_batch, epoch).item() / batch.global_valid
+        fast_loss = trainer.step(data).item() / global_valid
         losses.append((fast_loss, ref_loss.item()))
     loss_error = max(abs(a - b) / abs(b) for a, b in losses)
     # the weight updates themselves: a fast path that applied wrong or no updates shows here even while

@@ -32,7 +32,7 @@ from PIL import Image
 from distvit.data.images import DECODE_ERRORS, open_image, resize_and_crop, to_rgb
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
-from distvit.run.checkpoint import load_model
+from distvit.run.checkpoint_files import load_model
 
 BATCH_SIZE = 64
 

@@ -1,19 +1,21 @@
 """The checks every config-driven command (train, config, surgery, bench train) runs before any rank
-starts: config, dataset manifest and shards, model, run directory. Input errors raise `DistvitError`s
-that the command prints as one message."""
+starts: config, dataset manifest and shards, model, run directory; and the arguments those commands
+share. Input errors raise `DistvitError`s that the command prints as one message."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
+from distvit.data.node import is_local_leader, launch
 from distvit.errors import ConfigError, DataError
 
 
-def is_local_leader() -> bool:
-    """One message per node: ranks started by a launcher share stderr."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+def add_config_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4 train.epochs=2"
+    )
 
 
 def load_checked_config(config_file: str, overrides: list[str]):
@@ -45,7 +47,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
         manifest.split(split, cfg.data.path, key=key)
     check_with_dataset(cfg, manifest)  # threads, memory mode, crop padding: before any shard is hashed
     bad_shards = {} if cfg.data.remote else _preflight(cfg, manifest, splits, verify)
-    if bad_shards and cfg.data.bad_shards == "error" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if bad_shards and cfg.data.bad_shards == "error" and launch().world_size == 1:
         raise DataError(bad_shards_message(cfg.data.path, bad_shards))
     train_size = manifest.split(cfg.data.train_split, cfg.data.path).num_samples
     if not manifest.split(cfg.data.eval_split, cfg.data.path).num_samples:
@@ -67,7 +69,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
             f"every step would be mostly padding. Choose a global batch of at most {trained}."
         )
     check_model_config(cfg.model, cfg.surgery, manifest.num_classes)
-    check_run_dir(cfg)
+    check_run_dir(cfg.run, resume=cfg.train.resume)
     return cfg, manifest, bad_shards
 
 

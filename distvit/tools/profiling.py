@@ -58,9 +58,9 @@ def distvit_epoch(trainer) -> dict[str, Any]:
 
     def run(_timer) -> tuple[int, torch.Tensor]:
         images, loss_sum = 0, torch.zeros((), device=device)
-        for batch, imgs, labels in sources.train.epoch(plan):
-            loss_sum += trainer.step(batch, imgs, labels, local, plan.global_batch, 0)
-            images += batch.global_valid
+        for data in sources.epoch_inputs(0, plan, local):
+            loss_sum += trainer.step(data)
+            images += data.batch.global_valid
         return images, loss_sum
 
     wait_for_everyone(accelerator)

@@ -136,7 +136,7 @@ TINY_OVERRIDES = ["surgery.img_size=32", "train.batch_size=16", "train.compile=f
 def test_bench_train_epoch_of_the_head_only_lesson_on_cached_features(tmp_path):
     """`--epoch`: the lesson's first experiment end to end: the feature pass plus exactly one epoch's
     steps (200 images: 12 batches of 16 and one of 8) against the lesson's 200 // 16 batches of 16."""
-    head_only = ["surgery.freeze=backbone", "data.augment=none", *TINY_OVERRIDES]
+    head_only = ["surgery.freeze=backbone", "augment.preset=none", *TINY_OVERRIDES]
     result, report = _bench_train_json(tmp_path, "epoch", *TINY, "--epoch", "--baseline", "lesson", *head_only)
     epoch = report["epoch"]
     assert epoch["images"] == 200 and epoch["steps"] == 13  # every training image once, the last batch of 8

@@ -135,7 +135,7 @@ def test_the_augmentation_is_shown_in_words_and_flipping_digits_is_a_warning(tmp
             "train.epochs=1",
             "train.batch_size=20",
             "tracking.backend=none",
-            "data.augment=deit",
+            "augment.preset=deit",
         ]
     )
     assert trained.returncode == 0, trained.stderr[-2000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distvit.run.checkpoint import load_checkpoint
+from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launch_until_logged, subprocess_env, worker_pids
 from tests.support.images import damage_stored_image

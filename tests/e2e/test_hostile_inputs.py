@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distvit.run.checkpoint import save_checkpoint
+from distvit.run.checkpoint_files import save_checkpoint
 from tests.support.helpers import run_cli
 
 pytestmark = [pytest.mark.slow]
@@ -217,8 +217,8 @@ def config_num_workers_100000(tmp_path, data):
 
 
 def train_with_a_crop_padding_of_a_million(tmp_path, data):
-    args = ["train", *CONFIG, f"data.path={data}", f"run.dir={tmp_path}/run", "data.crop_padding=1000000"]
-    return args, tmp_path, "data.crop_padding=1000000 is more than half the side of the stored images"
+    args = ["train", *CONFIG, f"data.path={data}", f"run.dir={tmp_path}/run", "augment.crop_padding=1000000"]
+    return args, tmp_path, "augment.crop_padding=1000000 is more than half the side of the stored images"
 
 
 def config_device_decoding_in_memory_mode(tmp_path, data):

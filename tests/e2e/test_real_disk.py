@@ -16,7 +16,7 @@ import pytest
 
 from distvit.data.manifest import read_manifest
 from distvit.data.preflight import find_bad_shards
-from distvit.run.checkpoint import load_checkpoint
+from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.disks import resize_tmpfs, small_tmpfs
 from tests.support.helpers import REPO, run_cli, subprocess_env

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from distvit.run.checkpoint import load_checkpoint
+from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from distvit.run.tracking import read_metrics
 from tests.support.helpers import accelerate_launch, launch_ok, launch_until_logged, run_cli, trace_ids, worker_pids
@@ -21,11 +21,11 @@ pytestmark = [pytest.mark.slow]
 ALL_FEATURES = [
     "train.epochs=2",
     "train.batch_size=32",
-    "train.eval_batch_size=64",
+    "eval.batch_size=64",
     "train.log_every=2",
     "ema.enabled=true",
-    "data.mixup_alpha=0.8",
-    "data.cutmix_alpha=1.0",
+    "mix.mixup_alpha=0.8",
+    "mix.cutmix_alpha=1.0",
     "train.label_smoothing=0.1",
     "optim.clip_grad_norm=1.0",
     "train.grad_accum_steps=2",
@@ -122,15 +122,15 @@ def test_exact_resume_with_every_augmentation_part_on(small_dataset, tmp_path, w
         "--config",
         "configs/demo.yaml",
         f"data.path={small_dataset}",
-        "data.augment=deit",
+        "augment.preset=deit",
         "augment.color_jitter=0.4",
         "augment.repeats=2",
-        "data.mixup_alpha=0.8",
-        "data.cutmix_alpha=1.0",
+        "mix.mixup_alpha=0.8",
+        "mix.cutmix_alpha=1.0",
         "ema.enabled=true",
         "train.epochs=2",
         "train.batch_size=32",
-        "train.eval_batch_size=64",
+        "eval.batch_size=64",
         "tracking.backend=none",
     ]
     launch_ok(world, [*common, f"run.dir={tmp_path}/full"])
@@ -152,7 +152,7 @@ def test_sigusr1_to_one_rank_stops_all_at_the_same_step(small_dataset, tmp_path)
         f"data.path={small_dataset}",
         "train.epochs=6",
         "train.batch_size=32",
-        "train.eval_batch_size=64",
+        "eval.batch_size=64",
         "train.log_every=1",
         "ema.enabled=true",
         "checkpoint.stop_check_every=2",
@@ -255,7 +255,7 @@ def test_resume_mid_epoch_with_same_or_other_world_size(small_dataset, tmp_path,
         "data.trace_samples=true",
         "train.epochs=2",
         "train.batch_size=32",
-        "train.eval_batch_size=64",
+        "eval.batch_size=64",
         "optim.name=sgd",
         "optim.lr=0.05",
         "train.mixed_precision=no",

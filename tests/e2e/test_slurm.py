@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distvit.run.checkpoint import load_checkpoint
+from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from distvit.run.tracking import read_metrics
 from tests.support.helpers import REPO, accelerate_launch, subprocess_env, wait_for_lines

@@ -17,7 +17,7 @@ from distvit.data.cache import ShardCache, folder_bytes, pass_required_bytes, sh
 from distvit.data.manifest import read_manifest
 from distvit.data.plan import window_order
 from distvit.data.synthetic import prepare_synthetic
-from distvit.run.checkpoint import load_checkpoint
+from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launch_ok, run_cli, trace_ids
 
@@ -57,7 +57,7 @@ def test_a_quarter_size_cache_trains_every_sample_once_and_resumes_exactly(serve
         "data.trace_samples=true",
         "train.epochs=2",
         "train.batch_size=20",
-        "train.eval_batch_size=20",
+        "eval.batch_size=20",
         "optim.name=sgd",
         "optim.lr=0.05",
         "train.mixed_precision=no",
@@ -134,11 +134,12 @@ def test_a_cache_too_small_for_a_later_epoch_stops_every_rank_before_the_first_s
             "data.num_workers=0",
             "train.epochs=2",
             "train.batch_size=16",
-            "train.eval_batch_size=20",
+            "eval.batch_size=20",
             f"train.seed={seed}",
             "tracking.backend=none",
             f"run.dir={tmp_path / 'run'}",
         ],
+        monitor_interval=10,  # rank 0 exiting first must not get rank 1 SIGTERMed before its own exit
     )
     assert result.returncode != 0
     expected = f"distvit: error: data.cache_limit={limit} bytes is too small: epoch 2 needs {epoch_need(seed, 1)} bytes"

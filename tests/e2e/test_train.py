@@ -14,7 +14,7 @@ from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.data.transforms import BatchTransform
 from distvit.model.build import build_model
-from distvit.run.checkpoint import load_checkpoint, load_model
+from distvit.run.checkpoint_files import load_checkpoint, load_model
 from distvit.run.report import read_metrics_lines
 from distvit.run.rundir import read_summary
 from distvit.run.tracking import read_metrics
@@ -130,7 +130,7 @@ def test_bf16_on_two_cpu_ranks_with_odd_eval_split(small_dataset, tmp_path):
             "train.mixed_precision=bf16",
             "train.epochs=2",
             "train.batch_size=32",
-            "train.eval_batch_size=64",
+            "eval.batch_size=64",
             "tracking.backend=none",
         ],
     )
@@ -151,8 +151,8 @@ def test_three_ranks_count_every_sample_once(small_dataset, tmp_path):
             f"run.dir={run_dir}",
             "train.epochs=2",
             "train.batch_size=48",
-            "train.eval_batch_size=48",
-            "train.eval_every=2",
+            "eval.batch_size=48",
+            "eval.every=2",
             "train.log_every=2",
             "checkpoint.every_epochs=1",
             "tracking.backend=none",
@@ -171,10 +171,10 @@ def test_three_ranks_count_every_sample_once(small_dataset, tmp_path):
     assert load_checkpoint(run_dir / "checkpoints" / "epoch_001.pt")["step"] == 5
 
 
-EVERY_AUGMENTATION = ["data.augment=deit", "augment.color_jitter=0.4", "augment.repeats=2"]
+EVERY_AUGMENTATION = ["augment.preset=deit", "augment.color_jitter=0.4", "augment.repeats=2"]
 
 
-@pytest.mark.parametrize("augmentation", [["data.augment=none"], EVERY_AUGMENTATION], ids=["none", "deit+jitter"])
+@pytest.mark.parametrize("augmentation", [["augment.preset=none"], EVERY_AUGMENTATION], ids=["none", "deit+jitter"])
 def test_two_ranks_compute_exactly_what_one_rank_computes_on_the_same_micro_batches(
     small_dataset, tmp_path, augmentation
 ):
@@ -196,7 +196,7 @@ def test_two_ranks_compute_exactly_what_one_rank_computes_on_the_same_micro_batc
         *augmentation,
         "train.epochs=2",
         "train.batch_size=32",
-        "train.eval_batch_size=64",
+        "eval.batch_size=64",
         "train.mixed_precision=no",
         "train.cpu_threads=1",
         "tracking.backend=none",
@@ -277,7 +277,7 @@ def test_stream_mode_with_loader_workers_on_two_ranks(small_dataset, tmp_path):
             "data.trace_samples=true",
             "train.epochs=2",
             "train.batch_size=32",
-            "train.eval_batch_size=64",
+            "eval.batch_size=64",
             "tracking.backend=none",
         ],
     )
@@ -306,7 +306,7 @@ def test_bad_shard_skipped_identically_on_every_rank(tmp_path):
             "data.trace_samples=true",
             "train.epochs=1",
             "train.batch_size=16",
-            "train.eval_batch_size=16",
+            "eval.batch_size=16",
             "tracking.backend=none",
         ],
     )

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from distvit.config import load_config
 from distvit.errors import ConfigError
 from distvit.model.build import build_model
-from distvit.run.checkpoint import load_checkpoint, save_checkpoint
+from distvit.run.checkpoint_files import load_checkpoint, save_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, run_cli
 
@@ -28,10 +28,10 @@ def _head_only_run(data, run_dir, *overrides):
             f"data.path={data}",
             f"run.dir={run_dir}",
             "surgery.freeze=backbone",
-            "data.augment=none",
+            "augment.preset=none",
             "train.epochs=2",
             "train.batch_size=32",
-            "train.eval_batch_size=40",
+            "eval.batch_size=40",
             "train.mixed_precision=no",
             "data.train_subset=150",
             "optim.lr=0.05",
@@ -46,7 +46,7 @@ def _head_only_run(data, run_dir, *overrides):
 def test_head_only_training_on_cached_features_gives_the_same_head(small_dataset, tmp_path):
     """The lesson's head-only fine-tune: the head trained on cached backbone features equals the head
     trained with the full forward every step (fp32; float rounding of the summation order only)."""
-    from distvit.run.checkpoint import load_checkpoint
+    from distvit.run.checkpoint_files import load_checkpoint
 
     cached = _head_only_run(small_dataset, tmp_path / "cached")
     full = _head_only_run(small_dataset, tmp_path / "full", "train.cache_features=false")
@@ -64,9 +64,9 @@ def test_head_only_training_on_cached_features_gives_the_same_head(small_dataset
 
 def test_cache_features_true_names_what_prevents_it(small_dataset, tmp_path):
     with pytest.raises(
-        ConfigError, match=r"train.cache_features=true needs a head-only run, but: data.augment=crop_flip"
+        ConfigError, match=r"train.cache_features=true needs a head-only run, but: augment.preset=crop_flip"
     ):
-        _head_only_run(small_dataset, tmp_path / "r", "train.cache_features=true", "data.augment=crop_flip")
+        _head_only_run(small_dataset, tmp_path / "r", "train.cache_features=true", "augment.preset=crop_flip")
 
 
 @pytest.mark.slow
@@ -78,7 +78,7 @@ def test_gradient_accumulation_matches_the_whole_batch(small_dataset, tmp_path):
         f"data.path={small_dataset}",
         "optim.name=sgd",
         "optim.lr=0.05",
-        "data.augment=none",
+        "augment.preset=none",
         "train.epochs=1",
         "train.batch_size=32",
         "train.mixed_precision=no",
@@ -193,7 +193,7 @@ def test_real_compile_matches_eager(small_dataset, tmp_path):
         "train.batch_size=50",
         "tracking.backend=none",
         "train.mixed_precision=no",
-        "data.augment=none",
+        "augment.preset=none",
         "optim.name=sgd",
         "optim.lr=0.05",
         "optim.warmup_epochs=0",

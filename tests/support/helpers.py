@@ -22,9 +22,15 @@ def subprocess_env() -> dict[str, str]:
 
 
 def launcher_command(
-    num_processes: int, args: list[str], script: Path | None = REPO / "distvit" / "train.py"
+    num_processes: int,
+    args: list[str],
+    script: Path | None = REPO / "distvit" / "train.py",
+    monitor_interval: float | None = None,
 ) -> list[str]:
-    """`accelerate launch` on CPU (2+ processes use gloo, MULTI_CPU); script None: args start with -m module."""
+    """`accelerate launch` on CPU (2+ processes use gloo, MULTI_CPU); script None: args start with -m module.
+
+    `monitor_interval`: how often the launcher's agent looks at its ranks. It SIGTERMs the others as soon as it
+    sees one exit, so a test asserting every rank's own exit status gives them this long to exit by themselves."""
     launcher = [
         sys.executable,
         "-m",
@@ -36,14 +42,19 @@ def launcher_command(
     ]
     launcher += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     launcher += ["--main_process_port", str(29500 + os.getpid() % 2000)] if num_processes > 1 else []
+    launcher += ["--monitor_interval", str(monitor_interval)] if monitor_interval is not None else []
     return launcher + ([str(script)] if script else []) + list(args)
 
 
 def accelerate_launch(
-    num_processes: int, args: list[str], timeout: float = 600, script: Path | None = REPO / "distvit" / "train.py"
+    num_processes: int,
+    args: list[str],
+    timeout: float = 600,
+    script: Path | None = REPO / "distvit" / "train.py",
+    monitor_interval: float | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `launcher_command` to completion (distvit/train.py by default)."""
-    command = launcher_command(num_processes, args, script)
+    command = launcher_command(num_processes, args, script, monitor_interval)
     return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 

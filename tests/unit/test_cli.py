@@ -36,6 +36,21 @@ def test_train_with_bad_key_is_clear_error(small_dataset):
     assert "Traceback" not in result.stderr
 
 
+def test_a_moved_key_is_one_error_naming_its_new_place(small_dataset, capsys):
+    result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={small_dataset}", "data.mix_prob=0.5"])
+    assert result.returncode == 2 and result.stderr == (
+        "distvit: error: command line: `data.mix_prob` moved to `mix.prob`; write it there (same value).\n"
+    )
+    from distvit.cli import main
+
+    config = ["config", "--config", "configs/demo.yaml", f"data.path={small_dataset}"]
+    assert main([*config, "--get", "data.augment"]) == 2
+    assert capsys.readouterr().err == (
+        "distvit: error: --get data.augment: `data.augment` moved to `augment.preset`; ask for that.\n"
+    )
+    assert main([*config, "--get", "augment.preset"]) == 0 and capsys.readouterr().out == "crop_flip\n"
+
+
 def test_train_with_missing_data_is_clear_error(tmp_path):
     result = run_cli(["train", "--config", "configs/demo.yaml", f"data.path={tmp_path}/absent"])
     assert result.returncode == 2

@@ -16,7 +16,7 @@ from distvit.data.loader import index_shards
 from distvit.data.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, ShardInfo, parse_manifest
 from distvit.errors import ConfigError, DataError
 
-KEYS = ["train.epochs", "train.batch_size", "optim.lr", "optim.betas", "data.augment", "run.dir", "model.pretrained"]
+KEYS = ["train.epochs", "train.batch_size", "optim.lr", "optim.betas", "augment.preset", "run.dir", "model.pretrained"]
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
 overrides = st.one_of(
     texts,  # anything at all

@@ -8,9 +8,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from distvit.cli import train_main  # noqa: E402
-from distvit.run import checkpoint  # noqa: E402
+from distvit.run import checkpoint_files  # noqa: E402
 
-original = checkpoint.save_checkpoint
+original = checkpoint_files.save_checkpoint
 
 
 def slow_save(path, payload):
@@ -18,5 +18,5 @@ def slow_save(path, payload):
     return original(path, payload)
 
 
-checkpoint.save_checkpoint = slow_save  # the file layer the Checkpointer writes through
+checkpoint_files.save_checkpoint = slow_save  # the file layer the Checkpointer writes through
 sys.exit(train_main())

@@ -52,7 +52,7 @@ def test_random_crop_shifts_each_image_by_its_offset_with_zero_fill():
 
 
 def test_crop_flip_preset_is_what_distvit_drew_and_applied_before_parts():
-    """Existing configs (data.augment=crop_flip) must train on the same images as before: offsets from
+    """Existing configs (augment.preset=crop_flip) must train on the same images as before: offsets from
     randint(0, 2p + 1, (2, N)), then flips from rand(N) < 0.5, crop then flip, then resize + normalise."""
     images = _images(n=16, size=12)
     transform = BatchTransform((24, 24), MEAN, STD)

@@ -12,25 +12,25 @@ from distvit.config import load_config
 
 def _recipe(*overrides: str):
     cfg = load_config("configs/demo.yaml", list(overrides), check_data=False)
-    return recipe_of(cfg.data, cfg.augment)
+    return recipe_of(cfg.augment)
 
 
 def test_presets_and_changes():
     assert _recipe() == PRESETS["crop_flip"]  # the default: what distvit always did
     assert _recipe().describe() == "random crop (zero padding 4 px) -> horizontal flip p=0.5"
-    assert not _recipe("data.augment=none").active and not _recipe("data.augment=lesson").active
-    assert _recipe("data.augment=none").describe() == "none"
-    deit = _recipe("data.augment=deit")
+    assert not _recipe("augment.preset=none").active and not _recipe("augment.preset=lesson").active
+    assert _recipe("augment.preset=none").describe() == "none"
+    deit = _recipe("augment.preset=deit")
     assert deit.describe() == (
         "horizontal flip p=0.5 -> random-resized crop (area 0.08-1, aspect 3/4-4/3) -> RandAugment 2 ops m9 "
         "std 0.5 p=0.5 -> random erasing p=0.25; each sample 3x per epoch"
     )
-    no_flip = _recipe("data.augment=deit", "augment.hflip=0", "augment.color_jitter=0.3", "data.crop_padding=2")
+    no_flip = _recipe("augment.preset=deit", "augment.hflip=0", "augment.color_jitter=0.3", "augment.crop_padding=2")
     assert no_flip.hflip == 0 and no_flip.color_jitter == 0.3 and no_flip.randaugment_ops == 2
     assert "flip" not in no_flip.describe() and "colour jitter 0.3 p=0.8" in no_flip.describe()
-    padded = _recipe("data.augment=none", "augment.crop=pad", "data.crop_padding=2")
+    padded = _recipe("augment.preset=none", "augment.crop=pad", "augment.crop_padding=2")
     assert padded.describe() == "random crop (zero padding 2 px)" and padded.active
-    assert not _recipe("data.augment=none", "augment.repeats=2").active  # repeats change only the order
+    assert not _recipe("augment.preset=none", "augment.repeats=2").active  # repeats change only the order
 
 
 def test_flipping_data_marked_not_flip_safe_is_a_warning():
@@ -43,7 +43,7 @@ def test_flipping_data_marked_not_flip_safe_is_a_warning():
 
 
 def test_resized_crop_boxes_lie_inside_with_the_configured_area_and_aspect():
-    recipe = _recipe("data.augment=deit")
+    recipe = _recipe("augment.preset=deit")
     params = AugmentParams.sample(recipe, 5000, (48, 64), (32, 32), torch.Generator().manual_seed(0))
     top, left, h, w = params.crop_boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 64).all()
@@ -53,6 +53,6 @@ def test_resized_crop_boxes_lie_inside_with_the_configured_area_and_aspect():
     assert float(area.mean()) > 0.4  # uniform area over 0.08..1 (large ones fit less often)
     # nothing fits a 4 x 64 strip at area >= 0.9: torchvision's fallback, the centre at aspect 4/3
     strip = AugmentParams.sample(
-        _recipe("data.augment=deit", "augment.crop_scale_min=0.9"), 3, (4, 64), (4, 4), torch.Generator()
+        _recipe("augment.preset=deit", "augment.crop_scale_min=0.9"), 3, (4, 64), (4, 4), torch.Generator()
     )
     assert strip.crop_boxes.tolist() == [[0, 29, 4, 5]] * 3

@@ -122,24 +122,25 @@ def test_cpu_threads_beyond_the_usable_cores_are_refused(small, monkeypatch):
 def test_crop_padding_is_at_most_half_the_stored_side(small):
     from distvit.tools.dataset_checks import check_with_dataset
 
-    assert dataset_error(small, ["data.crop_padding=1000000"]) == (
-        f"data.crop_padding=1000000 is more than half the side of the stored images of {small[0]} (32 px): a random "
+    assert dataset_error(small, ["augment.crop_padding=1000000"]) == (
+        f"augment.crop_padding=1000000 is more than half the side of the stored images of {small[0]} (32 px): a random "
         "crop could keep less than half the image, or none of it, and each padded image takes (side + 2 x "
         "padding)^2 pixels. Choose at most 16 (CIFAR-style training pads 32 px images by 4)."
     )
-    assert "data.crop_padding=17 is more than half" in dataset_error(
-        small, ["augment.crop=pad", "data.crop_padding=17"]
+    assert "augment.crop_padding=17 is more than half" in dataset_error(
+        small, ["augment.crop=pad", "augment.crop_padding=17"]
     )
-    for fine in (["data.crop_padding=16"], ["data.augment=deit", "data.crop_padding=1000000"]):  # deit: no pad crop
+    # deit: no padded crop
+    for fine in (["augment.crop_padding=16"], ["augment.preset=deit", "augment.crop_padding=1000000"]):
         check_with_dataset(load_config(None, [f"data.path={small[0]}", *fine]), small[1])
 
 
 def test_crop_padding_of_varying_sizes_is_bounded_by_the_model_input(small):
     """Images of varying stored size reach the augmentation resized to the model's input size."""
     small[1].image_size = None
-    message = dataset_error(small, ["surgery.img_size=64", "data.crop_padding=33"])
+    message = dataset_error(small, ["surgery.img_size=64", "augment.crop_padding=33"])
     assert "the images as the reader delivers them (resized to the model input) (64 px)" in message
-    assert "native" not in dataset_error(small, ["data.crop_padding=113"])  # deit_tiny_patch16_224: 224 px
+    assert "native" not in dataset_error(small, ["augment.crop_padding=113"])  # deit_tiny_patch16_224: 224 px
 
 
 def test_memory_mode_larger_than_the_hosts_memory_is_refused(small, monkeypatch):

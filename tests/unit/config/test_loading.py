@@ -61,6 +61,40 @@ def test_key_in_wrong_section_suggests_right_section(dataset_dir):
     assert "did you mean train.epochs?" in message
 
 
+MOVED = [
+    ("data.augment", "augment.preset", "deit"),
+    ("data.crop_padding", "augment.crop_padding", "2"),
+    ("data.mixup_alpha", "mix.mixup_alpha", "0.8"),
+    ("data.cutmix_alpha", "mix.cutmix_alpha", "1.0"),
+    ("data.mix_prob", "mix.prob", "0.5"),
+    ("data.mix_switch_prob", "mix.switch_prob", "0.5"),
+    ("train.eval_every", "eval.every", "2"),
+    ("train.eval_batch_size", "eval.batch_size", "64"),
+]
+
+
+@pytest.mark.parametrize("old, new, value", MOVED, ids=[old for old, _, _ in MOVED])
+def test_a_moved_key_is_refused_naming_its_new_place(tmp_path, dataset_dir, old, new, value):
+    """No silent alias: a key that moved to its reader's section is one error, in a file and on the command
+    line alike, naming where it is now; written there, the same value is taken."""
+    section, key = old.split(".")
+    assert error_of(None, [f"data.path={dataset_dir}", f"{old}={value}"]) == (
+        f"command line: `{old}` moved to `{new}`; write it there (same value)."
+    )
+    path = write_config(tmp_path, {"data": {"path": str(dataset_dir)}, section: {key: yaml.safe_load(value)}})
+    assert error_of(path, []) == f"{path}: `{old}` moved to `{new}`; write it there (same value)."
+    cfg = load_config(None, [f"data.path={dataset_dir}", f"{new}={value}"])
+    new_section, new_key = new.split(".")
+    assert str(getattr(getattr(cfg, new_section), new_key)) == value
+    assert old not in all_keys() and new in all_keys()
+
+
+def test_every_moved_key_is_tested():
+    from distvit.config import MOVED_KEYS
+
+    assert MOVED_KEYS == {old: new for old, new, _ in MOVED}
+
+
 def test_unknown_section_in_file_names_file(tmp_path, dataset_dir):
     path = write_config(tmp_path, {"data": {"path": str(dataset_dir)}, "trian": {"epochs": 2}})
     message = error_of(path, [])

@@ -52,14 +52,14 @@ def test_recipe_builds_as_documented(path, cifar_shaped, tmp_path):
     assert (record.trainable_params == 1930) == head_only  # 192 x 10 + 10: only the new head trains
     assert cfg.run.dir.endswith("run")
     if path.stem.startswith("lesson_"):  # the lesson's loop: SGD, fp32, no augmentation
-        assert (cfg.optim.name, cfg.train.mixed_precision, cfg.data.augment) == ("sgd", "no", "none")
+        assert (cfg.optim.name, cfg.train.mixed_precision, cfg.augment.preset) == ("sgd", "no", "none")
     if path.stem == "lesson_head_only_224":
         assert (cfg.data.train_subset, cfg.train.epochs) == (10_000, 1)
     if path.stem.startswith("deit_"):  # DeiT's augmentation; at 32 px a padded crop instead of the resized one
         from distvit.augment import recipe_of
 
-        recipe = recipe_of(cfg.data, cfg.augment)
+        recipe = recipe_of(cfg.augment)
         assert (recipe.randaugment_ops, recipe.erasing, recipe.repeats, recipe.hflip) == (2, 0.25, 3, 0.5)
-        assert recipe.crop == ("pad" if img_size == 32 else "resized") and cfg.data.mixup_alpha == 0.8
+        assert recipe.crop == ("pad" if img_size == 32 else "resized") and cfg.mix.mixup_alpha == 0.8
     if path.stem.startswith(("distvit_", "deit_")):
         assert cfg.ema.enabled and cfg.train.label_smoothing > 0 and cfg.optim.lr_scale == "linear"

@@ -160,3 +160,19 @@ def test_a_user_file_named_like_the_lock_is_not_emptied(remote, tmp_path):
     (local / ".fetch.lock").write_text("keep me")
     fetch_dataset(f"pipe:cat {remote}/{{name}}", local, ["train"], "size")
     assert (local / ".fetch.lock").read_text() == "keep me"
+
+
+def test_the_ranks_of_a_node_fetch_the_manifest_one_at_a_time(remote, tmp_path):
+    """Every local rank asks for the manifest (streaming through a cache): one fetches, the others wait
+    and find it (found by the property test of resumes: two ranks wrote the fetch record's temporary file
+    at once, and one rename failed with a raw FileNotFoundError)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distvit.data.remote import fetch_manifest
+
+    slow = f"pipe:sleep 0.3; cat {remote}/{{name}}"  # both ranks are inside the fetch at the same time
+    with ThreadPoolExecutor(4) as pool:
+        fetched = list(pool.map(lambda _: fetch_manifest(slow, tmp_path / "local"), range(4)))
+    assert sorted(fetched) == [False, False, False, True]
+    assert read_manifest(tmp_path / "local") == read_manifest(remote)
+    assert json.loads((tmp_path / "local" / RECORD_NAME).read_text())["partial"] == []

@@ -16,6 +16,7 @@ from distvit.engine.accelerator import (
     shared_gpu_backend,
     wait_for_everyone,
 )
+from distvit.model.build import nothing_frozen
 from tests.support.helpers import REPO
 
 
@@ -29,12 +30,12 @@ def test_precision_auto_and_ddp_options(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
     assert resolve_mixed_precision("auto") == "fp16" and resolve_mixed_precision("no") == "no"
     every = load_config(REPO / "configs/demo.yaml", check_data=False)
-    assert ddp_options(every) == {"static_graph": True, "gradient_as_bucket_view": True}
-    accumulating = load_config(REPO / "configs/demo.yaml", ["train.grad_accum_steps=2"], check_data=False)
-    assert ddp_options(accumulating) == {"static_graph": False, "gradient_as_bucket_view": True}  # pytorch#143580
+    assert ddp_options(nothing_frozen(every.surgery), 1) == {"static_graph": True, "gradient_as_bucket_view": True}
+    # pytorch#143580: no static graph with accumulation
+    assert ddp_options(True, 2) == {"static_graph": False, "gradient_as_bucket_view": True}
     for frozen in ("surgery.freeze=backbone", "surgery.freeze=blocks:2", "surgery.freeze_embeddings=true"):
         cfg = load_config(REPO / "configs/demo.yaml", [frozen], check_data=False)
-        assert ddp_options(cfg) == {"static_graph": False, "gradient_as_bucket_view": False}
+        assert ddp_options(nothing_frozen(cfg.surgery), 1) == {"static_graph": False, "gradient_as_bucket_view": False}
 
 
 def no_gpu(monkeypatch, cuda: bool = False) -> None:
@@ -87,7 +88,8 @@ def test_ranks_sharing_a_gpu_use_gloo(monkeypatch):
 
     monkeypatch.setattr(accelerator_module, "Accelerator", Recorder)
     monkeypatch.setattr(accelerator_module, "resolve_mixed_precision", lambda setting: "no")
-    accelerator_module.make_accelerator(load_config(REPO / "configs/demo.yaml", check_data=False))
+    cfg = load_config(REPO / "configs/demo.yaml", check_data=False)
+    accelerator_module.make_accelerator(cfg.train, log_with=None, nothing_frozen=True)
     group = next(h for h in captured["kwargs_handlers"] if type(h).__name__ == "InitProcessGroupKwargs")
     assert group.backend == "gloo" and group.to_kwargs()["backend"] == "gloo"
     assert "2 ranks share 1 GPU(s)" in captured["printed"] and "gloo" in captured["printed"]
@@ -138,8 +140,8 @@ def test_resolve_mixed_precision(monkeypatch):
 def test_ddp_options_follow_freezing_and_accumulation():
     def options(freeze="none", embeddings=False, accumulate=1):
         cfg = Config()
-        cfg.surgery.freeze, cfg.surgery.freeze_embeddings, cfg.train.grad_accum_steps = freeze, embeddings, accumulate
-        return ddp_options(cfg)
+        cfg.surgery.freeze, cfg.surgery.freeze_embeddings = freeze, embeddings
+        return ddp_options(nothing_frozen(cfg.surgery), accumulate)
 
     assert options() == {"static_graph": True, "gradient_as_bucket_view": True}
     assert options(accumulate=4) == {"static_graph": False, "gradient_as_bucket_view": True}
@@ -173,16 +175,16 @@ def test_cpu_threads_are_the_nodes_cores_shared_by_its_ranks(monkeypatch):
     try:
         cfg = load_config(None, [], check_data=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        note = size_cpu_threads(cfg, torch.device("cpu"))
+        note = size_cpu_threads(cfg.train, torch.device("cpu"))
         assert torch.get_num_threads() == usable_cores()  # not the launcher's OMP_NUM_THREADS=1
         assert note == f"; {usable_cores()} torch thread(s) per rank ({usable_cores()} cores / 1 rank(s) on this node)"
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable_cores() * 4))
-        size_cpu_threads(cfg, torch.device("cpu"))
+        size_cpu_threads(cfg.train, torch.device("cpu"))
         assert torch.get_num_threads() == 1
         cfg.train.cpu_threads = 3
-        assert size_cpu_threads(cfg, torch.device("cpu")).endswith("(train.cpu_threads)")
+        assert size_cpu_threads(cfg.train, torch.device("cpu")).endswith("(train.cpu_threads)")
         assert torch.get_num_threads() == 3
         torch.set_num_threads(before)
-        assert size_cpu_threads(cfg, torch.device("cuda")) == "" and torch.get_num_threads() == before
+        assert size_cpu_threads(cfg.train, torch.device("cuda")) == "" and torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)

@@ -8,23 +8,36 @@ import json
 import pytest
 import torch
 
-from distvit.config import TrainConfig
+from distvit.config import EvalConfig
 from distvit.data.manifest import read_manifest
 from distvit.data.memory import load_split
 from distvit.engine.evaluator import Evaluator
 from tests.support.trainers import open_trainer
 
 
-def _evaluator(epochs: int, eval_every: int) -> Evaluator:
-    return Evaluator(TrainConfig(epochs=epochs, eval_every=eval_every), *[None] * 7)
+def _evaluator(epochs: int, every: int) -> Evaluator:
+    return Evaluator(EvalConfig(every=every), context=None, data=None, transform=None, epochs=epochs)
+
+
+def test_the_evaluation_batch_splits_evenly_over_the_ranks():
+    from distvit.engine.evaluator import check_eval_batch
+    from distvit.errors import ConfigError
+
+    check_eval_batch(EvalConfig(batch_size=64), 4)
+    with pytest.raises(ConfigError) as caught:
+        check_eval_batch(EvalConfig(batch_size=66), 4)
+    assert str(caught.value) == (
+        "eval.batch_size=66 is a global batch size: it must be divisible by the number of processes (4). "
+        "Choose a multiple of 4."
+    )
 
 
 @pytest.mark.parametrize(
-    "epochs, eval_every, due",
+    "epochs, every, due",
     [(5, 1, [1, 2, 3, 4, 5]), (5, 2, [2, 4, 5]), (7, 3, [3, 6, 7]), (5, 0, [5]), (4, 2, [2, 4]), (1, 0, [1])],
 )
-def test_due_every_n_epochs_and_after_the_last(epochs, eval_every, due):
-    evaluator = _evaluator(epochs, eval_every)
+def test_due_every_n_epochs_and_after_the_last(epochs, every, due):
+    evaluator = _evaluator(epochs, every)
     assert [epoch for epoch in range(1, epochs + 1) if evaluator.due(epoch)] == due
 
 

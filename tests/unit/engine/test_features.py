@@ -4,32 +4,38 @@ backbone features, and nothing for a head-only run."""
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 
 from distvit.config import load_config
 from distvit.engine.features import cache_blockers
+from distvit.engine.mixing import mixing_enabled
 from distvit.model.build import build_model
 
-HEAD_ONLY = ["surgery.img_size=32", "surgery.freeze=backbone", "data.augment=none"]
+HEAD_ONLY = ["surgery.img_size=32", "surgery.freeze=backbone", "augment.preset=none"]
 
 
 @functools.lru_cache(maxsize=None)
-def _model(dataset, name: str, freeze: str) -> torch.nn.Module:
-    """Built once per (model, freeze): the other blockers depend on the config alone."""
-    cfg = load_config(None, [f"data.path={dataset}", *HEAD_ONLY, f"model.name={name}", f"surgery.freeze={freeze}"])
-    return build_model(cfg.model, cfg.surgery, 10)[0]
+def _built(dataset, name: str, freeze: str, drop_path: float):
+    """Built once per (model, freeze, drop-path): the other blockers depend on the config alone."""
+    overrides = [f"model.name={name}", f"surgery.freeze={freeze}", f"surgery.drop_path={drop_path}"]
+    cfg = load_config(None, [f"data.path={dataset}", *HEAD_ONLY, *overrides])
+    return build_model(cfg.model, cfg.surgery, 10)
 
 
 def _blockers(dataset, *overrides: str, unfreeze: str = "") -> list[str]:
+    """What cache_blockers says for a config (a distill.type stands for its loaded teacher)."""
     cfg = load_config(None, [f"data.path={dataset}", *HEAD_ONLY, *overrides])
-    model = _model(dataset, cfg.model.name, cfg.surgery.freeze)
+    model, record = _built(dataset, cfg.model.name, cfg.surgery.freeze, cfg.surgery.drop_path)
+    teacher = SimpleNamespace(kind=cfg.distill.type) if cfg.distill.type != "none" else None
+    blockers = lambda: cache_blockers(model, record, cfg.augment, mixing_enabled(cfg.mix), teacher)  # noqa: E731
     if not unfreeze:
-        return cache_blockers(cfg, model)
+        return blockers()
     parameter = model.get_parameter(unfreeze)
     parameter.requires_grad_(True)
     try:
-        return cache_blockers(cfg, model)
+        return blockers()
     finally:
         parameter.requires_grad_(False)
 
@@ -39,9 +45,9 @@ def test_a_head_only_run_has_no_blocker(small_dataset):
 
 
 def test_each_blocker_is_named(small_dataset):
-    assert _blockers(small_dataset, "data.augment=crop_flip") == ["data.augment=crop_flip (needs none)"]
-    assert _blockers(small_dataset, "data.mixup_alpha=0.2") == ["mixup/cutmix is on"]
-    assert _blockers(small_dataset, "data.cutmix_alpha=1.0") == ["mixup/cutmix is on"]
+    assert _blockers(small_dataset, "augment.preset=crop_flip") == ["augment.preset=crop_flip (needs none)"]
+    assert _blockers(small_dataset, "mix.mixup_alpha=0.2") == ["mixup/cutmix is on"]
+    assert _blockers(small_dataset, "mix.cutmix_alpha=1.0") == ["mixup/cutmix is on"]
     assert _blockers(small_dataset, "surgery.drop_path=0.1") == [
         "surgery.drop_path=0.1 (the frozen backbone would be random)"
     ]
@@ -65,13 +71,13 @@ def test_a_freeze_other_than_backbone_blocks_and_leaves_the_backbone_trainable(s
 def test_several_blockers_are_listed_together(small_dataset):
     assert _blockers(
         small_dataset,
-        "data.augment=crop_flip",
-        "data.mixup_alpha=0.2",
+        "augment.preset=crop_flip",
+        "mix.mixup_alpha=0.2",
         "surgery.drop_path=0.1",
         "distill.type=soft",
         "distill.teacher=deit_tiny_patch16_224",
     ) == [
-        "data.augment=crop_flip (needs none)",
+        "augment.preset=crop_flip (needs none)",
         "mixup/cutmix is on",
         "surgery.drop_path=0.1 (the frozen backbone would be random)",
         "distill.type=soft",
@@ -82,8 +88,8 @@ def test_a_distilled_model_has_two_heads(small_dataset):
     assert _blockers(small_dataset, "model.name=deit_tiny_distilled_patch16_224") == [
         "deit_tiny_distilled_patch16_224 has no single linear classifier (a distilled DeiT has two heads)"
     ]
-    assert _blockers(small_dataset, "model.name=deit_tiny_distilled_patch16_224", "data.augment=crop_flip") == [
-        "data.augment=crop_flip (needs none)",
+    assert _blockers(small_dataset, "model.name=deit_tiny_distilled_patch16_224", "augment.preset=crop_flip") == [
+        "augment.preset=crop_flip (needs none)",
         "deit_tiny_distilled_patch16_224 has no single linear classifier (a distilled DeiT has two heads)",
     ]
 

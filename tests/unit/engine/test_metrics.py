@@ -17,7 +17,7 @@ from distvit.run.tracking import RunTracker, read_metrics
 def test_lines_every_log_every_steps_and_at_epoch_end(small_dataset, tmp_path):
     accelerator = Accelerator(cpu=True)
     cfg = load_config(None, [f"data.path={small_dataset}", "tracking.backend=none"])
-    tracker = RunTracker(accelerator, cfg, tmp_path, [])
+    tracker = RunTracker(cfg.tracking, accelerator=accelerator, run_dir=tmp_path, class_names=[])
     meter = MetricsMeter(log_every=2, accelerator=accelerator, tracker=tracker)
     state = TrainState()
     waited = list(meter.timed([1, 2, 3]))

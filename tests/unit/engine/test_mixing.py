@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distvit.config import DataConfig
+from distvit.config import MixConfig
 from distvit.engine.mixing import apply_mix, mixed_targets, sample_mix
 
 
 def test_mixup_targets_and_images_mix_with_the_mirror():
-    cfg = DataConfig(mixup_alpha=0.8)
+    cfg = MixConfig(mixup_alpha=0.8)
     decision = sample_mix(cfg, [123, 1], 8, 8)
     assert decision.kind == "mixup" and 0 < decision.lam < 1
     assert sample_mix(cfg, [123, 1], 8, 8) == decision  # same seed, same decision (every rank, resume)
@@ -25,7 +25,7 @@ def test_mixup_targets_and_images_mix_with_the_mirror():
 
 
 def test_cutmix_box_and_label_share_agree():
-    cfg = DataConfig(cutmix_alpha=1.0)
+    cfg = MixConfig(cutmix_alpha=1.0)
     decisions = [sample_mix(cfg, [seed, 1], 32, 32) for seed in range(20)]
     assert {d.kind for d in decisions} == {"cutmix"}
     d = next(d for d in decisions if 0.1 < d.lam < 0.9)
@@ -38,7 +38,7 @@ def test_cutmix_box_and_label_share_agree():
 
 
 def test_mix_prob_zero_and_switch():
-    assert sample_mix(DataConfig(mixup_alpha=1.0, mix_prob=0.0), [1, 1], 8, 8).kind == "none"
-    both = DataConfig(mixup_alpha=1.0, cutmix_alpha=1.0, mix_switch_prob=0.5)
+    assert sample_mix(MixConfig(mixup_alpha=1.0, prob=0.0), [1, 1], 8, 8).kind == "none"
+    both = MixConfig(mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=0.5)
     kinds = [sample_mix(both, [s, 1], 8, 8).kind for s in range(200)]
     assert 60 < kinds.count("cutmix") < 140 and kinds.count("none") == 0

@@ -171,3 +171,23 @@ def test_one_sgd_step_decays_weights_but_not_biases():
     build_optimizer(model, OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.5)).step()
     torch.testing.assert_close(model.weight.detach(), weight - 0.1 * (1.0 + 0.5 * weight))
     torch.testing.assert_close(model.bias.detach(), bias - 0.1 * 1.0)
+
+
+def test_the_schedule_is_planned_once_and_the_scheduler_follows_it():
+    """Schedule is the one plan: the scheduler's lr at every step is its factor times the peak, and
+    `over` re-plans it for another run length (what a resume compares)."""
+    from distvit.engine.optim import Schedule
+
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_epochs=0.5)
+    schedule = Schedule(cfg, steps_per_epoch=4, epochs=3)
+    scheduler = schedule.scheduler(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0))
+    lrs = []
+    for _ in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([schedule.factor(step) for step in range(12)])
+    assert lrs[:2] == [0.5, 1.0] and lrs[-1] < 0.05  # 2 warmup steps, then the cosine to min_lr
+    longer = schedule.over(6)
+    assert longer.epochs == 6 and longer.factor(11) > schedule.factor(11) and longer.lr == 1.0
+    assert "lr_lambdas" in scheduler.state_dict() and scheduler.state_dict()["lr_lambdas"] == [None]

@@ -34,7 +34,7 @@ from distvit.engine.order import (
     order_settings,
     settings_of_checkpoint,
 )
-from distvit.engine.sources import DataSources
+from distvit.engine.sources import DataSources, StepInput
 from distvit.engine.step import TrainStep
 from distvit.errors import CheckpointError, ConfigError
 
@@ -83,6 +83,34 @@ def test_checkpoints_of_earlier_versions_give_their_settings_from_their_config()
     assert settings_of_checkpoint(payload) == OrderSettings("a" * 64, "train", 0, 4, "window", 3, 3)
     recorded = {**payload, "data": {**payload["data"], "order": BASE.to_dict()}}
     assert settings_of_checkpoint(recorded) == BASE
+    # the preset under its present key (augment.preset; data.augment before it moved)
+    moved = {**payload, "config": {"data": {"shuffle": "global"}, "augment": {"preset": "deit", "repeats": None}}}
+    assert settings_of_checkpoint(moved) == OrderSettings("a" * 64, "train", 0, 4, "global", 0, 3)
+
+
+def test_augmentation_settings_are_recorded_by_config_key_and_read_back_from_earlier_checkpoints():
+    from distvit.config import AugmentConfig, MixConfig
+    from distvit.engine.order import augmentation_changes
+
+    settings = augmentation_settings(AugmentConfig(crop_padding=2), MixConfig(mixup_alpha=0.8))
+    assert settings["augment.crop_padding"] == 2 and settings["augment.hflip"] == 0.5
+    assert {key: settings[key] for key in settings if key.startswith("mix.")} == {
+        "mix.mixup_alpha": 0.8,
+        "mix.cutmix_alpha": 0.0,
+        "mix.prob": 1.0,
+        "mix.switch_prob": 0.5,
+    }
+    assert "augment.repeats" not in settings and "augment.preset" not in settings  # the order; the parts
+    assert augmentation_changes(settings, settings) == ""
+    # a checkpoint written before the keys moved recorded data.crop_padding, data.mixup_alpha, data.mix_prob...
+    old_names = {"data.crop_padding": "augment.crop_padding", "data.mixup_alpha": "mix.mixup_alpha"}
+    old_names.update({"data.cutmix_alpha": "mix.cutmix_alpha", "data.mix_prob": "mix.prob"})
+    old_names["data.mix_switch_prob"] = "mix.switch_prob"
+    earlier = {next((old for old, new in old_names.items() if new == key), key): v for key, v in settings.items()}
+    assert "data.mix_prob" in earlier and "mix.prob" not in earlier
+    assert augmentation_changes(earlier, settings) == ""  # the same settings under their old names
+    changed = augmentation_settings(AugmentConfig(crop_padding=2), MixConfig(mixup_alpha=0.8, prob=0.5))
+    assert augmentation_changes(earlier, changed) == "mix.prob 1.0 -> 0.5"
 
 
 # --- property: random runs of stops and resumes --------------------------------------------------------
@@ -228,10 +256,23 @@ UNPERTURBED = {
 }
 
 
+def _order_of(cfg: Config, manifest) -> OrderSettings:
+    """The order settings the trainer derives from a config."""
+    return order_settings(cfg.data, manifest, seed=cfg.train.seed, augment=cfg.augment)
+
+
 def _signature(cfg: Config, manifest, data: dict) -> tuple:
     """Which samples each step of epochs 1-3 reads on one rank, and the first steps' model inputs."""
     accelerator = Accelerator(cpu=True)
-    sources = DataSources(cfg.data, cfg.train, manifest, accelerator, 32, order_settings(cfg, manifest), splits=data)
+    sources = DataSources(
+        cfg.data,
+        manifest=manifest,
+        accelerator=accelerator,
+        img_size=32,
+        order=_order_of(cfg, manifest),
+        global_batch=cfg.train.batch_size,
+        splits=data,
+    )
     steps = []
     for epoch in range(3):
         plan, _ = sources.epoch_plan(epoch)
@@ -240,16 +281,16 @@ def _signature(cfg: Config, manifest, data: dict) -> tuple:
     parts = SimpleNamespace(
         trained=torch.nn.Linear(1, 1),
         features_cached=False,
-        augment=Augmenter(recipe_of(cfg.data, cfg.augment), transform),  # as build_parts makes it
+        augment=Augmenter(recipe_of(cfg.augment), transform),  # as build_parts makes it
         transform=transform,
         record=SimpleNamespace(num_classes=10),
     )
-    step = TrainStep(parts, cfg.train, cfg.data, cfg.optim, cfg.distill, accelerator)
+    step = TrainStep(parts, train=cfg.train, optim=cfg.optim, mix=cfg.mix, accelerator=accelerator)
     plan, local = sources.epoch_plan(0)
     inputs = []
     for batch in list(plan.batches())[:2]:
         images, labels = data["train"].images[batch.indices], data["train"].labels[batch.indices]
-        x, _, _ = step.inputs(batch, images, labels, local, plan.global_batch, 0)
+        x, _, _ = step.model_input(StepInput(batch, images, labels, local, plan.global_batch, 0))
         inputs.append(x)
     return steps, inputs
 
@@ -276,8 +317,8 @@ def test_every_config_key_that_changes_the_order_or_the_augmentation_is_recorded
         [
             "data.shuffle=window",
             "data.shuffle_window=2",
-            "data.augment=deit",
-            "data.mixup_alpha=0.8",
+            "augment.preset=deit",
+            "mix.mixup_alpha=0.8",
             "data.train_subset=100",
         ],
     ]
@@ -304,11 +345,13 @@ def test_every_config_key_that_changes_the_order_or_the_augmentation_is_recorded
                 inputs_changed = len(inputs) != len(changed_inputs) or any(
                     not torch.equal(a, b) for a, b in zip(inputs, changed_inputs)
                 )
-                recorded_order = (order_settings(cfg, manifest), cfg.train.batch_size) != (
-                    order_settings(base, manifest),
+                recorded_order = (_order_of(cfg, manifest), cfg.train.batch_size) != (
+                    _order_of(base, manifest),
                     base.train.batch_size,
                 )
-                recorded_augmentation = augmentation_settings(cfg) != augmentation_settings(base)
+                recorded_augmentation = augmentation_settings(cfg.augment, cfg.mix) != augmentation_settings(
+                    base.augment, base.mix
+                )
                 if order_changed:
                     affecting.add(name)
                     assert recorded_order, f"{name}={candidate} changes which samples the steps read, unrecorded"

@@ -97,7 +97,7 @@ def test_a_stopped_run_writes_stopped_json_and_consumes_stop_only_on_request(sma
         trainer.state.step, trainer.state.epoch = 3, 0
         checkpoint = run_dir / "checkpoints" / "step_00000003.pt"
         summary = trainer.outputs.summary(False, reason, checkpoint, trainer.state, trainer.step, trainer.meter, None)
-        trainer.outputs.write(summary, trainer.state, trainer.tracker, trainer.stops)
+        trainer.outputs.write(summary, trainer.state, trainer.stops, trainer.checkpointer.export)
     assert json.loads((run_dir / "stopped.json").read_text()) == {
         "step": 3,
         "epoch": 0,
@@ -121,7 +121,7 @@ def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_data
         summary = trainer.outputs.summary(
             True, None, run_dir / "checkpoints" / "final.pt", trainer.state, trainer.step, trainer.meter, None
         )
-        trainer.outputs.write(summary, trainer.state, trainer.tracker, trainer.stops)
+        trainer.outputs.write(summary, trainer.state, trainer.stops, trainer.checkpointer.export)
         expected_bias = (trainer.parts.ema.module if weights == "ema" else trainer.parts.model).head.bias.clone()
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["finished"] is True and written["steps"] == 8 and written["final"] == last_eval

@@ -15,7 +15,7 @@ from distvit.engine.parts import compile_model
 from distvit.errors import ConfigError
 from tests.support.trainers import make_trainer, open_trainer
 
-HEAD_ONLY = ("surgery.freeze=backbone", "data.augment=none")
+HEAD_ONLY = ("surgery.freeze=backbone", "augment.preset=none")
 
 
 def _optimized(parts) -> list[torch.Tensor]:
@@ -62,7 +62,7 @@ def test_cache_features_true_names_what_prevents_it(small_dataset, tmp_path):
     with pytest.raises(ConfigError) as caught:
         make_trainer(small_dataset, tmp_path / "r", "surgery.freeze=backbone", "train.cache_features=true")
     assert str(caught.value) == (
-        "train.cache_features=true needs a head-only run, but: data.augment=crop_flip (needs none). "
+        "train.cache_features=true needs a head-only run, but: augment.preset=crop_flip (needs none). "
         "Leave train.cache_features empty to use it only where possible."
     )
 

@@ -70,9 +70,9 @@ def test_stop_requests_take_over_a_request_from_before_they_existed(entry_point,
     with signals.deferred():  # the request is kept, not raised, while the trainer is being built
         os.kill(os.getpid(), signal.SIGTERM)
         wait_for_signal()
-        stops = StopRequests(tmp_path, Accelerator(cpu=True), every=5)
+        stops = StopRequests(tmp_path, Accelerator(cpu=True))
     try:  # training now: the block's end raised nothing, the ranks agree on a stop step instead
-        assert stops.agreed(4).stop is None and stops.agreed(5).stop == "SIGTERM"
+        assert stops.agreed().stop == "SIGTERM"
         assert signals.take_request() is None  # handed over once
         assert signal.getsignal(signal.SIGINT).__self__ is stops  # Ctrl-C is a stop request in an entry point
     finally:
@@ -84,7 +84,7 @@ def test_stop_requests_take_over_a_request_from_before_they_existed(entry_point,
 
 def test_outside_an_entry_point_ctrl_c_stays_an_interrupt(monkeypatch, tmp_path):
     monkeypatch.setattr(signals, "_state", signals._State())
-    stops = StopRequests(tmp_path, Accelerator(cpu=True), every=5)
+    stops = StopRequests(tmp_path, Accelerator(cpu=True))
     try:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # benchmarks, tests
     finally:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from distvit.config import AugmentConfig, Config, DataConfig, TrainConfig
+from distvit.config import AugmentConfig, DataConfig, TrainConfig
 from distvit.data.manifest import read_manifest
 from distvit.data.plan import epoch_order
 from distvit.engine.order import order_settings
@@ -16,8 +16,15 @@ from distvit.errors import DataError
 
 def sources_of(data_cfg: DataConfig, train_cfg: TrainConfig, manifest, repeats: int = 1) -> DataSources:
     """DataSources on one CPU rank, with the order settings the trainer would derive from these sections."""
-    cfg = Config(data=data_cfg, train=train_cfg, augment=AugmentConfig(repeats=repeats))
-    return DataSources(data_cfg, train_cfg, manifest, Accelerator(cpu=True), 32, order_settings(cfg, manifest))
+    order = order_settings(data_cfg, manifest, seed=train_cfg.seed, augment=AugmentConfig(repeats=repeats))
+    return DataSources(
+        data_cfg,
+        manifest=manifest,
+        accelerator=Accelerator(cpu=True),
+        img_size=32,
+        order=order,
+        global_batch=train_cfg.batch_size,
+    )
 
 
 def test_plan_subset_and_steps(small_dataset):

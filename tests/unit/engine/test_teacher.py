@@ -20,7 +20,7 @@ def build(cfg, num_classes):
 def test_teachers_must_predict_the_datasets_classes(tmp_path, monkeypatch):
     from distvit.config import DistillConfig
     from distvit.engine import teacher as teacher_module
-    from distvit.run.checkpoint import save_checkpoint
+    from distvit.run.checkpoint_files import save_checkpoint
 
     classes = [f"c{i}" for i in range(10)]
     # hub weights keep their 1000-class ImageNet head: refused, not silently given a random 10-class head

@@ -11,6 +11,14 @@ from distvit.errors import ConfigError
 from distvit.run.rundir import check_run_dir, init_run_dir
 
 
+def _check(cfg):
+    return check_run_dir(cfg.run, resume=cfg.train.resume)
+
+
+def _init(run_dir, cfg, resumed_step):
+    init_run_dir(run_dir, cfg.run, resume=cfg.train.resume, config_yaml=cfg.to_yaml(), resumed_step=resumed_step)
+
+
 def _tree(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -34,10 +42,10 @@ def test_overwrite_clears_previous_results_and_only_them(small_dataset, tmp_path
         (run_dir / name).write_text(text)
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={run_dir}"])
     with pytest.raises(ConfigError, match="already holds a run"):
-        check_run_dir(cfg)
+        _check(cfg)
     cfg.run.overwrite = True
-    check_run_dir(cfg)
-    init_run_dir(run_dir, cfg, resumed_step=None)
+    _check(cfg)
+    _init(run_dir, cfg, None)
     # the run's own files went, the user's stayed byte for byte (and the folders holding them)
     assert _tree(run_dir) == sorted(
         ["checkpoints", "checkpoints/keep.pt", "config.yaml", "distvit-run.json", "eval", "eval/my_eval.csv"]
@@ -60,7 +68,7 @@ def test_a_folder_that_holds_no_run_is_never_used(small_dataset, tmp_path, flag)
     with pytest.raises(
         ConfigError, match=r"is not empty \(eval, paper.tex\) and holds no distvit run: .*another run.dir"
     ):
-        check_run_dir(cfg)
+        _check(cfg)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
@@ -70,8 +78,8 @@ def test_a_folder_with_only_a_stop_file_or_slurm_logs_takes_a_new_run(small_data
     (run_dir / "logs" / "job1-node0.log").write_text("starting")
     (run_dir / "STOP").touch()
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={run_dir}", "train.resume=auto"])
-    assert check_run_dir(cfg) == run_dir
-    init_run_dir(run_dir, cfg, resumed_step=None)
+    assert _check(cfg) == run_dir
+    _init(run_dir, cfg, None)
     assert (run_dir / "logs" / "job1-node0.log").read_text() == "starting" and (run_dir / "STOP").exists()
 
 
@@ -85,13 +93,13 @@ def test_resuming_from_another_runs_checkpoint_needs_a_new_or_empty_folder(small
     other.write_text("a checkpoint")
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={finished}", f"train.resume={other}"])
     with pytest.raises(ConfigError, match=r"is another run's checkpoint, and run.dir=.* already holds a run"):
-        check_run_dir(cfg)
+        _check(cfg)
     own = load_config(
         None, [f"data.path={small_dataset}", f"run.dir={finished}", f"train.resume={finished}/checkpoints/final.pt"]
     )
-    assert check_run_dir(own) == finished  # its own checkpoint: the same run continues
+    assert _check(own) == finished  # its own checkpoint: the same run continues
     fresh = load_config(None, [f"data.path={small_dataset}", f"run.dir={tmp_path}/new", f"train.resume={other}"])
-    assert check_run_dir(fresh) == tmp_path / "new"
+    assert _check(fresh) == tmp_path / "new"
 
 
 def test_run_dir_that_cannot_be_created(small_dataset, tmp_path):
@@ -99,10 +107,10 @@ def test_run_dir_that_cannot_be_created(small_dataset, tmp_path):
     blocker.write_text("x")
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={blocker}/run"])
     with pytest.raises(ConfigError, match="cannot be created"):
-        check_run_dir(cfg)
+        _check(cfg)
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={blocker}"])
     with pytest.raises(ConfigError, match="is a file"):
-        check_run_dir(cfg)
+        _check(cfg)
 
 
 def test_resumed_run_drops_lines_logged_after_its_checkpoint(small_dataset, tmp_path):
@@ -113,7 +121,7 @@ def test_resumed_run_drops_lines_logged_after_its_checkpoint(small_dataset, tmp_
     (run_dir / "trace" / "rank0.jsonl").write_text(lines)
     (run_dir / "summary.json").write_text("{}")
     cfg = load_config(None, [f"data.path={small_dataset}", f"run.dir={run_dir}", "train.resume=auto"])
-    init_run_dir(run_dir, cfg, resumed_step=4)
+    _init(run_dir, cfg, 4)
     for log in ("metrics.jsonl", "trace/rank0.jsonl"):
         assert [json.loads(x)["step"] for x in (run_dir / log).read_text().splitlines()] == [1, 2, 3, 4]
     assert not (run_dir / "summary.json").exists()

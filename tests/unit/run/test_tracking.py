@@ -80,8 +80,8 @@ def test_wandb_mode_from_a_netrc_login(clean_env):
 
 def test_metrics_lines_are_strict_json_with_nan_and_inf_as_null(tmp_path):
     cfg = load_config(None, ["tracking.backend=none", f"run.dir={tmp_path}"], check_data=False)
-    tracker = RunTracker(Accelerator(cpu=True), cfg, tmp_path, class_names=["a", "b"])
-    tracker.start(cfg, {"world_size": 1})
+    tracker = RunTracker(cfg.tracking, accelerator=Accelerator(cpu=True), run_dir=tmp_path, class_names=["a", "b"])
+    tracker.start({**cfg.to_dict(), "world_size": 1})
     assert not tracker.use_wandb and tracker.run_id is None and not (tmp_path / "tracker.json").exists()
     tracker.log({"split": "train", "epoch": 1, "step": 1, "loss": float("nan"), "lr": 1e-3, "grad_norm": float("inf")})
     tracker.log(
@@ -105,7 +105,7 @@ def test_metrics_lines_are_strict_json_with_nan_and_inf_as_null(tmp_path):
 
     assert [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == expected
     assert read_metrics(tmp_path) == expected
-    resumed = RunTracker(Accelerator(cpu=True), cfg, tmp_path)  # a resumed run appends
+    resumed = RunTracker(cfg.tracking, accelerator=Accelerator(cpu=True), run_dir=tmp_path)  # a resumed run appends
     resumed.log({"split": "train", "epoch": 2, "step": 3, "loss": 0.5})
     resumed.finish()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
@@ -118,7 +118,7 @@ def test_a_full_disk_while_logging_is_one_clear_error(tmp_path):
     from distvit.errors import DistvitError
     from distvit.run.tracking import RunTracker
 
-    tracker = RunTracker(Accelerator(cpu=True), Config(), tmp_path)
+    tracker = RunTracker(Config().tracking, accelerator=Accelerator(cpu=True), run_dir=tmp_path)
 
     class FullDisk:
         def write(self, text):

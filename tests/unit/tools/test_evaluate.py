@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distvit.engine.evaluation import EvalResult
+from distvit.engine.eval_counts import EvalResult
 from distvit.tools.evaluate import evaluation_json, format_evaluation
 
 ABOUT = {
@@ -87,7 +87,7 @@ def test_evaluate_defaults_to_the_split_and_data_the_run_used(tmp_path, monkeypa
     from distvit.data.synthetic import CLASS_NAMES, generate
     from distvit.data.writer import write_dataset
     from distvit.model.build import build_model
-    from distvit.run.checkpoint import save_checkpoint
+    from distvit.run.checkpoint_files import save_checkpoint
     from distvit.tools.evaluate import evaluate_checkpoint
 
     for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):

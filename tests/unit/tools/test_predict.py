@@ -19,7 +19,7 @@ from distvit.data.synthetic import prepare_synthetic
 from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
 from distvit.model.build import build_model
-from distvit.run.checkpoint import save_checkpoint
+from distvit.run.checkpoint_files import save_checkpoint
 from distvit.tools.predict import (
     Prediction,
     format_predictions,

@@ -10,9 +10,9 @@ import torch
 
 from distvit.errors import DistvitError
 from distvit.fileio import check_output_file
-from distvit.tools.bench_train import format_train_bench
+from distvit.tools.bench_report import format_train_bench
 from distvit.tools.profiling import busy_fraction, device_share, epoch_line, profile_line, profile_steps
-from tests.unit.tools.test_bench_train import _bench, _measurement
+from tests.unit.tools.test_bench_report import _bench, _measurement
 
 EPOCH = {
     "images": 10000,

@@ -1,4 +1,4 @@
-"""distvit.run.checkpoint: atomic writes, safe reads, latest.json, pruning, rebuilding the model."""
+"""distvit.run.checkpoint_files: atomic writes, safe reads, latest.json, pruning, rebuilding the model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from distvit.config import load_config
 from distvit.errors import CheckpointError
 from distvit.model.build import build_model, model_from_record
 from distvit.model.record import SurgeryRecord
-from distvit.run.checkpoint import (
+from distvit.run.checkpoint_files import (
     latest_checkpoint,
     load_checkpoint,
     load_model,
@@ -302,7 +302,7 @@ def test_load_weights_names_what_differs_and_loads_nothing(tiny):
     assert str(err.value) == (
         f"run/checkpoints/final.pt was written for a different model ({record.architecture()}): "
         f"head.weight: checkpoint (7, 192) vs model (10, 192); missing head.bias; unexpected head_dist.weight. "
-        f"Rebuild the model from the checkpoint's surgery record (distvit.run.checkpoint.load_model)."
+        f"Rebuild the model from the checkpoint's surgery record (distvit.run.checkpoint_files.load_model)."
     )
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # refused before loading any
     load_weights(target, model.state_dict(), record, source="ok")

@@ -1,4 +1,4 @@
-"""distvit.engine.evaluation: exact counts, top-5 and confusion matrix."""
+"""distvit.engine.eval_counts: exact counts, top-5 and confusion matrix."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def test_evaluation_counts_top5_and_confusion():
     from distvit.data.loader import MemoryBatches
     from distvit.data.memory import SplitTensors
     from distvit.data.transforms import BatchTransform
-    from distvit.engine.evaluation import evaluate_models
+    from distvit.engine.eval_counts import evaluate_models
 
     class Fixed(torch.nn.Module):
         """Predicts class (mean pixel value * 10), then class 0, then the others in index order."""
@@ -46,7 +46,7 @@ def test_sample_images_kept_for_the_tracker_are_those_of_their_samples_with_ring
     from distvit.data.manifest import read_manifest
     from distvit.data.memory import load_split
     from distvit.data.transforms import BatchTransform
-    from distvit.engine.evaluation import NUM_SAMPLE_IMAGES, evaluate_models
+    from distvit.engine.eval_counts import NUM_SAMPLE_IMAGES, evaluate_models
 
     class Mean(torch.nn.Module):
         def forward(self, x):

@@ -52,6 +52,10 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"
+
+
 def mark_latest(checkpoint_dir: Path, name: str, step: int, epoch: int) -> None:
     """Record which checkpoint is the newest complete one (written after the checkpoint itself)."""
     marker = checkpoint_dir / LATEST_NAME
@@ -206,6 +210,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], record:
         )
         raise CheckpointError(
             f"{source} was written for a different model ({record.architecture()}): {details}. "
-            f"Rebuild the model from the checkpoint's surgery record (distvit.run.checkpoint.load_model)."
+            f"Rebuild the model from the checkpoint's surgery record (distvit.run.checkpoint_files.load_model)."
         )
     model.load_state_dict(state)
