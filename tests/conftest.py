@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from distvit.data.synthetic import prepare_synthetic
+from distvit.data.prepare.synthetic import prepare_synthetic
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The training input of a step: a recipe's parts applied to a uint8 batch, then the model's resize and
-normalisation (distvit.data.transforms.BatchTransform)."""
+normalisation (distvit.augment.transforms.BatchTransform)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from distvit.augment.ops import color_jitter, hflip, random_crop, random_erase, 
 from distvit.augment.params import AugmentParams
 from distvit.augment.randaugment import rand_augment
 from distvit.augment.recipe import Recipe
-from distvit.data.transforms import BatchTransform
+from distvit.augment.transforms import BatchTransform
 
 
 class Augmenter:

@@ -76,7 +76,9 @@ class DataConfig:
     path: str = ""
     """Dataset folder holding manifest.json and the shards (made by `distvit prepare`)."""
     train_split: str = "train"
+    """The manifest's split to train on."""
     eval_split: str = "test"
+    """The manifest's split that evaluations during training (and `distvit evaluate` by default) run on."""
     mode: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode the split once and keep it on the training device; stream: read and decode from the
     shards in loader workers each epoch; auto: memory when the decoded split fits in a third of the host's
@@ -182,11 +184,13 @@ class MixConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
+    """The optimizer: AdamW (fused on a GPU), or SGD with momentum."""
     lr: PositiveFloat = 5e-4
     """Peak learning rate."""
     min_lr: NonNegativeFloat = 0.0
     """Learning rate at the end of the cosine schedule."""
     weight_decay: NonNegativeFloat = 0.05
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD); biases, norms, position embeddings and tokens get none."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """SGD momentum (sgd only)."""
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
@@ -204,6 +208,7 @@ class OptimConfig:
     step_epochs: list[PositiveFloat] = field(default_factory=list)
     """Epochs (fractions allowed) at which the step schedule multiplies the lr by step_gamma."""
     step_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """The factor the step schedule multiplies the lr by at each of step_epochs."""
     warmup_epochs: NonNegativeFloat = 0.0
     """Linear warmup length, in epochs (fractions allowed)."""
     clip_grad_norm: NonNegativeFloat = 0.0
@@ -217,6 +222,8 @@ class TrainConfig:
     batch_size: PositiveInt = 128
     """Global batch size: split evenly over the ranks, so results do not depend on the world size."""
     seed: Seed = 0
+    """Seeds the new layers' initialisation, the epoch order and every augmentation draw: the same seed and
+    settings give the same run on any world size."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """no / bf16 / fp16 (with loss scaling). auto: what `accelerate launch --mixed_precision` (or accelerate
     config) says if it asks for bf16 or fp16, else bf16 on a GPU that supports it, else no (fp32)."""
@@ -233,6 +240,7 @@ class TrainConfig:
     """Split each rank's share of the global batch into this many micro-batches (same optimizer steps,
     less memory); batch_size must be divisible by processes x grad_accum_steps."""
     label_smoothing: Fraction = 0.0
+    """Cross-entropy label smoothing: the target puts this much probability evenly over all classes."""
     timeout_s: Annotated[int, Field(ge=10)] = 300
     """Seconds a rank waits in a collective (all-reduce, barrier) before the run stops with an error
     naming the unresponsive rank(s); NCCL's default is 30 minutes. Must exceed the longest rank-0-only
@@ -259,8 +267,12 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     backend: Literal["wandb", "none"] = "wandb"
+    """wandb: track the run in Weights & Biases (offline when no login or network, see mode); none: only
+    the run folder's metrics.jsonl and plots."""
     project: str = "distvit"
+    """W&B project."""
     entity: Optional[str] = None
+    """W&B team or user. Empty: the logged-in user's default entity."""
     run_name: Optional[str] = None
     """W&B run name. Empty: the run directory's name."""
     mode: Literal["auto", "online", "offline"] = "auto"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distvit.data.manifest import sample_location
-from distvit.data.memory import IMAGE_MEMBERS, parse_label
+from distvit.data.shard_format import IMAGE_MEMBERS, LABEL_MEMBER, parse_label
 from distvit.errors import DataError
 
 
@@ -47,10 +47,10 @@ def index_shard(path: Path, num_classes: int, num_samples: int, shard_index: int
             members = samples[key]
             ext = next((e for e in IMAGE_MEMBERS if e in members), None)
             where = sample_location(path, key)
-            if ext is None or "cls" not in members:
+            if ext is None or LABEL_MEMBER not in members:
                 raise DataError(f"{where} lacks its image or .cls member. Prepare the dataset again.")
-            handle.seek(members["cls"].offset_data)
-            label = parse_label(handle.read(members["cls"].size), num_classes, where)
+            handle.seek(members[LABEL_MEMBER].offset_data)
+            label = parse_label(handle.read(members[LABEL_MEMBER].size), num_classes, where)
             image = members[ext]
             locations.append(SampleLocation(shard_index, image.offset_data, image.size, ext, label, key))
     if len(order) != num_samples:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from distvit.data.loader import MemoryBatches, StreamBatches
+from distvit.augment.transforms import BatchTransform
 from distvit.data.plan import EpochPlan, sequential_order
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.loader import MemoryBatches, StreamBatches
 from distvit.engine.failures import SampleFailures
 
 NUM_SAMPLE_IMAGES = 16
@@ -103,7 +103,7 @@ def evaluate_models(
             if accelerator.is_main_process and not samples[name]:
                 count = min(NUM_SAMPLE_IMAGES, int(valid.sum()))
                 # A copy: on a CPU `images` is a slot of the loader's ring, refilled by a later batch
-                # (distvit.data.ring); the pictures must stay those of their captions.
+                # (distvit.data.read.ring); the pictures must stay those of their captions.
                 kept = images[:count].to("cpu", copy=True)
                 samples[name] = [
                     {"image": kept[i], "label": int(labels[i]), "predicted": int(predicted[i])} for i in range(count)

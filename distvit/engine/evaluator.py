@@ -9,9 +9,9 @@ import time
 
 import torch
 
+from distvit.augment.transforms import BatchTransform
 from distvit.config import EvalConfig
-from distvit.data.loader import MemoryBatches, StreamBatches
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.loader import MemoryBatches, StreamBatches
 from distvit.engine.context import RunContext
 from distvit.engine.eval_counts import EvalResult, evaluate_models
 from distvit.engine.state import TrainState

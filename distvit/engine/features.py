@@ -13,11 +13,11 @@ import torch
 from accelerate import Accelerator
 
 from distvit.augment.recipe import what_augments
+from distvit.augment.transforms import BatchTransform
 from distvit.config import AugmentConfig
 from distvit.data.devices import to_device
-from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.memory import SplitTensors
 from distvit.engine.failures import SampleFailures
 from distvit.engine.teacher import Teacher
 from distvit.model.record import SurgeryRecord

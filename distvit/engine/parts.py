@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from distvit.augment import Augmenter, recipe_of
+from distvit.augment.transforms import BatchTransform
 from distvit.config import AugmentConfig, DistillConfig, EmaConfig, OptimConfig, TrainConfig
-from distvit.data.transforms import BatchTransform
 from distvit.engine.accelerator import compile_supported
 from distvit.engine.ema import ModelEma, build_ema
 from distvit.engine.features import cache_blockers

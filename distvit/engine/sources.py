@@ -17,15 +17,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from distvit.augment.transforms import BatchTransform
 from distvit.config import DataConfig
-from distvit.data.cache import ShardCache
-from distvit.data.fetch import FetchPolicy
-from distvit.data.loader import MemoryBatches, StreamBatches, loader_workers, open_batches
 from distvit.data.manifest import Manifest
-from distvit.data.memory import SplitTensors
 from distvit.data.plan import EpochPlan, RankBatch, sequential_order
-from distvit.data.preflight import bad_shards_message, describe, without_shards
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.cache import ShardCache
+from distvit.data.read.fetch import FetchPolicy
+from distvit.data.read.loader import MemoryBatches, StreamBatches, loader_workers, open_batches
+from distvit.data.read.memory import SplitTensors
+from distvit.data.read.preflight import bad_shards_message, describe, without_shards
 from distvit.engine.features import compute_features
 from distvit.engine.metrics import SampleTrace
 from distvit.engine.order import EpochOrders, OrderSettings, ResumePoint

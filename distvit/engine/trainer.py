@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 import distvit
 from distvit.augment.recipe import flip_warning
+from distvit.augment.transforms import BatchTransform
 from distvit.config import Config
 from distvit.data.manifest import Manifest
-from distvit.data.memory import SplitTensors
-from distvit.data.preflight import preflight_marker
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.memory import SplitTensors
+from distvit.data.read.preflight import preflight_marker
 from distvit.engine import signals
 from distvit.engine.accelerator import ddp_options, make_accelerator, size_cpu_threads, wait_for_everyone
 from distvit.engine.after_step import AfterStep

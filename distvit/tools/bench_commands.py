@@ -76,7 +76,7 @@ def train_command(args: argparse.Namespace) -> int:
     splits = None
     if args.synthetic:
         from distvit.config import load_config
-        from distvit.data.synthetic import MAX_CLASSES, generation_bytes
+        from distvit.data.prepare.synthetic import MAX_CLASSES, generation_bytes
         from distvit.model.build import check_model_config
         from distvit.tools.dataset_checks import check_with_dataset
         from distvit.tools.prepare import check_generation_memory
@@ -134,7 +134,7 @@ def decode_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from distvit.data.synthetic import MAX_CLASSES, generation_bytes
+    from distvit.data.prepare.synthetic import MAX_CLASSES, generation_bytes
     from distvit.tools.bench_decode import HELD_BYTES_PER_PIXEL, as_json, bench_decode, format_decode
     from distvit.tools.prepare import check_generation_memory, check_image_size
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from distvit.augment import PRESETS, Augmenter
-from distvit.data.loader import MemoryBatches, StreamBatches
+from distvit.augment.transforms import BatchTransform
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import SplitTensors, load_split
 from distvit.data.plan import EpochPlan, epoch_order
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.loader import MemoryBatches, StreamBatches
+from distvit.data.read.memory import SplitTensors, load_split
 from distvit.engine.timing import synchronize
 from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD, endless, lesson_loader
 

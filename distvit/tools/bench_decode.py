@@ -30,12 +30,12 @@ import torch
 from PIL import Image
 
 from distvit.data.images import decode_jpeg
-from distvit.data.loader import StreamBatches
 from distvit.data.manifest import Manifest
 from distvit.data.node import usable_cores
 from distvit.data.plan import EpochPlan, epoch_order
-from distvit.data.synthetic import prepare_synthetic
-from distvit.data.writer import StoredFormat
+from distvit.data.prepare.synthetic import prepare_synthetic
+from distvit.data.prepare.writer import StoredFormat
+from distvit.data.read.loader import StreamBatches
 from distvit.tools.bench_data import images_per_second
 from distvit.tools.lesson import IMAGENET_MEAN, IMAGENET_STD
 

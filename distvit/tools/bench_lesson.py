@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 
 from distvit.config import Config
 from distvit.data.manifest import Manifest
-from distvit.data.memory import SplitTensors
+from distvit.data.read.memory import SplitTensors
 from distvit.errors import DataError
 from distvit.tools.bench_report import Measurement, TrainBench, measurement
 from distvit.tools.measure import device_peak_flops
@@ -27,7 +27,7 @@ def lesson_images(
     if splits is not None:
         data = splits[cfg.data.train_split]
     else:
-        from distvit.data.memory import load_split
+        from distvit.data.read.memory import load_split
 
         if manifest.image_size is None:
             raise DataError(

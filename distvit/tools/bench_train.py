@@ -31,8 +31,8 @@ import torch
 
 from distvit.config import Config
 from distvit.data.manifest import Manifest, SplitInfo
-from distvit.data.memory import SplitTensors
 from distvit.data.node import launch
+from distvit.data.read.memory import SplitTensors
 from distvit.engine.accelerator import wait_for_everyone
 from distvit.engine.timing import PhaseTimer
 from distvit.errors import ConfigError, DataError
@@ -199,7 +199,7 @@ def synthetic_splits(
     train_size: int, test_size: int, image_size: int = 32, num_classes: int = 10, seed: int = 0
 ) -> tuple[Manifest, dict[str, SplitTensors]]:
     """The built-in synthetic CIFAR-format data, generated in memory (no shards, no webdataset)."""
-    from distvit.data.synthetic import CLASS_NAMES, generate
+    from distvit.data.prepare.synthetic import CLASS_NAMES, generate
 
     splits = {}
     for offset, (name, size) in enumerate((("train", train_size), ("test", test_size))):
@@ -211,7 +211,7 @@ def synthetic_splits(
         image_size=(image_size, image_size),
         channels=3,
         splits={name: SplitInfo(name, len(split), []) for name, split in splits.items()},
-        source={"generator": "distvit.data.synthetic", "seed": seed},
+        source={"generator": "distvit.data.prepare.synthetic", "seed": seed},
     )
     return manifest, splits
 

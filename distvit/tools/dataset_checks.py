@@ -34,8 +34,8 @@ def _check_threads(cfg: Config) -> None:
 def _check_memory_mode(cfg: Config, manifest: Manifest) -> None:
     """data.mode=memory decodes both splits into memory at start: refused here, before the run folder is
     written, when this host cannot hold them (data.mode=auto streams instead by itself)."""
-    from distvit.data.memory import decoded_bytes
     from distvit.data.node import available_host_memory
+    from distvit.data.read.memory import decoded_bytes
 
     if cfg.data.mode != "memory" or cfg.data.cache_dir:  # through a shard cache every split streams
         return

@@ -6,11 +6,11 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from distvit.data.cache import ShardCache
-from distvit.data.fetch import FetchPolicy
-from distvit.data.loader import loader_workers, open_batches
+from distvit.augment.transforms import BatchTransform
 from distvit.data.manifest import read_manifest
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.cache import ShardCache
+from distvit.data.read.fetch import FetchPolicy
+from distvit.data.read.loader import loader_workers, open_batches
 from distvit.engine.accelerator import cpu_processes, process_group_options
 from distvit.engine.eval_counts import EvalResult, evaluate
 from distvit.errors import ConfigError, DataError

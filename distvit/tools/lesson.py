@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from PIL import Image
 
-from distvit.data.memory import SplitTensors
+from distvit.data.read.memory import SplitTensors
 from distvit.engine.timing import PhaseTimer
 from distvit.errors import DataError
 

@@ -29,8 +29,8 @@ import timm.data
 import torch
 from PIL import Image
 
+from distvit.augment.transforms import BatchTransform
 from distvit.data.images import DECODE_ERRORS, open_image, resize_and_crop, to_rgb
-from distvit.data.transforms import BatchTransform
 from distvit.errors import DistvitError
 from distvit.run.checkpoint_files import load_model
 

@@ -22,10 +22,10 @@ def load_checked_config(config_file: str, overrides: list[str]):
     """Everything that can be checked without starting ranks: config, dataset manifest and shards (preflight),
     model, run dir."""
     from distvit.config import load_config
-    from distvit.data.cache import check_cache_dir
     from distvit.data.manifest import read_manifest
-    from distvit.data.preflight import bad_shards_message
-    from distvit.data.remote import FetchPolicy, fetch_dataset, fetch_manifest
+    from distvit.data.read.cache import check_cache_dir
+    from distvit.data.read.preflight import bad_shards_message
+    from distvit.data.read.remote import FetchPolicy, fetch_dataset, fetch_manifest
     from distvit.model.build import check_model_config
     from distvit.run.rundir import check_run_dir
     from distvit.tools.dataset_checks import check_with_dataset
@@ -36,7 +36,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
     # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
     verify = cfg.data.verify if is_local_leader() else "size"
     policy = FetchPolicy.of(cfg.data)  # time limits and tries of every fetch from data.remote
-    if cfg.data.cache_dir:  # shards are fetched and verified as training needs them (distvit.data.cache)
+    if cfg.data.cache_dir:  # shards are fetched and verified as training needs them (distvit.data.read.cache)
         check_cache_dir(cfg.data.cache_dir)  # every rank, before any starts: all stop together
         fetch_manifest(cfg.data.remote, Path(cfg.data.path), policy)
     elif cfg.data.remote:
@@ -80,7 +80,7 @@ def _preflight(cfg, manifest, splits: list[str], verify: str) -> dict[str, str]:
     import time
 
     from distvit.data.node import local_ranks
-    from distvit.data.preflight import find_bad_shards, hashing_estimate, preflight_marker
+    from distvit.data.read.preflight import find_bad_shards, hashing_estimate, preflight_marker
 
     done, several = preflight_marker(), local_ranks()[1] > 1
     if not is_local_leader():

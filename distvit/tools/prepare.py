@@ -35,7 +35,7 @@ def write_dataset(args: argparse.Namespace, name: str, write: Callable[[], objec
 
 
 def synthetic_command(args: argparse.Namespace) -> int:
-    from distvit.data.synthetic import MAX_CLASSES, generation_bytes, prepare_synthetic
+    from distvit.data.prepare.synthetic import MAX_CLASSES, generation_bytes, prepare_synthetic
 
     if not 2 <= args.num_classes <= MAX_CLASSES:
         raise DistvitError(f"--num-classes must be between 2 and {MAX_CLASSES}, got {args.num_classes}.")
@@ -53,7 +53,7 @@ def synthetic_command(args: argparse.Namespace) -> int:
 
 
 def digits_command(args: argparse.Namespace) -> int:
-    from distvit.data.digits import NUM_CLASSES, generation_bytes, prepare_digits
+    from distvit.data.prepare.digits import NUM_CLASSES, generation_bytes, prepare_digits
 
     for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
         if value < NUM_CLASSES:
@@ -106,7 +106,7 @@ def _generated(args: argparse.Namespace) -> str:
 def _order(args: argparse.Namespace) -> dict[str, object]:
     """The flags every importer shares: the seed of the write order, the shard size, the stored format,
     and whether flips keep the images' meaning (--no-flip)."""
-    from distvit.data.writer import StoredFormat
+    from distvit.data.prepare.writer import StoredFormat
 
     quality = DEFAULT_JPEG_QUALITY if args.quality is None else args.quality  # None: --quality not given
     if not 1 <= quality <= 100:
@@ -126,7 +126,7 @@ def _order(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cifar10_command(args: argparse.Namespace) -> int:
-    from distvit.data.cifar10 import prepare_cifar10
+    from distvit.data.prepare.cifar10 import prepare_cifar10
 
     source = {"source": args.source, "skip_checksum": args.skip_checksum}
     write_dataset(args, "CIFAR-10", lambda: prepare_cifar10(args.out, **source, **_order(args)))
@@ -134,7 +134,7 @@ def cifar10_command(args: argparse.Namespace) -> int:
 
 
 def imagefolder_command(args: argparse.Namespace) -> int:
-    from distvit.data.imagefolder import LEAVES_SOURCE, prepare_imagefolder, printable
+    from distvit.data.prepare.imagefolder import LEAVES_SOURCE, prepare_imagefolder, printable
 
     if args.image_size is not None:
         check_image_size(args.image_size, "--image-size")

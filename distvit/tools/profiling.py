@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from distvit.data.memory import SplitTensors
+from distvit.data.read.memory import SplitTensors
 from distvit.engine.accelerator import wait_for_everyone
 from distvit.engine.timing import PhaseTimer, synchronize
 from distvit.errors import DataError

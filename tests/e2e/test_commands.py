@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
+from distvit.data.read.memory import load_split
 from tests.support.helpers import accelerate_launch, run_cli
 from tests.support.images import damage_stored_image
 

@@ -270,10 +270,10 @@ def bench_decode_at_100000_px(tmp_path, data):
 def a_jpeg_sample_cut_short_in_training(tmp_path, data):
     """Its data ends half way, then a well-formed end marker: libjpeg only warns and fills the rest grey.
     The shard's hash is updated too, so only decoding can tell."""
-    from distvit.data.loader import index_shards
     from distvit.data.manifest import read_manifest, sha256_file
-    from distvit.data.synthetic import prepare_synthetic
-    from distvit.data.writer import StoredFormat
+    from distvit.data.prepare.synthetic import prepare_synthetic
+    from distvit.data.prepare.writer import StoredFormat
+    from distvit.data.read.loader import index_shards
 
     jpeg = tmp_path / "jpeg"
     prepare_synthetic(jpeg, train_size=200, test_size=101, samples_per_shard=64, stored_format=StoredFormat("jpeg"))

@@ -25,7 +25,7 @@ import torch
 
 from distvit.data.manifest import read_manifest
 from distvit.data.plan import subset_indices
-from distvit.data.synthetic import prepare_synthetic
+from distvit.data.prepare.synthetic import prepare_synthetic
 from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.report import read_metrics_lines
 from tests.support.helpers import accelerate_launch, run_cli

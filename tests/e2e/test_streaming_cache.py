@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distvit.data.cache import ShardCache, folder_bytes, pass_required_bytes, shard_bytes
 from distvit.data.manifest import read_manifest
 from distvit.data.plan import window_order
-from distvit.data.synthetic import prepare_synthetic
+from distvit.data.prepare.synthetic import prepare_synthetic
+from distvit.data.read.cache import ShardCache, folder_bytes, pass_required_bytes, shard_bytes
 from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launch_ok, run_cli, trace_ids

@@ -9,10 +9,10 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
+from distvit.augment.transforms import BatchTransform
 from distvit.config import load_config
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.memory import load_split
 from distvit.model.build import build_model
 from distvit.run.checkpoint_files import load_checkpoint, load_model
 from distvit.run.report import read_metrics_lines
@@ -290,7 +290,7 @@ def test_stream_mode_with_loader_workers_on_two_ranks(small_dataset, tmp_path):
 
 
 def test_bad_shard_skipped_identically_on_every_rank(tmp_path):
-    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "ds", train_size=120, test_size=30, samples_per_shard=40)
     (tmp_path / "ds" / "train-00001.tar").unlink()

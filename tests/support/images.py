@@ -20,8 +20,8 @@ def save(path, image, **kwargs):
 def damage_stored_image(dataset, split: str, index: int) -> str:
     """Overwrite sample `index` of a dataset's split with undecodable bytes of the same size (the tar and
     its sizes stay valid: only decoding can tell). Returns the sample's key."""
-    from distvit.data.loader import index_shards
     from distvit.data.manifest import read_manifest
+    from distvit.data.read.loader import index_shards
 
     paths, locations = index_shards(dataset, read_manifest(dataset), split)
     damaged = locations[index]

@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from distvit.data.cache import folder_bytes
 from distvit.data.manifest import Manifest, ShardInfo, SplitInfo, read_manifest, sha256_file, write_manifest
+from distvit.data.read.cache import folder_bytes
 
 
 def relabelled(source: Path, target: Path, shift: int = 1) -> Manifest:

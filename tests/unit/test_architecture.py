@@ -57,3 +57,44 @@ def test_the_check_sees_an_upward_import(tmp_path):
     module.write_text("def f():\n    from distvit.engine.trainer import Trainer\n")
     assert imports_of(module) == [(2, "distvit.engine.trainer")]
     assert RANK[layer_of("distvit.engine.trainer")] > RANK["data"]
+
+
+DATA_ROLES = ("prepare", "read")
+"""distvit.data's two roles below its contract (manifest, shard format, tar index, images, plan, node)."""
+
+
+def data_role(module: str) -> str | None:
+    """'distvit.data.read.cache' -> 'read'; 'distvit.data.manifest' -> 'contract'; None outside distvit.data."""
+    parts = module.split(".")
+    if parts[:2] != ["distvit", "data"]:
+        return None
+    return parts[2] if len(parts) > 2 and parts[2] in DATA_ROLES else "contract"
+
+
+def crosses_data_roles(importer: str, imported: str) -> bool:
+    """The contract imports neither role; prepare and read import the contract and themselves only."""
+    own, other = data_role(importer), data_role(imported)
+    return own is not None and other is not None and other != "contract" and other != own
+
+
+def test_prepare_and_read_never_import_each_other_and_the_contract_neither():
+    crossing = []
+    for path in sorted((PACKAGE / "data").rglob("*.py")):
+        importer = "distvit." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        crossing += [
+            f"{importer}:{line} imports {module}"
+            for line, module in imports_of(path)
+            if crosses_data_roles(importer, module)
+        ]
+    assert not crossing, "imports across distvit.data's roles:\n" + "\n".join(crossing)
+    roles = {data_role("distvit." + ".".join(p.relative_to(PACKAGE).parts[:2])) for p in PACKAGE.glob("data/*/*.py")}
+    assert roles == set(DATA_ROLES)  # the test walks the real subpackages
+
+
+def test_the_role_check_sees_a_crossing():
+    assert crosses_data_roles("distvit.data.read.cache", "distvit.data.prepare.writer")
+    assert crosses_data_roles("distvit.data.prepare.writer", "distvit.data.read.memory")
+    assert crosses_data_roles("distvit.data.tarindex", "distvit.data.read.memory")  # the contract imports no role
+    assert not crosses_data_roles("distvit.data.read.cache", "distvit.data.manifest")
+    assert not crosses_data_roles("distvit.data.prepare.cifar10", "distvit.data.prepare.safe_pickle")
+    assert not crosses_data_roles("distvit.engine.sources", "distvit.data.read.loader")  # the layers test's job

@@ -110,7 +110,7 @@ def test_prepare_synthetic_writes_dataset_and_validates_flags(tmp_path):
 
 
 def test_preflight_names_a_corrupted_shard_before_training(tmp_path):
-    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "ds", train_size=100, test_size=20, samples_per_shard=50)
     shard = tmp_path / "ds" / "train-00001.tar"

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from distvit.config import load_config
 from distvit.config.loading import parse_overrides
-from distvit.data.loader import index_shards
 from distvit.data.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, ShardInfo, parse_manifest
+from distvit.data.read.loader import index_shards
 from distvit.errors import ConfigError, DataError
 
 KEYS = ["train.epochs", "train.batch_size", "optim.lr", "optim.betas", "augment.preset", "run.dir", "model.pretrained"]

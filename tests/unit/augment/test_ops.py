@@ -14,7 +14,7 @@ import torch
 from distvit.augment import PRESETS, Augmenter, AugmentParams
 from distvit.augment.ops import color_jitter, hflip, random_crop, random_erase, resized_crop
 from distvit.augment.params import ERASE_AREA, ERASE_RATIO
-from distvit.data.transforms import BatchTransform
+from distvit.augment.transforms import BatchTransform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

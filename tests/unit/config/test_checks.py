@@ -17,7 +17,7 @@ def error_of(path, overrides) -> str:
 
 def test_config_checks_for_the_new_keys(tmp_path):
     data = tmp_path / "ds"
-    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(data, train_size=20, test_size=10, samples_per_shard=64)
     base = [f"data.path={data}"]
@@ -87,7 +87,7 @@ def test_loader_workers_have_an_upper_bound_with_its_reason(dataset_dir):
 def small(tmp_path):
     """A 32 px synthetic dataset (20 train, 10 test) and its manifest."""
     from distvit.data.manifest import read_manifest
-    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "ds", train_size=20, test_size=10)
     return tmp_path / "ds", read_manifest(tmp_path / "ds")

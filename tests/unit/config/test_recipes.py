@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distvit.config import load_config
-from distvit.data.synthetic import prepare_synthetic
+from distvit.data.prepare.synthetic import prepare_synthetic
 from distvit.model.build import build_model
 from tests.support.helpers import REPO
 

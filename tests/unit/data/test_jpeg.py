@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from distvit.data.imagefolder import prepare_imagefolder
 from distvit.data.images import decode_stored
-from distvit.data.loader import StreamBatches
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
 from distvit.data.plan import EpochPlan, sequential_order
-from distvit.data.synthetic import prepare_synthetic
-from distvit.data.writer import StoredFormat
+from distvit.data.prepare.imagefolder import prepare_imagefolder
+from distvit.data.prepare.synthetic import prepare_synthetic
+from distvit.data.prepare.writer import StoredFormat
+from distvit.data.read.loader import StreamBatches
+from distvit.data.read.memory import load_split
 from distvit.errors import DataError
 from tests.support.helpers import run_cli
 
@@ -186,7 +186,7 @@ def test_complete_jpegs_with_mid_grey_bottom_rows_decode_as_pillow_decodes_them(
 
 def _cut_short_in_place(dataset, split: str, index: int) -> str:
     """Replace sample `index`'s JPEG by `_cut_short` of it in its shard (same size: the tar stays valid)."""
-    from distvit.data.loader import index_shards
+    from distvit.data.read.loader import index_shards
 
     paths, locations = index_shards(dataset, read_manifest(dataset), split)
     sample = locations[index]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from distvit.data.manifest import read_manifest
-from distvit.data.synthetic import prepare_synthetic
+from distvit.data.prepare.synthetic import prepare_synthetic
 from distvit.errors import DataError
 
 

@@ -8,9 +8,9 @@ import torch
 def test_evaluation_counts_top5_and_confusion():
     from accelerate import Accelerator
 
-    from distvit.data.loader import MemoryBatches
-    from distvit.data.memory import SplitTensors
-    from distvit.data.transforms import BatchTransform
+    from distvit.augment.transforms import BatchTransform
+    from distvit.data.read.loader import MemoryBatches
+    from distvit.data.read.memory import SplitTensors
     from distvit.engine.eval_counts import evaluate_models
 
     class Fixed(torch.nn.Module):
@@ -42,10 +42,10 @@ def test_sample_images_kept_for_the_tracker_are_those_of_their_samples_with_ring
     batches: the pictures kept for W&B must still be those of their labels once the evaluation is over."""
     from accelerate import Accelerator
 
-    from distvit.data.loader import StreamBatches
+    from distvit.augment.transforms import BatchTransform
     from distvit.data.manifest import read_manifest
-    from distvit.data.memory import load_split
-    from distvit.data.transforms import BatchTransform
+    from distvit.data.read.loader import StreamBatches
+    from distvit.data.read.memory import load_split
     from distvit.engine.eval_counts import NUM_SAMPLE_IMAGES, evaluate_models
 
     class Mean(torch.nn.Module):

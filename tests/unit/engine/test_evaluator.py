@@ -10,7 +10,7 @@ import torch
 
 from distvit.config import EvalConfig
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
+from distvit.data.read.memory import load_split
 from distvit.engine.evaluator import Evaluator
 from tests.support.trainers import open_trainer
 

@@ -99,11 +99,11 @@ def test_cached_features_from_ring_backed_batches_equal_those_from_memory(small_
     later batch refills): the features equal those computed from the split held in memory."""
     from accelerate import Accelerator
 
-    from distvit.data.loader import MemoryBatches, StreamBatches
+    from distvit.augment.transforms import BatchTransform
     from distvit.data.manifest import read_manifest
-    from distvit.data.memory import load_split
     from distvit.data.plan import sequential_order
-    from distvit.data.transforms import BatchTransform
+    from distvit.data.read.loader import MemoryBatches, StreamBatches
+    from distvit.data.read.memory import load_split
     from distvit.engine.features import compute_features
 
     class Pooled(torch.nn.Module):

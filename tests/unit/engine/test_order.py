@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distvit.augment import Augmenter, recipe_of
+from distvit.augment.transforms import BatchTransform
 from distvit.config import Config, load_config
-from distvit.data.memory import SplitTensors
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.memory import SplitTensors
 from distvit.engine.order import (
     IDENTITY,
     KEYS,

@@ -108,6 +108,24 @@ def test_a_stopped_run_writes_stopped_json_and_consumes_stop_only_on_request(sma
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model.safetensors").exists()
 
 
+def test_a_stop_file_with_text_ends_the_run_with_its_text_as_the_reason(small_dataset, tmp_path):
+    """A sweep prunes a trial so: summary.json (not stopped.json) says why, the STOP file is consumed."""
+    run_dir = tmp_path / "r"
+    with open_trainer(small_dataset, run_dir, "checkpoint.export=true") as trainer:
+        (run_dir / "STOP").write_text("pruned by the sweep: loss 2.3 after epoch 1\n")
+        trainer.state.step, trainer.state.epoch = 3, 0
+        checkpoint = run_dir / "checkpoints" / "step_00000003.pt"
+        summary = trainer.outputs.summary(
+            False, "STOP file", checkpoint, trainer.state, trainer.step, trainer.meter, None
+        )
+        trainer.outputs.write(summary, trainer.state, trainer.stops, trainer.checkpointer.export)
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["finished"] is False and written["checkpoint"] == str(checkpoint)
+    assert written["stop_reason"] == "pruned by the sweep: loss 2.3 after epoch 1"
+    assert not (run_dir / "stopped.json").exists() and not (run_dir / "STOP").exists()
+    assert not (run_dir / "model.safetensors").exists()  # not finished: no export
+
+
 @pytest.mark.parametrize("last_eval, weights", [({"accuracy": 0.5, "ema_accuracy": 0.6}, "ema"), ({}, "model")])
 def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_dataset, tmp_path, last_eval, weights):
     from safetensors.torch import load_file

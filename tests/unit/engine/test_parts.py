@@ -8,9 +8,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from distvit.augment.transforms import BatchTransform
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
-from distvit.data.transforms import BatchTransform
+from distvit.data.read.memory import load_split
 from distvit.engine.parts import compile_model
 from distvit.errors import ConfigError
 from tests.support.trainers import make_trainer, open_trainer

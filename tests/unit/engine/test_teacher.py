@@ -46,7 +46,7 @@ def test_teachers_must_predict_the_datasets_classes(tmp_path, monkeypatch):
             torch.device("cpu"),
         )
     # a distvit checkpoint trained on other classes (same count, other order)
-    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "ds", train_size=20, test_size=10, samples_per_shard=64)
     model, record = build(load_config(REPO / "configs/demo.yaml", [f"data.path={tmp_path}/ds"]), 10)

@@ -16,7 +16,7 @@ def test_exported_weights_load_with_timm_create_model(tmp_path):
     from distvit.model.export import export_model
 
     data = tmp_path / "ds"
-    from distvit.data.synthetic import prepare_synthetic
+    from distvit.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(data, train_size=20, test_size=10, samples_per_shard=64)
     cfg = load_config(

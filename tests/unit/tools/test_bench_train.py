@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
+from distvit.data.read.memory import load_split
 from distvit.tools.bench_train import synthetic_splits
 
 

@@ -84,8 +84,8 @@ def test_evaluate_defaults_to_the_split_and_data_the_run_used(tmp_path, monkeypa
     import torch
 
     from distvit.config import load_config
-    from distvit.data.synthetic import CLASS_NAMES, generate
-    from distvit.data.writer import write_dataset
+    from distvit.data.prepare.synthetic import CLASS_NAMES, generate
+    from distvit.data.prepare.writer import write_dataset
     from distvit.model.build import build_model
     from distvit.run.checkpoint_files import save_checkpoint
     from distvit.tools.evaluate import evaluate_checkpoint

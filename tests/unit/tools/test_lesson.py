@@ -8,8 +8,8 @@ import collections
 import pytest
 import torch
 
-from distvit.data.memory import SplitTensors
-from distvit.data.transforms import BatchTransform
+from distvit.augment.transforms import BatchTransform
+from distvit.data.read.memory import SplitTensors
 from distvit.engine.timing import PhaseTimer
 from distvit.errors import DataError
 from distvit.tools import lesson

@@ -11,12 +11,12 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import distvit.tools.predict as predict
+from distvit.augment.transforms import BatchTransform
 from distvit.config import load_config
 from distvit.data.images import resize_and_crop
 from distvit.data.manifest import read_manifest
-from distvit.data.memory import load_split
-from distvit.data.synthetic import prepare_synthetic
-from distvit.data.transforms import BatchTransform
+from distvit.data.prepare.synthetic import prepare_synthetic
+from distvit.data.read.memory import load_split
 from distvit.errors import DistvitError
 from distvit.model.build import build_model
 from distvit.run.checkpoint_files import save_checkpoint
