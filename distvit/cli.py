@@ -13,6 +13,8 @@
     distvit doctor [--run-dir DIR]               ranks, rendezvous, all-reduce, run directory, GPUs, W&B
     distvit report RUN_DIR                       redraw the run's PNG plots
     distvit train --config FILE [key=value ...]  train in this process (same as distvit/train.py)
+    distvit sweep run SWEEP_FILE|SWEEP_DIR [key=value ...] [--processes N]   a worker of a sweep: pulls trials
+    distvit sweep report SWEEP_DIR               the sweep's table, plots and best.yaml
 
 Multi-process training goes through Accelerate: `accelerate launch distvit/train.py --config FILE`.
 Input errors (`DistvitError`) print one actionable message and exit with status 2, no traceback.
@@ -312,6 +314,50 @@ def _add_run_commands(commands) -> None:
     train.set_defaults(action=_train)
 
 
+def _sweep_run(args: argparse.Namespace) -> int:
+    from distvit.sweep.worker import run_worker
+
+    return run_worker(
+        args.source,
+        args.overrides,
+        directory=args.dir,
+        processes=args.processes,
+        gpus=args.gpus,
+        port=args.port,
+        name=args.name,
+    )
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    from distvit.sweep.report import sweep_report
+
+    table, written = sweep_report(args.sweep_dir)
+    print(table, end="")
+    for path in written:
+        print(path)
+    return 0
+
+
+def _add_sweep_commands(commands) -> None:
+    sweep = commands.add_parser("sweep", help="hyperparameter sweeps: workers that pull trials, and the report")
+    actions = sweep.add_subparsers(dest="sweep_command", required=True)
+    run = actions.add_parser(
+        "run",
+        help="a worker: takes trials until the sweep's number of trials is met (start K of them, or a Slurm array)",
+    )
+    run.add_argument("source", help="a sweep file (configs/sweeps/*.yaml) or the folder of a sweep under way")
+    run.add_argument("overrides", nargs="*", help="key=value changes to the sweep's base config (with a sweep file)")
+    run.add_argument("--dir", default=None, help="the sweep folder (default: the sweep file's `dir`)")
+    run.add_argument("--processes", type=int, default=1, help="processes per trial (accelerate launch when > 1)")
+    run.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for this worker's trials (e.g. 0,1)")
+    run.add_argument("--port", type=int, default=None, help="rendezvous port of multi-process trials")
+    run.add_argument("--name", default=None, help="the worker's name: restarted with it, it resumes its own trial")
+    run.set_defaults(action=_sweep_run)
+    report = actions.add_parser("report", help="the sweep's table, plots (PNG) and best.yaml")
+    report.add_argument("sweep_dir")
+    report.set_defaults(action=_sweep_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distvit", description="Fine-tune Vision Transformers on 1..N GPUs or nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands.add_commands(commands)
     _add_model_commands(commands)
     _add_run_commands(commands)
+    _add_sweep_commands(commands)
     return parser
 
 

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by single_node.sbatch and multi_node.sbatch (sourced, not run). Everything a distvit job on
+# Shared by single_node.sbatch, multi_node.sbatch and sweep.sbatch (sourced, not run). Everything a distvit job on
 # Slurm needs besides the launch itself: run directory, head node, port, process counts, signals,
 # requeue. Settings (environment variables, all optional):
 #   DISTVIT_HOME            repository with slurm/ and distvit/ (default: the submit directory)
@@ -83,10 +83,12 @@ distvit_on_signal() {
   fi
 }
 
-# distvit_run COMMAND...: run the launch in the background and wait for it, through signals.
+# distvit_run COMMAND...: run the launch in the background and wait for it, through signals; its process
+# id is DISTVIT_CHILD meanwhile (sweep.sbatch passes a signal on to it).
 distvit_run() {
   "$@" &
-  local child=$!
+  DISTVIT_CHILD=$!
+  local child=$DISTVIT_CHILD
   STATUS=0
   while true; do
     wait "$child" && STATUS=0 || STATUS=$?

@@ -13,7 +13,7 @@ from distvit.engine.peers import PeerMonitor
 from distvit.run.tracking import RunTracker
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunContext:
     accelerator: Accelerator
     run_dir: Path

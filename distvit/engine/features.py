@@ -4,7 +4,7 @@ With the backbone frozen, no augmentation, no mixing, no drop-path and no teache
 same images through the same frozen backbone to the same features; only the classifier changes. So the
 features (the classifier's input, `forward_head(..., pre_logits=True)`) are computed once, split over
 the ranks and gathered, and training steps run the classifier alone on them. The trained head is the one
-the full forward path would give, within float tolerance (`tests/test_training_parts.py`).
+the full forward path would give, within float tolerance (`tests/e2e/test_train_features.py`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from distvit.augment.recipe import recipe_of, recipe_settings
+from distvit.augment.recipe import NONE, PRESETS, recipe_of, recipe_settings
 from distvit.config import MOVED_KEYS, AugmentConfig, DataConfig, MixConfig
 from distvit.data.manifest import Manifest
 from distvit.data.plan import EpochPlan, epoch_order, num_steps, subset_indices, window_order
@@ -96,7 +96,7 @@ def settings_of_checkpoint(payload: dict[str, Any]) -> OrderSettings:
     if shuffle == "auto":
         shuffle = "window" if data_cfg.get("cache_dir") else "global"
     preset = augment.get("preset", data_cfg.get("augment", ""))  # data.augment before it moved to augment.preset
-    preset_repeats = {"deit": 3}.get(preset, 1)
+    preset_repeats = PRESETS.get(preset, NONE).repeats
     return OrderSettings(
         manifest=data["manifest"],
         split=data["split"],

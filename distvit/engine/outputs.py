@@ -16,7 +16,7 @@ from distvit.engine.parts import TrainParts, describe_parts
 from distvit.engine.sources import DataSources
 from distvit.engine.state import TrainState
 from distvit.engine.step import TrainStep
-from distvit.engine.stopping import PLANNED_STOP, StopRequests
+from distvit.engine.stopping import FILE_REASON, PLANNED_STOP, StopRequests
 from distvit.fileio import atomic_write_bytes
 from distvit.run.rundir import STOPPED_NAME, write_summary
 
@@ -58,6 +58,7 @@ class RunOutputs:
 
     def summary(
         self,
+        *,
         finished: bool,
         stop_reason: str | None,
         checkpoint: Path,
@@ -99,19 +100,23 @@ class RunOutputs:
         export: Callable[[dict[str, Any]], dict[str, Any] | None],
     ) -> None:
         """Main process, at the end or at a stop: export (`export`: the Checkpointer's, given the last
-        evaluation; None when checkpoint.export is off), plots, summary.json or stopped.json; a STOP file
-        that stopped the run, or that came too late to stop a finished one, is consumed."""
+        evaluation; None when checkpoint.export is off), plots, summary.json (at the end, or at a stop by a STOP
+        file with text: the run ends for good, the text its stop_reason) or stopped.json; a STOP file that
+        stopped the run, or that came too late to stop a finished one, is consumed."""
         from distvit.run.report import write_report  # matplotlib: only where plots are drawn
 
         run_dir, tracker = self.context.run_dir, self.context.tracker
         finished, stop_reason = summary["finished"], summary["stop_reason"]
+        note = stops.note() if stop_reason == FILE_REASON else ""
+        if note:  # a STOP file with text: the run ends here for good, summary.json says why
+            summary["stop_reason"] = note
         exported = export(state.last_eval) if finished else None
         if exported is not None:
             summary["export"] = exported
         plots = write_report(run_dir)
         split = self.context.eval_split
         tracker.log_image_files({f"{split}/{p.stem}": p for p in plots if p.stem.startswith("confusion")}, state.step)
-        if finished:
+        if finished or note:
             write_summary(run_dir, summary)
         else:
             atomic_write_bytes(

@@ -1,15 +1,16 @@
 """The data a run trains and evaluates on, and the order it takes them in. This module reads the data
 section (with distvit.engine.order, which derives the epoch order from it).
 
-The global plan (`data.plan`) tells each rank which samples to take at each step, and the batch source
-(`data.loader`) delivers exactly those, as uint8; so every rank runs the same number of steps and every
-sample is seen once per epoch, also across a resume with another world size.
+The global plan (`distvit.data.plan`) tells each rank which samples to take at each step, and the batch
+source (`distvit.data.read.loader`) delivers exactly those, as uint8; so every rank runs the same number
+of steps and every sample is seen once per epoch, also across a resume with another world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,23 @@ from distvit.engine.features import compute_features
 from distvit.engine.metrics import SampleTrace
 from distvit.engine.order import EpochOrders, OrderSettings, ResumePoint
 from distvit.errors import DataError
+
+
+def fetch_policy(data: DataConfig) -> FetchPolicy:
+    """The time limits and tries of every fetch from data.remote (data.fetch_timeout_s, fetch_stall_s,
+    fetch_retries)."""
+    return recorded_fetch_policy(dataclasses.asdict(data))
+
+
+def recorded_fetch_policy(data: Mapping) -> FetchPolicy:
+    """The same from a data section as a checkpoint recorded it; a run of an earlier distvit recorded no
+    fetch limits: the defaults."""
+    defaults = FetchPolicy()
+    return FetchPolicy(
+        float(data.get("fetch_timeout_s", defaults.connect_s)),
+        float(data.get("fetch_stall_s", defaults.stall_s)),
+        int(data.get("fetch_retries", defaults.retries)),
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,7 @@ class DataSources:
         if cfg.cache_dir and splits is None:
             shards = [shard for name in (cfg.train_split, cfg.eval_split) for shard in manifest.splits[name].shards]
             unique = list({shard.name: shard for shard in shards}.values())
-            policy = FetchPolicy.of(cfg)  # data.fetch_timeout_s, fetch_stall_s, fetch_retries
+            policy = fetch_policy(cfg)
             self.cache = ShardCache(cfg.cache_dir, cfg.remote, cfg.cache_limit, unique, manifest.num_classes, policy)
         workers = loader_workers(cfg.num_workers)
         self.train, self.eval = (

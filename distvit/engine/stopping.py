@@ -10,7 +10,7 @@ DataError, see distvit.engine.failures) and rank 0's clock for time-based checkp
 
 The torchrun / accelerate agent forwards SIGTERM to its workers (and SIGKILLs them ~30 s later), so a
 checkpoint interval of a few seconds is what preemption needs. Loader workers ignore these signals
-(distvit.data.loader): the agent signals each rank's whole process group, and a worker that died of it
+(distvit.data.read.loader): the agent signals each rank's whole process group, and a worker that died of it
 would take the rank down before it could checkpoint.
 """
 
@@ -34,7 +34,8 @@ HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 """Always stop requests. SIGINT is one where a training entry point installed distvit.engine.signals;
 elsewhere (benchmarks, tests) Ctrl-C keeps interrupting at once."""
 SIGNAL_NAMES = tuple(signum.name for signum in (*HANDLED_SIGNALS, signal.SIGINT))
-REASONS = (*SIGNAL_NAMES, f"{STOP_FILE} file")
+FILE_REASON = f"{STOP_FILE} file"
+REASONS = (*SIGNAL_NAMES, FILE_REASON)
 """What can ask for a stop, in the order that names an agreed stop when several did."""
 PLANNED_STOP = "train.stop_at_step"
 """The reason of a planned stop (train.stop_at_step): the run exits 0, not EXIT_STOPPED."""
@@ -84,6 +85,14 @@ class StopRequests:
         self.failures.raise_if_any(failures)
         seen = [reason for reason, count in zip(REASONS, requests) if count]
         return Agreement(stop=seen[0] if seen else None, checkpoint_time=bool(clock))
+
+    def note(self) -> str:
+        """The STOP file's text ('' when it is empty or gone; main process, before consuming it). A STOP
+        with text ends the run for good, the text its reason in summary.json (a sweep's pruned trial)."""
+        try:
+            return self.stop_file.read_text(errors="replace").strip()[:500]
+        except OSError:
+            return ""
 
     def consume_stop_file(self) -> None:
         """Main process: remove STOP so that the resumed run does not stop again at once."""

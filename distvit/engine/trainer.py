@@ -6,8 +6,9 @@ keyword arguments from the config section it owns (the Trainer owns train and ha
 unread) and, if it acts during the run, the `RunContext`, passed once. Each decides itself when to act:
 
     DataSources   training and evaluation data, subset, each epoch's plan         sources.py (data)
-    TrainParts    model, transform, optimizer, schedule, EMA, teacher, DDP      parts.py (optim, ema, distill)
-    TrainStep     one optimizer step: augmented and mixed inputs, loss, update    step.py (mix)
+    TrainParts    model, transform, optimizer, schedule, EMA, teacher, DDP      parts.py (optim.py, ema.py,
+                                                                                  teacher.py: optim, ema, distill)
+    TrainStep     one optimizer step: augmented and mixed inputs, loss, update    step.py (mixing.py: mix)
     TrainState    the counters a resume continues from                            state.py
     Resume        the checkpoint to continue from: found, checked, restored       checkpointer.py
     Checkpointer  the checkpoint schema, checkpoints and the exported weights     checkpointer.py (checkpoint)
@@ -186,7 +187,12 @@ class Trainer:
         )
         self.tracker = RunTracker(cfg.tracking, accelerator=accelerator, run_dir=self.run_dir, class_names=self.classes)
         self.context = context = RunContext(
-            accelerator, self.run_dir, self.monitor, self.tracker, self.classes, self.sources.eval_split
+            accelerator=accelerator,
+            run_dir=self.run_dir,
+            monitor=self.monitor,
+            tracker=self.tracker,
+            classes=self.classes,
+            eval_split=self.sources.eval_split,
         )
         transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
         self.evaluator = Evaluator(
@@ -264,14 +270,14 @@ class Trainer:
                 elif self._after_step(at_epoch_end=True):
                     break
             summary = self.outputs.summary(
-                finished,
-                self.stop_reason,
-                self.checkpointer.path_of(finished),
-                state,
-                self.step,
-                self.meter,
-                self.sources.feature_seconds,
-                self.sources.cache_stats(),
+                finished=finished,
+                stop_reason=self.stop_reason,
+                checkpoint=self.checkpointer.path_of(finished),
+                state=state,
+                step=self.step,
+                meter=self.meter,
+                feature_seconds=self.sources.feature_seconds,
+                data_cache=self.sources.cache_stats(),
             )
             summary["seconds"] = {  # where the time went: the fixed costs beside the training steps
                 "start_up": start_up,

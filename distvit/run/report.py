@@ -75,7 +75,7 @@ def _eval_splits(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, 
     return groups
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     # Agg: the report runs on headless nodes and in CI, where an interactive backend would fail.
@@ -85,9 +85,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write `fig` atomically (`<name>.tmp` then rename), so a viewer never sees half a PNG, and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with atomic_open(path) as handle:
             fig.savefig(handle, format="png")
@@ -103,7 +103,7 @@ def _line_plot(
     named_series = {name: s for name, s in named_series.items() if s[0]}
     if not named_series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for name, (xs, ys) in named_series.items():
         # Markers keep a single-point series (one eval so far) visible.
@@ -122,7 +122,7 @@ def _line_plot(
     if len(named_series) > 1:
         ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
@@ -168,7 +168,7 @@ def plot_confusion(matrix: list[list[float]], classes: Sequence[str], title_pref
     accuracy = float(np.trace(counts) / total) if total > 0 else float("nan")
 
     size = len(classes)
-    plt = _pyplot()
+    plt = pyplot()
     side = min(4 + 0.45 * size, 24)
     fig, ax = plt.subplots(figsize=(side + 1.5, side), dpi=100)
     image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -185,7 +185,7 @@ def plot_confusion(matrix: list[list[float]], classes: Sequence[str], title_pref
                 colour = "white" if normalised[i, j] > 0.5 else "black"
                 ax.text(j, i, f"{int(round(counts[i, j]))}", ha="center", va="center", color=colour, fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusions(confusion_path: Path, plots_dir: Path) -> list[Path]:

@@ -9,7 +9,8 @@ RUN_DIR/plots/             loss, lr, accuracy and confusion PNGs (`distvit repor
 RUN_DIR/model.safetensors  exported weights + model.json (timm.create_model arguments), at the end
 RUN_DIR/summary.json       final results, written last: its presence marks a finished run
 RUN_DIR/stopped.json       present while the run is stopped on request (signal, STOP file, stop_at_step)
-RUN_DIR/STOP               create it to make a running job checkpoint and stop
+RUN_DIR/STOP               create it to make a running job checkpoint and stop (with text: for good, the
+                           text its stop_reason in summary.json; a sweep prunes a trial so)
 RUN_DIR/tracker.json       the W&B run id, continued by resumed and requeued jobs
 RUN_DIR/wandb/             W&B files (when tracking.backend=wandb)
 RUN_DIR/trace/             sample indices per rank and step (when data.trace_samples=true)

@@ -50,16 +50,15 @@ def rank_environment(rendezvous: str | None = None) -> tuple[dict[str, str], lis
     env["MASTER_ADDR"] = env["MASTER_ADDR"] or "127.0.0.1"
     env["MASTER_PORT"] = env["MASTER_PORT"] or "29500"
     problems = []
+    local_world_text = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0]
     try:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"] or 0)
         port = int(env["MASTER_PORT"])
+        local_world = int(local_world_text or 0)
     except ValueError:
-        return env, [f"rank variables are not integers: {env}"]
+        return env, [f"rank variables are not integers: {env} (ranks on the node: {local_world_text!r})"]
     if not 0 <= rank < world:
         problems.append(f"RANK={rank} is outside WORLD_SIZE={world}")
-    local_world = int(
-        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0
-    )
     if local_world and not 0 <= local < local_world:
         problems.append(f"LOCAL_RANK={local} is outside LOCAL_WORLD_SIZE={local_world}")
     if not 0 < port < 65536:

@@ -9,10 +9,10 @@ from accelerate import Accelerator
 from distvit.augment.transforms import BatchTransform
 from distvit.data.manifest import read_manifest
 from distvit.data.read.cache import ShardCache
-from distvit.data.read.fetch import FetchPolicy
 from distvit.data.read.loader import loader_workers, open_batches
 from distvit.engine.accelerator import cpu_processes, process_group_options
 from distvit.engine.eval_counts import EvalResult, evaluate
+from distvit.engine.sources import recorded_fetch_policy
 from distvit.errors import ConfigError, DataError
 from distvit.run.checkpoint_files import load_model, resolve_checkpoint
 
@@ -43,12 +43,7 @@ def evaluate_checkpoint(
     cache, workers = None, loader_workers(None)
     if trained_on.get("cache_dir") and data_path == trained_on.get("path"):  # the run streamed: so does this
         where = (trained_on["cache_dir"], trained_on["remote"], trained_on["cache_limit"])
-        defaults = FetchPolicy()  # a run of an earlier distvit recorded no fetch limits
-        policy = FetchPolicy(
-            float(trained_on.get("fetch_timeout_s", defaults.connect_s)),
-            float(trained_on.get("fetch_stall_s", defaults.stall_s)),
-            int(trained_on.get("fetch_retries", defaults.retries)),
-        )
+        policy = recorded_fetch_policy(trained_on)
         cache = ShardCache(*where, split_info.shards, manifest.num_classes, policy)
         workers = loader_workers(trained_on.get("num_workers"))  # what the run's cache was sized for
     try:

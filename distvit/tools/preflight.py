@@ -25,7 +25,8 @@ def load_checked_config(config_file: str, overrides: list[str]):
     from distvit.data.manifest import read_manifest
     from distvit.data.read.cache import check_cache_dir
     from distvit.data.read.preflight import bad_shards_message
-    from distvit.data.read.remote import FetchPolicy, fetch_dataset, fetch_manifest
+    from distvit.data.read.remote import fetch_dataset, fetch_manifest
+    from distvit.engine.sources import fetch_policy
     from distvit.model.build import check_model_config
     from distvit.run.rundir import check_run_dir
     from distvit.tools.dataset_checks import check_with_dataset
@@ -35,7 +36,7 @@ def load_checked_config(config_file: str, overrides: list[str]):
     # One process per node hashes; the others compare sizes. Under a launcher the ranks unite their
     # findings before acting on them (engine.Trainer), so no rank fails alone while the others wait.
     verify = cfg.data.verify if is_local_leader() else "size"
-    policy = FetchPolicy.of(cfg.data)  # time limits and tries of every fetch from data.remote
+    policy = fetch_policy(cfg.data)
     if cfg.data.cache_dir:  # shards are fetched and verified as training needs them (distvit.data.read.cache)
         check_cache_dir(cfg.data.cache_dir)  # every rank, before any starts: all stop together
         fetch_manifest(cfg.data.remote, Path(cfg.data.path), policy)

@@ -23,6 +23,7 @@ SCRIPTS = [
     REPO / "slurm" / "common.sh",
     REPO / "slurm" / "single_node.sbatch",
     REPO / "slurm" / "multi_node.sbatch",
+    REPO / "slurm" / "sweep.sbatch",
     *sorted((REPO / "launch").glob("*.sh")),
     REPO / ".ci" / "run",
     REPO / ".ci" / "install-slurm.sh",

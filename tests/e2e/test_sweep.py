@@ -153,3 +153,41 @@ def test_bad_sweep_files_and_foreign_folders_give_one_error_and_change_nothing(s
     report = run_cli(["sweep", "report", str(foreign)])
     assert report.returncode == 2 and "is not a distvit sweep folder" in report.stderr
     assert folder_snapshot(foreign) == {"data.csv": b"1,2\n"}
+
+
+@pytest.mark.slurm
+def test_a_slurm_array_runs_a_sweep_and_a_requeued_task_resumes_its_trial(slurm_cluster, small_dataset, tmp_path):
+    """slurm/sweep.sbatch as a 2-task array on the local cluster, 4 trials; USR1 to task 0's batch shell in the
+    middle of a trial: it checkpoints, the task requeues itself and resumes that same trial."""
+    from distvit.sweep.claims import read_claims
+
+    path = write_sweep(tmp_path, small_dataset, trials=4, heartbeat_timeout_s=300, overrides={"train.epochs": 6})
+    sweep_dir = tmp_path / "t-sweep"
+    env = slurm_cluster.env({**subprocess_env(), "DISTVIT_PYTHON": sys.executable})
+    out = tmp_path / "out"
+    out.mkdir()
+    job = slurm_cluster.sbatch(
+        ["--array=0-1", "--ntasks-per-node=1", f"--output={out}/%A_%a.out", "slurm/sweep.sbatch", str(path)],
+        cwd=REPO,
+        env=env,
+    )
+    deadline = time.monotonic() + 240
+    trial = None
+    while trial is None and time.monotonic() < deadline:  # task 0's first trial, once it evaluated
+        for number, claim in read_claims(sweep_dir / "claims").items():
+            metrics = sweep_dir / "trials" / f"{number:04d}" / "metrics.jsonl"
+            if claim.key == f"slurm:{job}_0" and metrics.is_file() and '"split": "test"' in metrics.read_text():
+                trial = number
+        time.sleep(0.2)
+    assert trial is not None, slurm_cluster.queue()
+    slurm_cluster.scancel(["--signal=USR1", "--batch", f"{job}_0"])
+    logs = lambda: "\n".join(p.read_text()[-3000:] for p in sorted(out.glob("*.out")))  # noqa: E731
+    for task in (0, 1):
+        assert slurm_cluster.wait(f"{job}_{task}", timeout=600) == "COMPLETED", logs()
+    assert slurm_cluster.job_info(f"{job}_0")["Restarts"] == "1", logs()
+    assert trial_states(sweep_dir) == {n: "COMPLETE" for n in range(4)}, logs()
+    run_dir = sweep_dir / "trials" / f"{trial:04d}"
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert f"trial {trial} started by" in log and f"trial {trial} resumed by" in log, log
+    assert log.count(f"'slurm': '{job}_0'") == 2 and summary(run_dir)["epochs"] == 6, log
+    assert "stopped at a checkpoint; it resumes with this worker's requeue" in logs()

@@ -1,6 +1,6 @@
 """The package's layers: every import (module level or inside a function) points down or sideways, never up.
 
-errors, fileio  <  data  <  config  <  augment  <  model  <  run  <  engine  <  tools  <  cli, train
+errors, fileio  <  data  <  config  <  augment  <  model  <  run  <  engine  <  tools, sweep  <  cli, train
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "distvit"
-LAYERS = ["errors", "fileio", "data", "config", "augment", "model", "run", "engine", "tools", "cli", "train"]
+LAYERS = ["errors", "fileio", "data", "config", "augment", "model", "run", "engine", "tools", "sweep", "cli", "train"]
 RANK = {name: index for index, name in enumerate(LAYERS)}
-RANK.update({"fileio": RANK["errors"], "train": RANK["cli"]})  # same layer
+# same layer (sweep launches runs as subprocesses and reads run folders: it imports neither tools nor engine)
+RANK.update({"fileio": RANK["errors"], "sweep": RANK["tools"], "train": RANK["cli"]})
 
 
 def layer_of(module: str) -> str:

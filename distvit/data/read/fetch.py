@@ -51,10 +51,6 @@ class FetchPolicy:
     retries: int = 3
     """Further tries after a failed one."""
 
-    @classmethod
-    def of(cls, data_cfg) -> FetchPolicy:
-        return cls(float(data_cfg.fetch_timeout_s), float(data_cfg.fetch_stall_s), int(data_cfg.fetch_retries))
-
     def silent_s(self) -> float:
         """The longest a fetch can go without a byte and without ending in an error: every try stalling."""
         pauses = sum(min(BACKOFF_S * 2**i, BACKOFF_MAX_S) for i in range(self.retries))

@@ -17,6 +17,19 @@ def _trainable(trainer) -> int:
     return sum(p.numel() for p in trainer.parts.model.parameters() if p.requires_grad)
 
 
+def summary_of(trainer, finished: bool, stop_reason: str | None, checkpoint) -> dict:
+    """The summary a run of `trainer` writes, with no cached features and no shard cache."""
+    return trainer.outputs.summary(
+        finished=finished,
+        stop_reason=stop_reason,
+        checkpoint=checkpoint,
+        state=trainer.state,
+        step=trainer.step,
+        meter=trainer.meter,
+        feature_seconds=None,
+    )
+
+
 def test_start_line_describes_the_run(small_dataset, tmp_path):
     run_dir = tmp_path / "r"
     with open_trainer(small_dataset, run_dir, "ema.horizon=0.5") as trainer:
@@ -61,9 +74,7 @@ def test_start_line_says_how_batches_are_read(small_dataset, tmp_path, overrides
 
 def test_summary_of_a_fresh_run(small_dataset, tmp_path):
     with open_trainer(small_dataset, tmp_path / "r", "ema.decay=0.9") as trainer:
-        summary = trainer.outputs.summary(
-            False, "STOP file", tmp_path / "r" / "c.pt", trainer.state, trainer.step, trainer.meter, None
-        )
+        summary = summary_of(trainer, False, "STOP file", tmp_path / "r" / "c.pt")
     assert summary == {
         "finished": False,
         "stop_reason": "STOP file",
@@ -96,7 +107,7 @@ def test_a_stopped_run_writes_stopped_json_and_consumes_stop_only_on_request(sma
         (run_dir / "STOP").write_text("")
         trainer.state.step, trainer.state.epoch = 3, 0
         checkpoint = run_dir / "checkpoints" / "step_00000003.pt"
-        summary = trainer.outputs.summary(False, reason, checkpoint, trainer.state, trainer.step, trainer.meter, None)
+        summary = summary_of(trainer, False, reason, checkpoint)
         trainer.outputs.write(summary, trainer.state, trainer.stops, trainer.checkpointer.export)
     assert json.loads((run_dir / "stopped.json").read_text()) == {
         "step": 3,
@@ -115,9 +126,7 @@ def test_a_stop_file_with_text_ends_the_run_with_its_text_as_the_reason(small_da
         (run_dir / "STOP").write_text("pruned by the sweep: loss 2.3 after epoch 1\n")
         trainer.state.step, trainer.state.epoch = 3, 0
         checkpoint = run_dir / "checkpoints" / "step_00000003.pt"
-        summary = trainer.outputs.summary(
-            False, "STOP file", checkpoint, trainer.state, trainer.step, trainer.meter, None
-        )
+        summary = summary_of(trainer, False, "STOP file", checkpoint)
         trainer.outputs.write(summary, trainer.state, trainer.stops, trainer.checkpointer.export)
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["finished"] is False and written["checkpoint"] == str(checkpoint)
@@ -136,9 +145,7 @@ def test_a_finished_run_writes_summary_and_exports_the_better_weights(small_data
         with torch.no_grad():
             trainer.parts.ema.module.head.bias.fill_(7.0)  # tell the EMA's weights from the model's
         trainer.state.last_eval, trainer.state.step, trainer.state.epoch = last_eval, 8, 2
-        summary = trainer.outputs.summary(
-            True, None, run_dir / "checkpoints" / "final.pt", trainer.state, trainer.step, trainer.meter, None
-        )
+        summary = summary_of(trainer, True, None, run_dir / "checkpoints" / "final.pt")
         trainer.outputs.write(summary, trainer.state, trainer.stops, trainer.checkpointer.export)
         expected_bias = (trainer.parts.ema.module if weights == "ema" else trainer.parts.model).head.bias.clone()
     written = json.loads((run_dir / "summary.json").read_text())

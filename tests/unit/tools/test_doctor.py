@@ -85,10 +85,17 @@ def test_inconsistent_rank_variables_are_named(env, values, problems):
     assert rank_environment()[1] == problems
 
 
-def test_rank_variables_that_are_not_integers(env):
-    env(RANK="first", WORLD_SIZE="2")
+@pytest.mark.parametrize(
+    "values, local_world",
+    [
+        ({"RANK": "first", "WORLD_SIZE": "2"}, "'0'"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "abc"}, "'abc'"),
+    ],
+)
+def test_rank_variables_that_are_not_integers_are_reported_not_raised(env, values, local_world):
+    env(**values)
     found, problems = rank_environment()
-    assert problems == [f"rank variables are not integers: {found}"] and found["RANK"] == "first"
+    assert problems == [f"rank variables are not integers: {found} (ranks on the node: {local_world})"]
 
 
 def test_rendezvous_checks_without_a_process_group():
