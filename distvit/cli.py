@@ -99,7 +99,7 @@ def _surgery(args: argparse.Namespace) -> int:
     """Build the configured model on the CPU and print its surgery plan; trains nothing."""
     cfg, manifest, _ = load_checked_config(args.config, args.overrides)
     from distvit.model.build import build_model
-    from distvit.model.report import plan_report
+    from distvit.model.plan_text import plan_report
 
     model, record = build_model(cfg.model, cfg.surgery, manifest.num_classes)
     print(plan_report(model, record, cfg.train.batch_size))
@@ -149,7 +149,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from distvit.run.report import write_report
+    from distvit.run.plots import write_report
 
     for path in write_report(args.run_dir):
         print(path)

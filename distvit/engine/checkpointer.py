@@ -68,6 +68,7 @@ class RunIdentity:
 
 
 def to_payload(
+    *,
     parts: TrainParts,
     state: TrainState,
     identity: RunIdentity,
@@ -178,7 +179,15 @@ class Checkpointer:
         if accelerator.is_main_process:
             order = self.orders.settings_of(self.state.epoch)
             run_id = self.context.tracker.run_id
-            payload = to_payload(self.parts, self.state, self.identity, order, accelerator.scaler, rng_states, run_id)
+            payload = to_payload(
+                parts=self.parts,
+                state=self.state,
+                identity=self.identity,
+                order=order,
+                scaler=accelerator.scaler,
+                rng=rng_states,
+                wandb_run_id=run_id,
+            )
             try:
                 files.save_checkpoint(self.directory / name, payload)
                 files.mark_latest(self.directory, name, self.state.step, self.state.epoch)

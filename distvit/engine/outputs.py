@@ -103,7 +103,7 @@ class RunOutputs:
         evaluation; None when checkpoint.export is off), plots, summary.json (at the end, or at a stop by a STOP
         file with text: the run ends for good, the text its stop_reason) or stopped.json; a STOP file that
         stopped the run, or that came too late to stop a finished one, is consumed."""
-        from distvit.run.report import write_report  # matplotlib: only where plots are drawn
+        from distvit.run.plots import write_report  # matplotlib: only where plots are drawn
 
         run_dir, tracker = self.context.run_dir, self.context.tracker
         finished, stop_reason = summary["finished"], summary["stop_reason"]

@@ -93,7 +93,16 @@ def build_parts(
     if weights is not None:
         load_weights(model, weights, record, source=weights_source)
     features_cached = _cache_features(
-        train.cache_features, model, record, augment, mixing, teacher, sources, transform, feature_batch, accelerator
+        wanted=train.cache_features,
+        model=model,
+        record=record,
+        augment=augment,
+        mixing=mixing,
+        teacher=teacher,
+        sources=sources,
+        transform=transform,
+        batch=feature_batch,
+        accelerator=accelerator,
     )
     average = build_ema(model, ema, sources.steps_per_epoch * train.epochs)
     want_compile = train.compile if train.compile is not None else device.type == "cuda"
@@ -131,6 +140,7 @@ def build_parts(
 
 
 def _cache_features(
+    *,
     wanted: bool | None,
     model: torch.nn.Module,
     record: SurgeryRecord,

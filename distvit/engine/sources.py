@@ -26,7 +26,7 @@ from distvit.data.read.cache import ShardCache
 from distvit.data.read.fetch import FetchPolicy
 from distvit.data.read.loader import MemoryBatches, StreamBatches, loader_workers, open_batches
 from distvit.data.read.memory import SplitTensors
-from distvit.data.read.preflight import bad_shards_message, describe, without_shards
+from distvit.data.read.shard_checks import bad_shards_message, describe, without_shards
 from distvit.engine.features import compute_features
 from distvit.engine.metrics import SampleTrace
 from distvit.engine.order import EpochOrders, OrderSettings, ResumePoint
@@ -112,7 +112,17 @@ class DataSources:
         self.train, self.eval = (
             MemoryBatches(splits[split].to(device))
             if splits is not None
-            else open_batches(cfg.path, manifest, split, cfg.mode, workers, device, img_size, self.cache, cfg.decode)
+            else open_batches(
+                cfg.path,
+                manifest,
+                split,
+                mode=cfg.mode,
+                num_workers=workers,
+                device=device,
+                resize_to=img_size,
+                cache=self.cache,
+                decode=cfg.decode,
+            )
             for split in (cfg.train_split, cfg.eval_split)
         )
         if not len(self.train):

@@ -37,7 +37,7 @@ from distvit.augment.transforms import BatchTransform
 from distvit.config import Config
 from distvit.data.manifest import Manifest
 from distvit.data.read.memory import SplitTensors
-from distvit.data.read.preflight import preflight_marker
+from distvit.data.read.shard_checks import preflight_marker
 from distvit.engine import signals
 from distvit.engine.accelerator import ddp_options, make_accelerator, size_cpu_threads, wait_for_everyone
 from distvit.engine.after_step import AfterStep

@@ -1,2 +1,2 @@
 """The model: built from timm with the configured surgery (`build`, `surgery`), described by its record
-(`record`), reported (`report`) and exported for timm (`export`)."""
+(`record`), described in words (`plan_text`) and exported for timm (`export`)."""

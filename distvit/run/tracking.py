@@ -191,6 +191,6 @@ class RunTracker:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    from distvit.run.report import read_metrics_lines
+    from distvit.run.plots import read_metrics_lines
 
     return read_metrics_lines(Path(run_dir) / METRICS_NAME)

@@ -25,7 +25,7 @@ import yaml
 
 from distvit.config import build_config, parse_yaml
 from distvit.fileio import atomic_write_bytes
-from distvit.run.report import pyplot, save_figure
+from distvit.run.plots import pyplot, save_figure
 from distvit.sweep.folder import BEST, REPORT, load_sweep, trial_dir
 from distvit.sweep.spec import SweepSpec
 from distvit.sweep.study import SweepStudy

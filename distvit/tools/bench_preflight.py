@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distvit.data.manifest import Manifest, ShardInfo, SplitInfo, sha256_file
 from distvit.data.node import usable_cores
-from distvit.data.read.preflight import find_bad_shards, verified_record_path
+from distvit.data.read.shard_checks import find_bad_shards, verified_record_path
 
 
 def write_shards(folder: Path, count: int, shard_bytes: int) -> Manifest:

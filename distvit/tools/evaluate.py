@@ -48,7 +48,15 @@ def evaluate_checkpoint(
         workers = loader_workers(trained_on.get("num_workers"))  # what the run's cache was sized for
     try:
         data = open_batches(
-            data_path, manifest, split, mode, workers, accelerator.device, record.img_size, cache, "auto"
+            data_path,
+            manifest,
+            split,
+            mode=mode,
+            num_workers=workers,
+            device=accelerator.device,
+            resize_to=record.img_size,
+            cache=cache,
+            decode="auto",
         )
         transform = BatchTransform((record.img_size, record.img_size), record.mean, record.std)
         result = evaluate(model, data, transform, global_batch, accelerator, record.num_classes)

@@ -24,8 +24,8 @@ def load_checked_config(config_file: str, overrides: list[str]):
     from distvit.config import load_config
     from distvit.data.manifest import read_manifest
     from distvit.data.read.cache import check_cache_dir
-    from distvit.data.read.preflight import bad_shards_message
     from distvit.data.read.remote import fetch_dataset, fetch_manifest
+    from distvit.data.read.shard_checks import bad_shards_message
     from distvit.engine.sources import fetch_policy
     from distvit.model.build import check_model_config
     from distvit.run.rundir import check_run_dir
@@ -81,7 +81,7 @@ def _preflight(cfg, manifest, splits: list[str], verify: str) -> dict[str, str]:
     import time
 
     from distvit.data.node import local_ranks
-    from distvit.data.read.preflight import find_bad_shards, hashing_estimate, preflight_marker
+    from distvit.data.read.shard_checks import find_bad_shards, hashing_estimate, preflight_marker
 
     done, several = preflight_marker(), local_ranks()[1] > 1
     if not is_local_leader():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from distvit.data.manifest import read_manifest
-from distvit.data.read.preflight import find_bad_shards
+from distvit.data.read.shard_checks import find_bad_shards
 from distvit.run.checkpoint_files import load_checkpoint
 from distvit.run.rundir import read_summary
 from tests.support.disks import resize_tmpfs, small_tmpfs

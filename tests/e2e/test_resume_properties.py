@@ -27,7 +27,7 @@ from distvit.data.manifest import read_manifest
 from distvit.data.plan import subset_indices
 from distvit.data.prepare.synthetic import prepare_synthetic
 from distvit.run.checkpoint_files import load_checkpoint
-from distvit.run.report import read_metrics_lines
+from distvit.run.plots import read_metrics_lines
 from tests.support.helpers import accelerate_launch, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from distvit.run.checkpoint_files import load_checkpoint
-from distvit.run.report import read_metrics_lines
+from distvit.run.plots import read_metrics_lines
 from distvit.run.rundir import read_summary
 from tests.support.helpers import REPO, accelerate_launch, launcher_command, subprocess_env, wait_for_lines, worker_pids
 

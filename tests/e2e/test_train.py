@@ -15,7 +15,7 @@ from distvit.data.manifest import read_manifest
 from distvit.data.read.memory import load_split
 from distvit.model.build import build_model
 from distvit.run.checkpoint_files import load_checkpoint, load_model
-from distvit.run.report import read_metrics_lines
+from distvit.run.plots import read_metrics_lines
 from distvit.run.rundir import read_summary
 from distvit.run.tracking import read_metrics
 from tests.support.helpers import REPO, accelerate_launch, launch_ok, run_cli, trace_ids

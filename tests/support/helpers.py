@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from distvit.run.report import read_metrics_lines
+from distvit.run.plots import read_metrics_lines
 
 REPO = Path(__file__).resolve().parents[2]  # tests/support/helpers.py
 

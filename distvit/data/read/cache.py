@@ -13,7 +13,7 @@ The guarantees:
   its sample index beside it records the sha256 it was built from, and it is used only after the fetcher
   has vouched for it in this run: fetched and checked against the manifest's size and sha256, or found in
   the folder and matching the sha256 (hashed, or unchanged since it matched: the record of verified
-  shards, see distvit.data.read.preflight). A dataset prepared again under the same names and sizes is never
+  shards, see distvit.data.read.shard_checks). A dataset prepared again under the same names and sizes is never
   mistaken for the old one; a reader never opens a file the fetcher has not vouched for.
 - The limit holds for the whole folder: every byte in it counts (shards, indexes, fetches under way, the
   cache's own bookkeeping, leftovers of other datasets); leftovers go first when room is needed.
@@ -58,7 +58,7 @@ import numpy as np
 from distvit.data.manifest import ShardInfo, sha256_file
 from distvit.data.node import local_ranks, session_id
 from distvit.data.read.fetch import Cancelled, FetchPolicy, fetch_file, remote_url
-from distvit.data.read.preflight import _recorded, _write_verified, read_verified
+from distvit.data.read.shard_checks import _recorded, _write_verified, read_verified
 from distvit.data.tarindex import index_shard
 from distvit.errors import DataError
 from distvit.fileio import atomic_write_bytes, hold_lock, lock_holder, write_failure

@@ -508,6 +508,7 @@ def open_batches(
     dataset_dir: str | os.PathLike,
     manifest: Manifest,
     split: str,
+    *,
     mode: str,
     num_workers: int,
     device: torch.device,

@@ -18,7 +18,7 @@ import torch
 from distvit.data.images import decode_stored
 from distvit.data.manifest import Manifest, SplitInfo, readable_bytes, sample_location
 from distvit.data.node import available_host_memory
-from distvit.data.read.preflight import shard_problem
+from distvit.data.read.shard_checks import shard_problem
 from distvit.data.shard_format import IMAGE_MEMBERS, LABEL_MEMBER, parse_label
 from distvit.errors import DataError
 
@@ -39,7 +39,7 @@ class SplitTensors:
 
 def check_shard_files(dataset_dir: str | os.PathLike, split: SplitInfo) -> list[Path]:
     """Every shard of the split exists with the manifest's size; returns their paths (the sha256 check is
-    the preflight's, `distvit.data.read.preflight`)."""
+    the preflight's, `distvit.data.read.shard_checks`)."""
     paths = []
     for shard in split.shards:
         problem = shard_problem(dataset_dir, shard.name, shard.num_bytes, shard.sha256, verify="size")
@@ -85,7 +85,7 @@ def load_split(dataset_dir: str | os.PathLike, manifest: Manifest, split_name: s
     import webdataset as wds  # here, so that in-memory data (benchmarks) needs no webdataset
 
     check_fits_host(dataset_dir, manifest, [split_name])
-    paths = check_shard_files(dataset_dir, split)  # sha256: see distvit.data.read.preflight
+    paths = check_shard_files(dataset_dir, split)  # sha256: see distvit.data.read.shard_checks
     height, width = manifest.image_size
     images = np.empty((split.num_samples, height, width, manifest.channels), dtype=np.uint8)
     labels = np.empty(split.num_samples, dtype=np.int64)

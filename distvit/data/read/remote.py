@@ -31,7 +31,7 @@ from pathlib import Path
 
 from distvit.data.manifest import MANIFEST_NAME, parse_manifest, read_manifest
 from distvit.data.read.fetch import FetchPolicy, fetch_file, remote_url
-from distvit.data.read.preflight import _write_verified, find_bad_shards, read_verified
+from distvit.data.read.shard_checks import _write_verified, find_bad_shards, read_verified
 from distvit.errors import DataError
 from distvit.fileio import atomic_write_bytes
 

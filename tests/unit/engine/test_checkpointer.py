@@ -23,13 +23,13 @@ def test_payload_round_trip_restores_every_part(small_dataset, tmp_path):
         trainer.train_epoch()  # moves weights, Adam moments, schedule, EMA and counters
         trainer.state.best_score, trainer.state.last_eval = 0.25, {"accuracy": 0.25}
         payload = to_payload(
-            trainer.parts,
-            trainer.state,
-            trainer.checkpointer.identity,
-            trainer.sources.orders.settings,
-            None,
-            [{"cpu": torch.get_rng_state()}],
-            "abc123",
+            parts=trainer.parts,
+            state=trainer.state,
+            identity=trainer.checkpointer.identity,
+            order=trainer.sources.orders.settings,
+            scaler=None,
+            rng=[{"cpu": torch.get_rng_state()}],
+            wandb_run_id="abc123",
         )
     assert payload["step"] == 4 and payload["epoch"] == 1 and payload["data"]["samples_in_epoch"] == 0
     assert payload["data"]["global_batch"] == 50 and payload["tracker"] == {"wandb_run_id": "abc123"}

@@ -131,7 +131,7 @@ def test_a_nodes_other_ranks_wait_for_its_leaders_preflight_under_their_own_dead
     import threading
     import time
 
-    from distvit.data.read.preflight import preflight_marker
+    from distvit.data.read.shard_checks import preflight_marker
     from distvit.errors import DataError
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

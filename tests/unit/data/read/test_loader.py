@@ -46,7 +46,7 @@ def test_stream_resizes_images_of_varying_size(tmp_path):
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
     manifest = prepare_imagefolder(root, tmp_path / "out", val_fraction=0.0).manifest
     assert manifest.image_size is None and not fits_in_memory(manifest, "train")
-    source = open_batches(tmp_path / "out", manifest, "train", "auto", 0, CPU, resize_to=16)
+    source = open_batches(tmp_path / "out", manifest, "train", mode="auto", num_workers=0, device=CPU, resize_to=16)
     assert isinstance(source, StreamBatches)
     plan = EpochPlan(torch.arange(6), 4, 1, 0)
     shapes = [tuple(images.shape) for _, images, _ in source.epoch(plan)]
@@ -55,5 +55,11 @@ def test_stream_resizes_images_of_varying_size(tmp_path):
 
 def test_auto_mode_picks_memory_for_small_uniform_data(small_dataset):
     manifest = read_manifest(small_dataset)
-    assert isinstance(open_batches(small_dataset, manifest, "test", "auto", 0, CPU, 32), MemoryBatches)
-    assert isinstance(open_batches(small_dataset, manifest, "test", "stream", 0, CPU, 32), StreamBatches)
+    assert isinstance(
+        open_batches(small_dataset, manifest, "test", mode="auto", num_workers=0, device=CPU, resize_to=32),
+        MemoryBatches,
+    )
+    assert isinstance(
+        open_batches(small_dataset, manifest, "test", mode="stream", num_workers=0, device=CPU, resize_to=32),
+        StreamBatches,
+    )

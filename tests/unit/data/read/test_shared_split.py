@@ -149,7 +149,10 @@ def test_auto_mode_counts_shared_memory(small_dataset, small_shm, monkeypatch, t
     host_memory(monkeypatch, 3.0)
     manifest = read_manifest(small_dataset)
     assert not fits_in_memory(manifest, "train")
-    open_train = lambda: open_batches(small_dataset, manifest, "train", "auto", 0, CPU, 32)  # noqa: E731
+
+    def open_train():
+        return open_batches(small_dataset, manifest, "train", mode="auto", num_workers=0, device=CPU, resize_to=32)
+
     assert isinstance(as_rank(monkeypatch, 0, open_train), StreamBatches)
     assert isinstance(as_rank(monkeypatch, 1, open_train), StreamBatches)
     assert capsys.readouterr().err == (

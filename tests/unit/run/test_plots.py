@@ -1,4 +1,4 @@
-"""distvit.run.report: plots rebuilt from a run directory's files, without torch."""
+"""distvit.run.plots: plots rebuilt from a run directory's files, without torch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from distvit.errors import DistvitError
-from distvit.run.report import read_metrics_lines, write_report
+from distvit.run.plots import read_metrics_lines, write_report
 
 CLASSES = ["airplane", "cat", "dog"]
 

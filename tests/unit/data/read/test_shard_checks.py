@@ -1,4 +1,4 @@
-"""distvit.data.read.preflight: missing, truncated and corrupted shards found before training."""
+"""distvit.data.read.shard_checks: missing, truncated and corrupted shards found before training."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from distvit.data.manifest import read_manifest
 from distvit.data.prepare.synthetic import prepare_synthetic
 from distvit.data.read.memory import load_split
-from distvit.data.read.preflight import find_bad_shards, without_shards
+from distvit.data.read.shard_checks import find_bad_shards, without_shards
 from distvit.errors import DataError
 
 
@@ -39,17 +39,17 @@ def test_hashing_is_parallel_and_skips_shards_verified_before(tmp_path, monkeypa
     """The second preflight (a requeue) hashes only the shard that changed since (its mtime moved)."""
     import os
 
-    from distvit.data.read import preflight
+    from distvit.data.read import shard_checks
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     prepare_synthetic(tmp_path / "ds", train_size=100, test_size=20, samples_per_shard=25)
     ds, manifest = tmp_path / "ds", read_manifest(tmp_path / "ds")
     hashed = []
-    real = preflight.sha256_file
-    monkeypatch.setattr(preflight, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    real = shard_checks.sha256_file
+    monkeypatch.setattr(shard_checks, "sha256_file", lambda path: hashed.append(path.name) or real(path))
     assert find_bad_shards(ds, manifest, ["train", "test"], "sha256", workers=2) == {}
     assert sorted(hashed) == ["test-00000.tar", *(f"train-0000{i}.tar" for i in range(4))]
-    assert preflight.hashing_estimate(ds, manifest, ["train", "test"])[0] == 0
+    assert shard_checks.hashing_estimate(ds, manifest, ["train", "test"])[0] == 0
     hashed.clear()
     os.utime(ds / "train-00002.tar")  # touched: no longer known to be the verified bytes
     assert find_bad_shards(ds, manifest, ["train", "test"], "sha256", workers=2) == {}

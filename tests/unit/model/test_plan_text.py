@@ -1,8 +1,8 @@
-"""distvit.model.report: the surgery plan as the log prints it, and its warnings."""
+"""distvit.model.plan_text: the surgery plan as the log prints it, and its warnings."""
 
 from __future__ import annotations
 
-from distvit.model.report import plan_report
+from distvit.model.plan_text import plan_report
 from tests.support.models import surgery
 
 
