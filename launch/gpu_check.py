@@ -24,6 +24,9 @@ does not depend on the weights). In order of importance, each phase within what 
    feature pass included) against the lesson's loop;
 7. deit_tiny 32/p16 and deit_small 224/p16.
 
+With --peer (the default without --quick), deit_small 224/p16 and timm's own benchmark.py and train.py
+(launch/gpu_peer.py; launch/get_timm_scripts.sh fetches them) run right after 2.
+
 Writes OUT_DIR/gpu_check.md (the table, hardware and versions, the targets marked met or missed),
 gpu_check.json, gpu_check.log, gpu_profiles.txt and gpu_paths.{md,json,log}; exits 1 if a check fails
 or a run breaks. `--quick` runs tiny sizes (any machine, CPU included) to check the script itself.
@@ -39,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import gpu_peer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,6 +299,8 @@ def markdown(cases: list[dict]) -> str:
     checks = []
     paths, epochs, profiles, readers, decode, syncs = [], [], [], [], [], []
     for case in cases:
+        if case["name"] in gpu_peer.PHASES:
+            continue
         if case["name"] == DECODE:
             decode = _decode_lines(case)
             continue
@@ -352,6 +359,8 @@ def markdown(cases: list[dict]) -> str:
         lines += ["", *decode]
     if paths:
         lines += ["", *paths]
+    peer = gpu_peer.side_by_side(cases)
+    lines += ["", *peer] if peer else []
     return "\n".join(lines + [""])
 
 
@@ -413,7 +422,9 @@ def main() -> int:
     parser.add_argument(
         "--budget", type=float, default=560, help="seconds for all phases; what does not fit is skipped (said so)"
     )
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, help="timm beside (default: not --quick)")
     args = parser.parse_args()
+    peer = not args.quick if args.peer is None else args.peer
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("gpu_check.log", "gpu_profiles.txt", "gpu_paths.md", "gpu_paths.json", "gpu_paths.log"):
@@ -421,10 +432,12 @@ def main() -> int:
     end = time.time() + args.budget
     cases: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:  # the benchmarks' run directories stay out of OUT_DIR
-        for name, config, overrides, flags, longest in CASES:
+        for name, config, overrides, flags, longest in gpu_peer.order(CASES, peer):
             left = min(longest, end - time.time())
             if left < MIN_CASE_S:
                 cases.append({"name": name, "skipped": f"the --budget of {args.budget:.0f} s was used up"})
+            elif name in gpu_peer.PHASES:
+                cases.append(gpu_peer.run_phase(name, cases, CASES, left, out, Path(scratch), args.quick, _run))
             elif name == PATHS:
                 cases.append(run_paths(left, out, args.quick))
             elif name == READERS:

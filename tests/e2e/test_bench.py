@@ -468,3 +468,56 @@ def test_augment_proxy_script_prints_one_row_per_pipeline(tmp_path):
     for run in ("0-seed0", "4-seed0"):
         start = (tmp_path / "runs" / run / "summary.json").read_text()
         assert '"accuracy"' in start
+
+
+@pytest.mark.slow
+def test_gpu_check_peer_phase_runs_timms_scripts_quick(tmp_path, monkeypatch):
+    """launch/gpu_check.py --quick --peer with timm's own benchmark.py and train.py (launch/peer/timm, from
+    launch/get_timm_scripts.sh) run for real at tiny sizes on this machine; distvit's cases stand in as
+    recorded ones (the other gpu_check test runs them). Every timm rate is parsed and positive, and the
+    report has the side-by-side rows with their verdicts."""
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import gpu_check
+        import gpu_peer
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    from tests.unit.test_gpu_peer import _distvit_case
+
+    if gpu_peer.missing():
+        pytest.skip(gpu_peer.missing())
+    peer_cases = {"deit_tiny 224/p16": 40.0, "deit_tiny 32/p4": 5.0, "deit_small 224/p16": 3.0}
+
+    def recorded(name, *args):
+        if name in peer_cases:
+            return _distvit_case(name, peer_cases[name], 16, precision="no")
+        return {"name": name, "skipped": "not run in this test"}
+
+    monkeypatch.setattr(gpu_check, "run_case", recorded)
+    for phase in ("run_paths", "run_readers", "run_decode"):
+        monkeypatch.setattr(gpu_check, phase, lambda *args, phase=phase: {"name": phase, "skipped": "not run"})
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", str(out), "--quick", "--peer", "--budget", "600"])
+    assert gpu_check.main() == 0, (out / "gpu_check.log").read_text()[-3000:]
+    cases = json.loads((out / "gpu_check.json").read_text())
+    names = [c["name"] for c in cases]
+    assert names[:5] == ["deit_tiny 224/p16", "deit_tiny 32/p4", "deit_small 224/p16", gpu_peer.BENCH, gpu_peer.TRAIN]
+    bench, train = cases[3], cases[4]
+    assert bench["exit"] == 0 and bench["device"] == "cpu" and [r["case"] for r in bench["rows"]] == list(peer_cases)
+    for row in bench["rows"]:
+        assert row["images_per_sec"] > 0 and row["step_ms"] > 0, row
+        assert (row["batch_size"], row["img_size"], row["fused_adamw"]) == (8, 32, True), row
+    assert "img_size=32 patch_size=4" in bench["rows"][1]["command"]
+    assert train["exit"] == 0 and train["images_per_sec"] > 0 and train["fused_adamw"] is True, train
+    assert (train["train_images"], train["timed"], train["steps_timed"]) == (64, "epoch 0, steps 1+", 7)
+    assert train["val_top1"] is not None and train["source"]["files_as_copied"], train
+    table = (out / "gpu_check.md").read_text()
+    peer = table.split("## Side by side with timm\n")[1]
+    rows = [line for line in peer.splitlines() if line.startswith("| deit")]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {c}" for c in peer_cases] + ["| deit_tiny 224/p16"]
+    for row, target in zip(rows, ["1", "1", "1", "3"]):
+        cells = row.split(" | ")
+        assert cells[2] == "fp32, 16" and cells[5].startswith("fp32, eager, fused AdamW, 8"), row
+        assert cells[6].endswith("x") and cells[7] == f">= {target}x" and cells[8] in ("met |", "MISSED |"), row
+    assert "On a CPU (--quick)" in peer and "train.py end to end (64 PNGs)" in peer
+    assert "--run-timm" in (out / "gpu_check.log").read_text()
