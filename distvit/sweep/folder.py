@@ -90,6 +90,20 @@ def sweep_lock(sweep_dir: Path, timeout: float = 600.0) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _refuse_foreign(sweep_dir: Path) -> None:
+    """A folder without sweep.json may hold only what a worker creating the sweep writes first (the lock,
+    sweep.json's temp file): workers started together (a Slurm array) find each other's, not a user's."""
+    if not sweep_dir.is_dir() or (sweep_dir / RECORD).is_file():
+        return
+    # sweep.json itself too: it may have been renamed into place since the look above
+    foreign = sorted(p.name for p in sweep_dir.iterdir() if p.name not in (LOCK, RECORD, f"{RECORD}.tmp"))
+    if foreign:
+        raise ConfigError(
+            f"sweep folder {sweep_dir} is not empty ({', '.join(foreign[:5])}) and holds no distvit sweep "
+            f"({RECORD}): distvit writes a sweep only into a new or empty folder. Choose another `dir` (or --dir)."
+        )
+
+
 def open_sweep(spec: SweepSpec) -> SweepSpec:
     """Create the sweep folder for `spec`, or join the sweep it holds if its search is the same (the
     number of trials and the heartbeat timeout are taken from `spec`). Refuses a folder that is not a
@@ -97,15 +111,11 @@ def open_sweep(spec: SweepSpec) -> SweepSpec:
     sweep_dir = spec.dir
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise ConfigError(f"sweep folder {sweep_dir} is a file; choose another `dir` (or --dir).")
-    if sweep_dir.is_dir() and not (sweep_dir / RECORD).is_file() and any(sweep_dir.iterdir()):
-        shown = ", ".join(sorted(p.name for p in sweep_dir.iterdir())[:5])
-        raise ConfigError(
-            f"sweep folder {sweep_dir} is not empty ({shown}) and holds no distvit sweep ({RECORD}): distvit "
-            "writes a sweep only into a new or empty folder. Choose another `dir` (or --dir)."
-        )
+    _refuse_foreign(sweep_dir)  # before the lock file is created in it
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with sweep_lock(sweep_dir):
         if not (sweep_dir / RECORD).is_file():
+            _refuse_foreign(sweep_dir)  # again under the lock: nothing came in meanwhile
             _write_record(sweep_dir, spec, datetime.datetime.now().isoformat(timespec="seconds"))
             return spec
         record = _read_record(sweep_dir)

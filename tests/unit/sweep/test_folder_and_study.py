@@ -24,6 +24,52 @@ def test_a_folder_with_other_files_is_refused_and_left_as_it_was(small_dataset, 
         load_sweep(spec.dir)
 
 
+def test_workers_started_together_on_a_new_folder_all_join_the_one_sweep(small_dataset, tmp_path):
+    """A Slurm array starts its workers at once: each sees the others' lock file (and sweep.json's temp
+    file while one writes it) in the new folder, and must join, not refuse the folder as someone else's."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        path = write_sweep(tmp_path, small_dataset, name=f"r{round_}")
+        start, results = context.Barrier(6), context.Queue()
+        workers = [context.Process(target=_open_together, args=(str(path), start, results)) for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        opened = sorted(results.get(timeout=60) for _ in workers)
+        for worker in workers:
+            worker.join()
+        assert opened == ["ok"] * 6, opened
+        assert sorted(p.name for p in load_sweep_file(path).dir.iterdir()) == [".sweep-lock", "sweep.json"]
+
+
+def _open_together(path: str, start, results) -> None:
+    spec = load_sweep_file(path)
+    start.wait()
+    try:
+        open_sweep(spec)
+        results.put("ok")
+    except ConfigError as err:
+        results.put(str(err))
+
+
+def test_only_a_creating_workers_own_files_are_tolerated(small_dataset, tmp_path):
+    spec = load_sweep_file(write_sweep(tmp_path, small_dataset))
+    spec.dir.mkdir()
+    (spec.dir / ".sweep-lock").write_text("")
+    (spec.dir / "sweep.json.tmp").write_text("{")  # a worker writing the record right now
+    open_sweep(spec)
+    assert load_sweep(spec.dir).search() == spec.search()
+    (tmp_path / "b").mkdir()
+    other = load_sweep_file(write_sweep(tmp_path / "b", small_dataset))
+    other.dir.mkdir(parents=True)
+    (other.dir / ".sweep-lock").write_text("")
+    (other.dir / "results.csv").write_text("mine")
+    with pytest.raises(ConfigError, match=r"is not empty \(results.csv\)"):
+        open_sweep(other)
+    assert folder_snapshot(other.dir) == {".sweep-lock": b"", "results.csv": b"mine"}
+
+
 def test_a_second_sweep_joins_only_with_the_same_search(small_dataset, tmp_path):
     first = open_sweep(load_sweep_file(write_sweep(tmp_path, small_dataset)))
     stored = load_sweep(first.dir)
