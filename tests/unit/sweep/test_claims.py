@@ -81,3 +81,34 @@ def test_a_worker_takes_its_own_trial_then_a_silent_ones_then_a_new_one(small_da
     finally:
         for job in jobs:
             job.claim.stop_beating()
+
+
+def test_releasing_a_claim_removes_only_that_trials_claim_files(tmp_path):
+    """A finished trial's claims go; another trial's claims and any other file in the folder stay."""
+    me = worker_identity("a")
+    claim = Claim(tmp_path, 4, 1, me, timeout=60)
+    assert claim.take()
+    _write_claim(tmp_path, 4, 0, "name:old", age=600)  # the generation it took over
+    _write_claim(tmp_path, 14, 0, "name:b", age=1)  # another trial, whose number contains 4
+    (tmp_path / "0004.notes.txt").write_text("not a claim")
+    claim.release()
+    assert sorted(os.listdir(tmp_path)) == ["0004.notes.txt", "0014.000.json"]
+
+
+def test_a_stop_file_left_after_the_trials_run_ended_is_removed_before_its_outcome_is_read(small_dataset, tmp_path):
+    """The worker may write STOP (a pruning decision) just after the run exited: left there, it would stop
+    the trial's resume at once. Only the trial's own run folder, inside the sweep folder, is touched."""
+    import threading
+
+    from distvit.sweep.study import SweepStudy
+    from distvit.sweep.trial import TrialRun
+
+    spec = open_sweep(load_sweep_file(write_sweep(tmp_path, small_dataset)))
+    claim = Claim(spec.dir / CLAIMS, 0, 0, worker_identity("a"), timeout=60)
+    run = TrialRun(spec, SweepStudy(spec), claim, Launch(1, None, 29500), threading.Event())
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "STOP").write_text("pruned by the sweep: late\n")
+    (run.run_dir / "notes.txt").write_text("mine")
+    outcome = run._outcome(1)
+    assert outcome.state == "FAIL" and "exited with status 1" in outcome.note
+    assert sorted(os.listdir(run.run_dir)) == ["notes.txt"]
